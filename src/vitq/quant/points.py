@@ -1,0 +1,122 @@
+"""The quant point: one tensor's quantizer, its observer and its mode, as a named module.
+
+Every place a recipe can quantize is a `QuantPoint` inside the model, so names come from the module
+tree (`blocks.3.attn.qkv.input_quantizer` is the point `blocks.3.attn.qkv.input`) and a recipe only
+has to say which spec stands at which kind of point.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .observers import Observer, make_observer
+from .quantizers import UniformQuantizer, check_bits
+
+
+class Kind:
+    """Kinds of quant point; recipes choose specs by kind, scopes enable sets of kinds."""
+
+    WEIGHT = "weight"  # Linear / Conv2d weights
+    LINEAR_INPUT = "linear_input"  # inputs of Linear / Conv2d layers
+    MATMUL_INPUT = "matmul_input"  # operands of q.k^T and of attn.v (the value side)
+    SOFTMAX_OUTPUT = "softmax_output"  # attention probabilities (the attn side of attn.v)
+    NORM_INPUT = "norm_input"  # LayerNorm inputs (the residual stream)
+
+    ALL = (WEIGHT, LINEAR_INPUT, MATMUL_INPUT, SOFTMAX_OUTPUT, NORM_INPUT)
+
+
+SCOPES: dict[str, frozenset[str]] = {
+    # inputs and weights of every linear layer and both attention matmuls (PTQ4ViT, RepQ-ViT, I&S-ViT)
+    "matmul": frozenset({Kind.WEIGHT, Kind.LINEAR_INPUT, Kind.MATMUL_INPUT, Kind.SOFTMAX_OUTPUT}),
+    # additionally LayerNorm inputs (FQ-ViT's fully quantized setting)
+    "full": frozenset(Kind.ALL),
+}
+
+
+@dataclass
+class PointSpec:
+    """What stands at one quant point."""
+
+    bits: int = 8
+    symmetric: bool = False
+    signed: bool | None = None
+    per_channel: bool = False
+    axis: int | None = None  # channel axis when per_channel; default 0 for weights, -1 for activations
+    observer: str = "minmax"
+    observer_args: dict = field(default_factory=dict)
+    learnable: bool = False
+    enable: bool = True
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits, "quant point")
+
+    @property
+    def granularity(self) -> str:
+        return "per_channel" if self.per_channel else "per_tensor"
+
+
+class QuantPoint(nn.Module):
+    """One tensor's fake quantizer with an attached observer.
+
+    Modes: `off` (pass-through), `observe` (pass the float value, update the observer) and `quant`.
+    """
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        if kind not in Kind.ALL:
+            raise ValueError(f"unknown quant point kind {kind!r}; known kinds: {Kind.ALL}")
+        self.kind = kind
+        self.spec: PointSpec | None = None
+        self.quantizer: UniformQuantizer | None = None
+        self.observer: Observer | None = None
+        self.mode = "off"
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, mode={self.mode}"
+
+    @property
+    def configured(self) -> bool:
+        return self.quantizer is not None
+
+    def configure(self, spec: PointSpec | None) -> None:
+        """Place a quantizer and observer as the spec says (None or enable=False: leave it float)."""
+        self.mode = "off"
+        if spec is None or not spec.enable:
+            self.spec, self.quantizer, self.observer = spec, None, None
+            return
+        axis = spec.axis if spec.axis is not None else (0 if self.kind == Kind.WEIGHT else -1)
+        axis = axis if spec.per_channel else None
+        self.spec = spec
+        self.quantizer = UniformQuantizer(spec.bits, spec.symmetric, spec.signed, axis, spec.learnable)
+        self.observer = make_observer(spec.observer, axis=axis, **dict(spec.observer_args))
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in ("off", "observe", "quant"):
+            raise ValueError(f"mode must be off, observe or quant, got {mode!r}")
+        self.mode = mode if self.configured else "off"
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Turn the observer's statistics into the quantizer's scale and zero point."""
+        if not self.configured:
+            return
+        if self.observer is None or self.observer.empty:
+            raise RuntimeError(
+                "this quant point saw no data during calibration; check that the calibration loop "
+                "runs the model forward, or disable the point with a recipe override"
+            )
+        lo, hi = self.observer.range(self.quantizer)
+        self.quantizer.set_range(lo, hi)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "quant":
+            return self.quantizer(x)
+        if self.mode == "observe":
+            self.observer.observe(x)
+        return x
+
+
+class QuantAct(QuantPoint):
+    """A quant point inserted on its own in the graph (e.g. on a residual sum)."""

@@ -1,0 +1,147 @@
+"""Uniform fake quantizer: the arithmetic that stands at every quant point.
+
+A quantizer owns its integer grid (bits, signedness) and its parameters (scale, zero point), and knows
+how to derive them from a real-valued range. Observers decide the range; quantizers never look at data.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MIN_BITS, MAX_BITS = 2, 16
+_EPS = 1e-8
+
+
+def check_bits(bits: int, where: str = "quantizer") -> int:
+    """Reject bit widths the integer grid cannot represent, naming the fix."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(
+            f"bits={bits!r} for {where} is out of range: use an integer between {MIN_BITS} and {MAX_BITS} "
+            f"(e.g. quant.w_bits=8 quant.a_bits=8)"
+        )
+    return bits
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity in the backward pass (straight-through estimator)."""
+    return (torch.round(x) - x).detach() + x
+
+
+class UniformQuantizer(nn.Module):
+    """Affine uniform quantizer, per-tensor or per-channel, with straight-through rounding.
+
+    symmetric=True keeps the zero point at 0 (signed grid [-2^(b-1), 2^(b-1)-1] or, with signed=False,
+    [0, 2^b-1] for non-negative data such as softmax outputs). symmetric=False fits [min, max] exactly.
+    With learnable=True the scale is a parameter trained with the LSQ gradient.
+    """
+
+    def __init__(
+        self,
+        bits: int = 8,
+        symmetric: bool = False,
+        signed: bool | None = None,
+        axis: int | None = None,
+        learnable: bool = False,
+    ) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.symmetric = symmetric
+        self.signed = symmetric if signed is None else signed
+        self.axis = axis
+        self.learnable = learnable
+        if self.signed:
+            self.qmin, self.qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        else:
+            self.qmin, self.qmax = 0, 2**bits - 1
+        scale = torch.ones(1)
+        if learnable:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", torch.zeros(1))
+
+    @property
+    def per_channel(self) -> bool:
+        return self.axis is not None
+
+    def extra_repr(self) -> str:
+        grid = "signed" if self.signed else "unsigned"
+        gran = f"per-channel(axis={self.axis})" if self.per_channel else "per-tensor"
+        sym = "symmetric" if self.symmetric else "asymmetric"
+        return f"bits={self.bits}, {grid}, {sym}, {gran}" + (", learnable" if self.learnable else "")
+
+    @torch.no_grad()
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Set scale and zero point so that [lo, hi] (scalars or per-channel vectors) maps onto the grid."""
+        lo = torch.as_tensor(lo, dtype=torch.float32).reshape(-1)
+        hi = torch.as_tensor(hi, dtype=torch.float32).reshape(-1)
+        lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
+        if self.symmetric:
+            if self.signed:
+                scale = torch.maximum(-lo, hi) / self.qmax
+            else:
+                scale = hi / self.qmax
+            zero_point = torch.zeros_like(scale)
+        else:
+            scale = (hi - lo) / (self.qmax - self.qmin)
+            scale = scale.clamp_min(_EPS)
+            zero_point = (self.qmin - torch.round(lo / scale)).clamp(self.qmin, self.qmax)
+        self.set_params(scale.clamp_min(_EPS), zero_point)
+
+    @torch.no_grad()
+    def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        scale = scale.detach().reshape(-1).to(self.scale.device, torch.float32)
+        zero_point = zero_point.detach().reshape(-1).to(self.scale.device, torch.float32)
+        if self.learnable:
+            self.scale = nn.Parameter(scale.clone())
+        else:
+            self.scale = scale.clone()
+        self.zero_point = zero_point.clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        """Accept per-channel parameters whose length differs from the placeholder created at init."""
+        for name in ("scale", "zero_point"):
+            key = prefix + name
+            if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
+                self.set_params(
+                    state_dict.get(prefix + "scale", self.scale),
+                    state_dict.get(prefix + "zero_point", self.zero_point),
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _shape(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not self.per_channel or t.numel() == 1:
+            return t
+        shape = [1] * x.dim()
+        shape[self.axis % x.dim()] = -1
+        return t.reshape(shape)
+
+    def to_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes (as float tensor) of x on this quantizer's grid."""
+        scale, zp = self._shape(self.scale, x), self._shape(self.zero_point, x)
+        return torch.clamp(torch.round(x / scale) + zp, self.qmin, self.qmax)
+
+    def from_codes(self, q: torch.Tensor) -> torch.Tensor:
+        return (q - self._shape(self.zero_point, q)) * self._shape(self.scale, q)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.learnable:
+            return self._forward_lsq(x)
+        if x.dtype != torch.float32:
+            return self.forward(x.float()).to(x.dtype)
+        zp = self.zero_point.to(torch.int32)
+        if self.per_channel and self.scale.numel() > 1:
+            return torch.fake_quantize_per_channel_affine(
+                x, self.scale, zp, self.axis % x.dim(), self.qmin, self.qmax
+            )
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, zp, self.qmin, self.qmax)
+
+    def _forward_lsq(self, x: torch.Tensor) -> torch.Tensor:
+        """LSQ: gradient flows to the scale through the rounding residual (Esser et al., 2020)."""
+        scale = self._shape(self.scale, x)
+        zp = self._shape(self.zero_point, x)
+        n = x.numel() / max(self.scale.numel(), 1)
+        grad_scale = 1.0 / (n * self.qmax) ** 0.5 if self.qmax > 0 else 1.0
+        scale = (scale - scale * grad_scale).detach() + scale * grad_scale
+        q = torch.clamp(round_ste(x / scale) + zp, self.qmin, self.qmax)
+        return (q - zp) * scale
