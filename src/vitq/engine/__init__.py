@@ -1,0 +1,1 @@
+"""Lightning stages and the Hydra-facing run function (imports Lightning; vitq.quant does not)."""

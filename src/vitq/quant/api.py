@@ -78,6 +78,9 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
             if isinstance(module, _QuantWeight) and module.weight_quantizer.configured:
                 module.weight_quantizer.observer.observe(module.weight)
         for name, p in points:
+            if p.observer.empty:
+                raise RuntimeError(f"quant point {name}: saw no data during calibration; check that the "
+                                   "calibration loop runs the model forward, or disable the point")
             if sync and p.kind != Kind.WEIGHT:
                 p.observer.sync_()
             try:
@@ -110,8 +113,11 @@ def summary(model: nn.Module) -> list[dict[str, Any]]:
     return rows
 
 
-def save_quantized(model: nn.Module, path: str | os.PathLike, **extra: Any) -> Path:
-    """Write float weights, every quantizer's parameters and the recipe to one file, atomically."""
+def save_quantized(model: nn.Module, path: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> Path:
+    """Write float weights, every quantizer's parameters and the recipe to one file, atomically.
+
+    `meta` (e.g. the model, task and quant configs of the run) is stored alongside, untouched.
+    """
     recipe = getattr(model, "vitq_recipe", None)
     if recipe is None:
         raise ValueError("model was not made by vitq.quantize (it has no recipe)")
@@ -119,7 +125,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, **extra: Any) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     torch.save({"format": CHECKPOINT_FORMAT, "recipe": recipe.to_config(),
-                "state_dict": model.state_dict(), **extra}, tmp)
+                "state_dict": model.state_dict(), "meta": dict(meta or {})}, tmp)
     os.replace(tmp, path)
     return path
 
@@ -128,7 +134,10 @@ def read_quantized(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"quantized checkpoint {path} does not exist; pass the quantized.ckpt of a run")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # not a torch file at all
+        raise ValueError(f"{path} is not a vitq quantized checkpoint (cannot be read: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a vitq quantized checkpoint (expected format {CHECKPOINT_FORMAT})")
     return ckpt

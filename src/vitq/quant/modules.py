@@ -37,6 +37,9 @@ class _QuantWeight(_Convertible):
         self._wcache: tuple[tuple, torch.Tensor] | None = None
 
     def quantized_weight(self) -> torch.Tensor:
+        """Under no_grad the fake-quantized weight is computed once and reused until the weight or the
+        quantizer changes (tracked by tensor versions; writes through `.data` bypass them, so change
+        weights with in-place ops under torch.no_grad())."""
         point = self.weight_quantizer
         if point.mode != "quant":
             return self.weight

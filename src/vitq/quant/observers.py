@@ -78,6 +78,8 @@ class Observer:
         world = dist.get_world_size(group)
         if world == 1:
             return self
+        if self.empty:
+            raise RuntimeError("observer saw no data on this rank; every rank needs calibration batches")
         for key, how in self.reductions.items():
             t = self.state[key]
             if how == "cat":
@@ -192,7 +194,7 @@ class OMSEObserver(Observer):
 
     def _update(self, x: torch.Tensor) -> None:
         stride = max(1, x.shape[1] // self.sample_per_batch)
-        sample = x[:, ::stride]
+        sample = x[:, ::stride].clone()  # never a view of the caller's tensor
         lo, hi = x.amin(dim=1), x.amax(dim=1)
         if self.empty:
             self.state = {"min": lo, "max": hi, "sample": sample}

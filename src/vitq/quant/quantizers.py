@@ -143,5 +143,9 @@ class UniformQuantizer(nn.Module):
         n = x.numel() / max(self.scale.numel(), 1)
         grad_scale = 1.0 / (n * self.qmax) ** 0.5 if self.qmax > 0 else 1.0
         scale = (scale - scale * grad_scale).detach() + scale * grad_scale
-        q = torch.clamp(round_ste(x / scale) + zp, self.qmin, self.qmax)
+        # the clip decision is taken on the rounded code (as the fused kernels do), so in-range values
+        # on the grid ends keep their straight-through gradient; clipped ones pass none to x
+        r = round_ste(x / scale + zp)
+        inside = (r.detach() >= self.qmin) & (r.detach() <= self.qmax)
+        q = torch.where(inside, r, r.detach().clamp(self.qmin, self.qmax))
         return (q - zp) * scale

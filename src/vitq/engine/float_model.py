@@ -1,0 +1,125 @@
+"""The float stage: a timm model from pretrained weights, a local checkpoint, or trained here and cached."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import lightning as L
+import timm
+import torch
+from torch import nn
+
+from .module import ClassificationModule
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir(configured: str | None) -> Path:
+    path = Path(configured or os.environ.get("VITQ_CACHE_DIR") or Path.home() / ".cache" / "vitq")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def create_model(model_cfg: Mapping[str, Any], num_classes: int, in_chans: int) -> nn.Module:
+    """Build the architecture (and pretrained weights if asked) with a clear error when that fails."""
+    arch, pretrained = model_cfg["arch"], bool(model_cfg.get("pretrained"))
+    if not timm.is_model(arch):
+        raise ValueError(f"model.arch={arch!r} is not a timm model; e.g. deit_small_patch16_224, "
+                         f"vit_base_patch16_224, swin_tiny_patch4_window7_224 (timm.list_models('*vit*'))")
+    kwargs = dict(model_cfg.get("kwargs") or {})
+    if model_cfg.get("checkpoint"):
+        pretrained = False  # the local file replaces hub weights
+    try:
+        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except Exception as e:  # hub download / cache miss
+        if not pretrained:
+            raise
+        raise RuntimeError(
+            f"could not load pretrained weights for {arch} ({type(e).__name__}: {e}). Without network access "
+            f"the weights must already be in the Hugging Face hub cache ($HF_HOME); otherwise pass "
+            f"model.checkpoint=/path/to/weights.pth or model.pretrained=false"
+        ) from None
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a float checkpoint (plain state dict, or under 'state_dict' / 'model'), strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.checkpoint={path} does not exist; pass the path of a float checkpoint")
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    state = obj
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds no state dict")
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or shapes:
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if keys
+        )
+        raise ValueError(
+            f"checkpoint {path} does not fit the architecture {type(model).__name__} ({detail}). "
+            f"Check that model=... (arch and kwargs) and the task's number of classes match the checkpoint"
+        )
+    model.load_state_dict(state)
+    return model
+
+
+def float_key(model_cfg: Mapping, task_cfg: Mapping, num_classes: int, in_chans: int, seed: int) -> str:
+    """Identity of a model trained here: architecture, data and training recipe."""
+    ident = {"model": {k: model_cfg[k] for k in ("arch", "kwargs")},
+             "task": {k: task_cfg.get(k) for k in ("name", "img_size", "train_limit")},
+             "fit": dict(task_cfg.get("fit") or {}), "classes": num_classes, "chans": in_chans, "seed": seed}
+    blob = json.dumps(ident, sort_keys=True, default=str)
+    return f"{model_cfg['name']}-{task_cfg['name']}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+
+
+def obtain_float_model(
+    model_cfg: Mapping[str, Any], task_cfg: Mapping[str, Any], datamodule: Any, cache: Path, seed: int,
+    make_trainer: Callable[..., L.Trainer],
+) -> tuple[nn.Module, str, str]:
+    """Returns (model, source description, cache key)."""
+    nc, ch = datamodule.num_classes, datamodule.in_chans
+    model = create_model(model_cfg, nc, ch)
+    key = float_key(model_cfg, task_cfg, nc, ch, seed)
+    if model_cfg.get("checkpoint"):
+        load_checkpoint(model, model_cfg["checkpoint"])
+        return model.eval(), f"checkpoint {model_cfg['checkpoint']}", key + "-ckpt"
+    if model_cfg.get("pretrained"):
+        return model.eval(), "timm pretrained weights", key + "-pretrained"
+    fit = dict(task_cfg.get("fit") or {})
+    path = cache / f"{key}.pt"
+    if path.is_file():
+        load_checkpoint(model, path)
+        return model.eval(), f"cached {path}", key
+    if int(fit.get("epochs", 0)) <= 0:
+        raise ValueError(
+            f"no float weights for {model_cfg['name']} on {task_cfg['name']}: set model.pretrained=true, "
+            f"model.checkpoint=/path/to/weights.pth, or task.fit.epochs>0 to train it here"
+        )
+    log.info("training the float model %s on %s for %s epochs (cached as %s)",
+             model_cfg["name"], task_cfg["name"], fit["epochs"], path)
+    L.seed_everything(seed, workers=True)
+    module = ClassificationModule(model, nc, epochs=int(fit["epochs"]), lr=float(fit["lr"]),
+                                  weight_decay=float(fit["weight_decay"]),
+                                  warmup_epochs=int(fit.get("warmup_epochs", 0)),
+                                  label_smoothing=float(fit.get("label_smoothing", 0.0)))
+    start = time.perf_counter()
+    make_trainer(max_epochs=int(fit["epochs"])).fit(module, train_dataloaders=datamodule.train_dataloader())
+    seconds = time.perf_counter() - start
+    tmp = path.with_suffix(".partial")
+    torch.save({"state_dict": model.state_dict(), "model": dict(model_cfg), "fit": fit,
+                "train_seconds": seconds}, tmp)
+    os.replace(tmp, path)
+    return model.eval(), f"trained here in {seconds:.0f} s, cached {path}", key

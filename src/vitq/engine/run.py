@@ -1,0 +1,168 @@
+"""Run the stages for one composed config: float -> calibrate -> test, and report."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+import vitq
+
+from ..report.table import print_points, print_results, results_row
+from .config import validate
+from .float_model import cache_dir, obtain_float_model
+from .module import ClassificationModule
+
+log = logging.getLogger(__name__)
+
+
+def build_loggers(cfg: DictConfig, out_dir: Path) -> list[Logger]:
+    loggers: list[Logger] = []
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=str(out_dir), name="csv", version=""))
+    if cfg.logger.wandb:
+        w = cfg.logger.wandb
+        offline = os.environ.get("WANDB_MODE", "offline") != "online"
+        loggers.append(WandbLogger(project=w.project, entity=w.entity, group=w.group, tags=list(w.tags or []),
+                                   name=cfg.run_name, save_dir=str(out_dir), offline=offline))
+    return loggers
+
+
+def make_trainer_factory(cfg: DictConfig, loggers: list[Logger]):  # noqa: ANN201
+    t = cfg.trainer
+
+    def make(**kwargs: Any) -> L.Trainer:
+        return L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+                         strategy=t.strategy, precision=t.precision, logger=loggers or False,
+                         callbacks=[RichProgressBar(leave=True)], enable_checkpointing=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
+
+    return make
+
+
+def _evaluate(make_trainer, model: torch.nn.Module, dm: Any, prefix: str) -> dict[str, float]:  # noqa: ANN001
+    module = ClassificationModule(model, dm.num_classes, prefix=prefix)
+    out = make_trainer().test(module, dataloaders=dm.test_dataloader(), verbose=False)[0]
+    return {k: float(v) for k, v in out.items()}
+
+
+def _float_metrics(make_trainer, model, dm, cache: Path, key: str) -> dict[str, float]:  # noqa: ANN001
+    """Float top-1/top-5, computed once per float model and evaluation split."""
+    desc = json.dumps(dm.describe(), sort_keys=True, default=str)
+    path = cache / f"{key}.fp-metrics.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("data") == desc:
+            return stored["metrics"]
+    metrics = _evaluate(make_trainer, model, dm, "fp")
+    if not key.endswith("-pretrained") and not key.endswith("-ckpt"):
+        path.write_text(json.dumps({"data": desc, "metrics": metrics}))
+    return metrics
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Execute the configured stages; a failed run leaves a FAILED marker and no result files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(cfg, out_dir)
+    except BaseException as e:
+        (out_dir / "FAILED").write_text(f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
+        raise
+
+
+def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    from tasks.classification import build_datamodule
+
+    recipe = validate(cfg)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+    cache = cache_dir(cfg.paths.cache_dir)
+    loggers = build_loggers(cfg, out_dir)
+    make_trainer = make_trainer_factory(cfg, loggers)
+    task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+
+    data_config = None
+    if task_cfg["name"] in ("imagenet", "imagefolder"):
+        import timm
+
+        probe = timm.create_model(model_cfg["arch"], pretrained=False, **(model_cfg.get("kwargs") or {}))
+        data_config = timm.data.resolve_data_config({}, model=probe)
+        del probe
+    dm = build_datamodule(task_cfg, data_config)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    fp_model, source, key = obtain_float_model(model_cfg, task_cfg, dm, cache, cfg.seed, make_trainer)
+    log.info("float model: %s", source)
+    if cfg.stage == "float":
+        return {"float_source": source}
+
+    qmodel = copy.deepcopy(fp_model)
+    calib_seconds = 0.0
+    if cfg.quant.from_checkpoint:
+        vitq.load_quantized(qmodel, cfg.quant.from_checkpoint)
+        recipe = qmodel.vitq_recipe
+        source_q = f"checkpoint {cfg.quant.from_checkpoint}"
+    else:
+        vitq.quantize(qmodel, recipe)
+        if cfg.stage == "summary":
+            print_points(vitq.summary(qmodel))
+            return {"points": len(vitq.summary(qmodel))}
+        source_q = "calibrated"
+        if any(p.configured for _, p in vitq.iter_points(qmodel)):
+            c = cfg.quant.calib
+            loader = dm.calib_dataloader(c.num_samples, c.batch_size, seed=c.seed)
+            calib_module = ClassificationModule(qmodel, dm.num_classes, prefix="calib")
+            start = time.perf_counter()
+            vitq.calibrate(qmodel, lambda m: make_trainer().validate(calib_module, dataloaders=loader,
+                                                                      verbose=False))
+            calib_seconds = time.perf_counter() - start
+
+    fp = _float_metrics(make_trainer, fp_model, dm, cache, key)
+    quant = _evaluate(make_trainer, qmodel, dm, "quant")
+    points = vitq.summary(qmodel)
+    row = results_row(cfg, recipe, fp, quant, calib_seconds, source)
+    for lg in loggers:
+        lg.log_metrics({**fp, **quant, "quant/delta_top1": row["delta_top1"], "calib/seconds": calib_seconds})
+        if isinstance(lg, WandbLogger):
+            cols = list(points[0])
+            lg.log_table(key="quant/points", columns=cols, data=[[r[c] for c in cols] for r in points])
+            lg.experiment.summary.update({"recipe": row["recipe"], "scope": recipe.scope})
+    print_results([row])
+    print(f"quantized model: {source_q}; {sum(p['mode'] == 'quant' for p in points)} of {len(points)} "
+          f"points quantized ({recipe.describe()})")
+    _write_outputs(out_dir, qmodel, row, points, cfg, from_checkpoint=bool(cfg.quant.from_checkpoint))
+    for lg in loggers:
+        lg.finalize("success")
+    if cfg.logger.wandb:
+        import wandb
+
+        wandb.finish()
+    return row
+
+
+def _write_outputs(out_dir: Path, qmodel, row, points, cfg, from_checkpoint: bool) -> None:  # noqa: ANN001
+    """Write result files last, the checkpoint atomically, so only finished runs look finished."""
+    import csv
+
+    if not from_checkpoint:
+        meta = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in ("model", "task", "quant")}
+        vitq.save_quantized(qmodel, out_dir / "quantized.ckpt", meta=meta)
+    with open(out_dir / "points.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(points[0]))
+        writer.writeheader()
+        writer.writerows(points)
+    (out_dir / "results.json").write_text(json.dumps(row, indent=2, default=str))

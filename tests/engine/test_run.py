@@ -1,0 +1,134 @@
+"""End-to-end runs of the engine on a tiny MNIST config, and the start-up validation."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+from vitq.engine.run import run
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF = str(ROOT / "conf")
+TINY = [
+    "model.kwargs.embed_dim=32", "model.kwargs.depth=1", "model.kwargs.num_heads=2",
+    "task.fit.epochs=1", "task.train_limit=512", "task.eval_limit=256", "task.batch_size=64",
+    "quant.calib.num_samples=64", "logger=csv",
+]
+
+
+def tiny_cfg(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[*TINY, f"paths.cache_dir={tmp_path / 'cache'}", *overrides])
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = tiny_cfg(tmp)
+    out = tmp / "out"
+    row = run(cfg, out)
+    return tmp, out, row
+
+
+def test_end_to_end_writes_results_checkpoint_and_csv(first_run):
+    tmp, out, row = first_run
+    assert (out / "quantized.ckpt").is_file()
+    assert not (out / "FAILED").exists()
+    stored = json.loads((out / "results.json").read_text())
+    assert stored["recipe"] == "minmax" and stored["scope"] == "matmul"
+    assert (stored["w_bits"], stored["a_bits"], stored["attn_bits"]) == (8, 8, 8)
+    for k in ("fp_top1", "quant_top1", "fp_top5", "quant_top5"):
+        assert 0.0 <= stored[k] <= 100.0
+    assert stored["fp_top5"] >= stored["fp_top1"]
+    # W8A8 on a 1-block model stays close to float
+    assert abs(stored["delta_top1"]) < 5.0
+    metrics = (out / "csv" / "metrics.csv").read_text()
+    assert "quant/top1" in metrics and "fp/top1" in metrics
+    points = (out / "points.csv").read_text().splitlines()
+    assert points[0].startswith("name,kind,mode") and len(points) > 10
+
+
+def test_float_model_and_float_metrics_are_cached(first_run):
+    tmp, _, row = first_run
+    cached = list((tmp / "cache").glob("vit_mnist-mnist-*.pt"))
+    assert len(cached) == 1
+    assert list((tmp / "cache").glob("*.fp-metrics.json"))
+    again = run(tiny_cfg(tmp, "quant=percentile"), tmp / "out2")
+    assert "cached" in again["float_source"]
+    assert again["fp_top1"] == row["fp_top1"]
+
+
+def test_checkpoint_round_trip_reproduces_metrics_exactly(first_run):
+    tmp, out, row = first_run
+    cfg = tiny_cfg(tmp, "stage=test", f"quant.from_checkpoint={out / 'quantized.ckpt'}")
+    again = run(cfg, tmp / "out-test")
+    assert again["quant_top1"] == row["quant_top1"]
+    assert again["quant_top5"] == row["quant_top5"]
+
+
+def test_every_config_file_composes():
+    groups = {g: sorted(p.stem for p in (ROOT / "conf" / g).glob("*.yaml"))
+              for g in ("model", "task", "quant", "trainer", "logger")}
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        for group, options in groups.items():
+            assert options, group
+            for opt in options:
+                overrides = [f"{group}={opt}"]
+                if group == "task" and opt != "mnist":
+                    overrides.append("task.root=/data")
+                cfg = compose("config", overrides=overrides)
+                OmegaConf.to_container(cfg, resolve=True)
+                from vitq.engine.config import validate
+
+                validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("quant.w_bits=1", "between 2 and 16"),
+        ("quant.a_bits=17", "between 2 and 16"),
+        ("+quant.bogus=1", "Valid keys of 'quant'"),
+        ("+quant.overrides=[{pattern: 'nope.*', bits: 8}]", "matches no quant point"),
+        ("stage=nonsense", "stage="),
+        ("stage=test", "quant.from_checkpoint"),
+    ],
+)
+def test_bad_config_fails_at_start_with_the_fix(tmp_path, override, message):
+    if override.startswith("+quant.overrides"):
+        cfg = tiny_cfg(tmp_path)
+        with open_dict(cfg):
+            cfg.quant.overrides = [{"pattern": "nope.*", "bits": 8}]
+    else:
+        cfg = tiny_cfg(tmp_path, override)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        run(cfg, out)
+    assert (out / "FAILED").is_file()
+    assert not (out / "results.json").exists() and not (out / "quantized.ckpt").exists()
+
+
+def test_missing_data_root_and_bad_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        run(tiny_cfg(tmp_path, "task=cifar10", f"task.root={tmp_path / 'does-not-exist'}"), tmp_path / "a")
+    wrong = tmp_path / "wrong.pt"
+    import torch
+
+    torch.save({"state_dict": {"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}}, wrong)
+    with pytest.raises(ValueError, match="does not fit the architecture"):
+        run(tiny_cfg(tmp_path, f"model.checkpoint={wrong}"), tmp_path / "b")
+
+
+def test_cli_unknown_group_option_lists_choices(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "quant=nonexistent",
+                           f"paths.output_root={tmp_path}"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode != 0
+    assert "nonexistent" in proc.stderr and "minmax" in proc.stderr

@@ -1,0 +1,385 @@
+"""Observers against hand-computed ranges, merging, and sync across real gloo processes."""
+from __future__ import annotations
+
+import datetime
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from vitq.quant import OBSERVERS, UniformQuantizer, make_observer
+from vitq.quant.observers import EMAObserver, MinMaxObserver, OMSEObserver, PercentileObserver
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _t(*values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def _l2(quantizer: UniformQuantizer, lo, hi, x) -> float:
+    quantizer.set_range(lo, hi)
+    return (quantizer(x) - x).pow(2).sum().item()
+
+
+# ---------------------------------------------------------------------------------------------------
+# hand cases, per tensor
+# ---------------------------------------------------------------------------------------------------
+
+def test_minmax_over_batches():
+    obs = MinMaxObserver()
+    assert obs.empty
+    obs.observe(_t(0.5, -1.0, 2.0))
+    obs.observe(_t(-3.0, 1.0).reshape(2, 1))  # any shape
+    obs.observe(_t(0.0, 1.5))
+    lo, hi = obs.range(UniformQuantizer(8))
+    assert lo.tolist() == [-3.0] and hi.tolist() == [2.0]
+
+
+def test_ema_momentum_half_by_hand():
+    obs = EMAObserver(momentum=0.5)
+    obs.observe(_t(-2.0, 0.0, 1.0))  # first batch is taken as is: [-2, 1]
+    lo, hi = obs.range(UniformQuantizer(8))
+    assert (lo.item(), hi.item()) == (-2.0, 1.0)
+    obs.observe(_t(-4.0, 5.0))  # 0.5 * -2 + 0.5 * -4 = -3 ; 0.5 * 1 + 0.5 * 5 = 3
+    lo, hi = obs.range(UniformQuantizer(8))
+    assert (lo.item(), hi.item()) == (-3.0, 3.0)
+    obs.observe(_t(-1.0, 3.0, 0.0))  # 0.5 * -3 + 0.5 * -1 = -2 ; 0.5 * 3 + 0.5 * 3 = 3
+    lo, hi = obs.range(UniformQuantizer(8))
+    assert (lo.item(), hi.item()) == (-2.0, 3.0)
+
+
+def test_ema_default_momentum_and_validation():
+    obs = EMAObserver()
+    obs.observe(_t(0.0, 1.0))
+    obs.observe(_t(0.0, 2.0))
+    assert obs.range(UniformQuantizer(8))[1].item() == pytest.approx(0.99 * 1 + 0.01 * 2)
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="momentum"):
+            EMAObserver(momentum=bad)
+
+
+def test_percentile_hand_case():
+    # 0..10 shuffled, alpha = 0.9: hi is the round(0.9 * 10) + 1 = 10th smallest value = 9,
+    # lo is the round(0.1 * 10) + 1 = 2nd smallest value = 1
+    x = torch.arange(11, dtype=torch.float32)[torch.randperm(11)]
+    obs = PercentileObserver(alpha=0.9)
+    obs.observe(x)
+    lo, hi = obs.range(UniformQuantizer(8))
+    assert (lo.item(), hi.item()) == (1.0, 9.0)
+    # a second batch 0..40 step 4 has quantiles 4 and 36; the range is the mean over batches
+    obs.observe(torch.arange(11, dtype=torch.float32) * 4)
+    lo, hi = obs.range(UniformQuantizer(8))
+    assert (lo.item(), hi.item()) == (2.5, 22.5)
+
+
+def test_percentile_alpha_one_is_minmax_and_validation():
+    x = torch.randn(1000)
+    obs = PercentileObserver(alpha=1.0)
+    obs.observe(x)
+    lo, hi = obs.range(UniformQuantizer(8))
+    assert lo.item() == x.min().item() and hi.item() == x.max().item()
+    for bad in (0.5, 0.2, 1.01):
+        with pytest.raises(ValueError, match="alpha"):
+            PercentileObserver(alpha=bad)
+
+
+def test_percentile_clips_outlier():
+    x = torch.cat([torch.linspace(-1, 1, 999), _t(100.0)])
+    obs = PercentileObserver(alpha=0.99)
+    obs.observe(x)
+    lo, hi = obs.range(UniformQuantizer(8))
+    # k = round(0.99 * 999) + 1 = 990: the 990th of 1000 sorted values, i.e. linspace index 989
+    assert hi.item() == pytest.approx(-1 + 2 * 989 / 998, abs=1e-6)
+    assert lo.item() == pytest.approx(-1 + 2 * 10 / 998, abs=1e-6)  # k = round(0.01 * 999) + 1 = 11
+
+
+def test_omse_clips_outlier_and_beats_minmax():
+    x = torch.cat([torch.rand(2000) * 2 - 1, _t(20.0)])
+    quantizer = UniformQuantizer(4)
+    obs = OMSEObserver()
+    obs.observe(x)
+    lo, hi = obs.range(quantizer)
+    assert hi.item() < 20.0 and lo.item() > x.min().item()  # tighter than min/max
+    # it is one of the candidate clips lo*f, hi*f with f = 1 - 0.01 i
+    f = hi.item() / 20.0
+    assert round(f, 2) == pytest.approx(f, abs=1e-5) and 0.1 < f < 1
+    assert lo.item() == pytest.approx(x.min().item() * f, rel=1e-5)
+    probe = UniformQuantizer(4)
+    err_omse = _l2(probe, lo, hi, x)
+    err_minmax = _l2(probe, x.min(), x.max(), x)
+    assert err_omse < 0.5 * err_minmax
+    # and it is the best candidate on its grid
+    errs = [_l2(probe, x.min() * (1 - 0.01 * i), x.max() * (1 - 0.01 * i), x) for i in range(90)]
+    assert err_omse <= min(errs) + 1e-6
+
+
+def test_omse_keeps_minmax_when_no_outlier():
+    # data on the 4-bit grid of its own min/max: clipping can only add error
+    x = torch.arange(16, dtype=torch.float32) / 15 * 3 - 1  # the grid of [-1, 2]
+    obs = OMSEObserver()
+    obs.observe(x)
+    lo, hi = obs.range(UniformQuantizer(4))
+    assert lo.item() == pytest.approx(-1.0) and hi.item() == pytest.approx(2.0)
+
+
+def test_omse_sample_is_bounded():
+    obs = OMSEObserver(sample_per_batch=100, max_sample=250)
+    for _ in range(5):
+        obs.observe(torch.randn(1000))
+    assert obs.state["sample"].shape == (1, 250)
+    obs = OMSEObserver(sample_per_batch=100)
+    obs.observe(torch.arange(1000.0))
+    assert obs.state["sample"][0, :3].tolist() == [0.0, 10.0, 20.0]  # strided every 1000 // 100
+
+
+# ---------------------------------------------------------------------------------------------------
+# per channel
+# ---------------------------------------------------------------------------------------------------
+
+WEIGHT = torch.tensor([[1.0, -2.0, 3.0, 0.5],
+                       [-0.5, 0.25, 0.0, 0.1],
+                       [10.0, 20.0, -30.0, 5.0]])  # [C=3, N=4]
+
+
+def test_minmax_per_channel_axis0_weight():
+    obs = MinMaxObserver(axis=0)
+    obs.observe(WEIGHT)
+    lo, hi = obs.range(UniformQuantizer(8, axis=0))
+    assert lo.tolist() == [-2.0, -0.5, -30.0]
+    assert hi.tolist() == [3.0, 0.25, 20.0]
+
+
+def test_minmax_per_channel_last_axis_activation():
+    x = torch.zeros(2, 3, 4)  # [B, T, C]
+    x[0, 1, 0], x[1, 2, 0] = -7.0, 4.0
+    x[1, 0, 2] = 9.0
+    x[0, 0, 3], x[0, 2, 3] = -1.5, -0.5
+    obs = MinMaxObserver(axis=-1)
+    obs.observe(x)
+    obs.observe(x * 0 + torch.tensor([0.0, 0.0, 0.0, -2.0]))  # second batch lowers channel 3
+    lo, hi = obs.range(UniformQuantizer(8, axis=-1))
+    assert lo.tolist() == [-7.0, 0.0, 0.0, -2.0]
+    assert hi.tolist() == [4.0, 0.0, 9.0, 0.0]
+
+
+def test_ema_per_channel_last_axis():
+    obs = EMAObserver(axis=-1, momentum=0.5)
+    obs.observe(torch.tensor([[[0.0, -4.0], [2.0, 4.0]]]))  # [1, 2, 2]: channel 0 in [0, 2], 1 in [-4, 4]
+    obs.observe(torch.tensor([[[-2.0, 0.0], [6.0, 2.0]]]))  # channel 0 in [-2, 6], 1 in [0, 2]
+    lo, hi = obs.range(UniformQuantizer(8))
+    assert lo.tolist() == [-1.0, -2.0] and hi.tolist() == [4.0, 3.0]
+
+
+def test_percentile_per_channel_axis0():
+    w = torch.stack([torch.arange(11.0), torch.arange(11.0) * -2])  # [2, 11]
+    obs = PercentileObserver(axis=0, alpha=0.9)
+    obs.observe(w)
+    lo, hi = obs.range(UniformQuantizer(8, axis=0))
+    assert lo.tolist() == [1.0, -18.0] and hi.tolist() == [9.0, -2.0]
+
+
+def test_omse_per_channel_only_clips_channel_with_outlier():
+    base = torch.rand(2, 2000) * 2 - 1
+    base[0, 0], base[0, 1] = -1.0, 1.0  # channel 0: plain [-1, 1], nothing to clip
+    base[1, 0] = 20.0  # channel 1: one outlier
+    obs = OMSEObserver(axis=0)
+    obs.observe(base)
+    lo, hi = obs.range(UniformQuantizer(4, axis=0))
+    assert hi[1].item() < 20.0
+    # channel 0 is searched independently of channel 1's outlier: it keeps (nearly) its full range
+    assert hi[0].item() > 0.8
+    # each channel gets exactly what a per-tensor search on that channel alone gives
+    for c in range(2):
+        alone = OMSEObserver()
+        alone.observe(base[c])
+        lo_c, hi_c = alone.range(UniformQuantizer(4))
+        torch.testing.assert_close(lo[c], lo_c[0])
+        torch.testing.assert_close(hi[c], hi_c[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# merging: one observer over all batches == per-batch observers merged
+# ---------------------------------------------------------------------------------------------------
+
+def _two_halves():
+    x = torch.randn(2, 8, 6) * torch.linspace(0.5, 3, 6)
+    x[1, 3, 2] = 25.0
+    return x[0:1], x[1:2]
+
+
+@pytest.mark.parametrize("name, kwargs", [("minmax", {}), ("percentile", {"alpha": 0.95})])
+@pytest.mark.parametrize("axis", [None, -1])
+def test_merge_exact(name, kwargs, axis):
+    a, b = _two_halves()
+    full = make_observer(name, axis=axis, **kwargs)
+    full.observe(a)
+    full.observe(b)
+    left, right = make_observer(name, axis=axis, **kwargs), make_observer(name, axis=axis, **kwargs)
+    left.observe(a)
+    right.observe(b)
+    left.merge_(right)
+    q = UniformQuantizer(8, axis=axis)
+    for got, want in zip(left.range(q), full.range(q)):
+        assert torch.equal(got, want)
+
+
+def test_merge_omse_concatenates_sample():
+    a, b = _two_halves()
+    full = OMSEObserver()
+    full.observe(a)
+    full.observe(b)
+    left, right = OMSEObserver(), OMSEObserver()
+    left.observe(a)
+    right.observe(b)
+    left.merge_(right)
+    assert torch.equal(left.state["sample"], torch.cat([a.reshape(1, -1), b.reshape(1, -1)], 1))
+    assert torch.equal(left.state["sample"], full.state["sample"])
+    q = UniformQuantizer(4)
+    for got, want in zip(left.range(q), full.range(q)):
+        assert torch.equal(got, want)
+
+
+def test_merge_ema_is_weighted_mean():
+    a, b, c = _t(-2.0, 4.0), _t(-6.0, 0.0), _t(-1.0, 1.0)
+    x, y, z = EMAObserver(momentum=0.5), EMAObserver(momentum=0.5), EMAObserver(momentum=0.5)
+    x.observe(a)
+    y.observe(b)
+    z.observe(c)
+    x.merge_(y)  # mean of two: [-4, 2]
+    lo, hi = x.range(UniformQuantizer(8))
+    assert (lo.item(), hi.item()) == (-4.0, 2.0)
+    x.merge_(z)  # mean of three: (-2 - 6 - 1) / 3 = -3, (4 + 0 + 1) / 3 = 5 / 3
+    lo, hi = x.range(UniformQuantizer(8))
+    assert lo.item() == pytest.approx(-3.0) and hi.item() == pytest.approx(5 / 3)
+    assert x.merged == 3
+
+
+def test_merge_with_empty_sides():
+    full = MinMaxObserver()
+    full.observe(_t(-1.0, 2.0))
+    empty = MinMaxObserver()
+    full.merge_(empty)
+    assert full.range(None)[0].item() == -1.0
+    empty.merge_(full)
+    assert empty.range(None)[1].item() == 2.0
+    empty.state["max"] += 1  # a copy, not an alias
+    assert full.range(None)[1].item() == 2.0
+
+
+def test_observer_state_does_not_alias_input():
+    for name in ("minmax", "ema", "percentile", "omse"):
+        x = torch.cat([torch.linspace(-1, 1, 99), _t(30.0)])
+        obs = make_observer(name)
+        obs.observe(x)
+        before = [t.clone() for t in obs.range(UniformQuantizer(4))]
+        x.mul_(0.0)  # e.g. a reused input buffer or an in-place residual add
+        after = obs.range(UniformQuantizer(4))
+        assert all(torch.equal(u, v) for u, v in zip(before, after)), name
+
+
+def test_sync_is_noop_without_distributed():
+    obs = MinMaxObserver()
+    obs.observe(_t(-1.0, 2.0))
+    assert obs.sync_() is obs
+    assert obs.range(None)[0].item() == -1.0 and obs.merged == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# sync_ across two real processes (gloo on localhost)
+# ---------------------------------------------------------------------------------------------------
+
+def _sync_data():
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(2, 300, 4, generator=g) * torch.tensor([0.5, 1.0, 2.0, 4.0])
+    x[1, 7, 1] = 40.0  # one outlier on rank 1 only
+    return x
+
+
+def _make_sync_observers():
+    return {
+        "minmax": MinMaxObserver(),
+        "minmax_c": MinMaxObserver(axis=-1),
+        "ema": EMAObserver(momentum=0.5),
+        "percentile": PercentileObserver(alpha=0.99),
+        "percentile_c": PercentileObserver(axis=-1, alpha=0.99),
+        "omse": OMSEObserver(),
+        "omse_c": OMSEObserver(axis=-1),
+    }
+
+
+def _sync_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        x = _sync_data()[rank]
+        if rank == 1:
+            x = x[:250]  # unequal halves: the OMSE sample gather must handle different lengths
+        result = {}
+        for key, obs in _make_sync_observers().items():
+            obs.observe(x)
+            obs.sync_()
+            q = UniformQuantizer(4, axis=-1 if key.endswith("_c") else None)
+            result[key] = [t.clone() for t in obs.range(q)]
+            result[key + "/merged"] = obs.merged
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sync_across_two_gloo_processes(tmp_path):
+    mp.spawn(_sync_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+
+    data = _sync_data()
+    halves = (data[0], data[1][:250])
+    single = _make_sync_observers()
+    for key, obs in single.items():
+        for h in halves:
+            obs.observe(h)
+    for key in single:
+        q = UniformQuantizer(4, axis=-1 if key.endswith("_c") else None)
+        want = single[key].range(q) if key != "ema" else None
+        for got0, got1 in zip(r0[key], r1[key]):
+            assert torch.equal(got0, got1), key  # every rank ends identical
+        assert r0[key + "/merged"] == 2
+        if key.startswith(("minmax", "percentile", "omse")):
+            for got, w in zip(r0[key], want):
+                assert torch.equal(got, w), key  # and equal to one process seeing both halves
+    # the outlier seen by rank 1 only reaches rank 0
+    assert r0["minmax"][1].item() == 40.0
+    # EMA: the mean of the ranks' values
+    lo = (halves[0].min() + halves[1].min()) / 2
+    hi = (halves[0].max() + halves[1].max()) / 2
+    torch.testing.assert_close(r0["ema"][0], lo.reshape(1))
+    torch.testing.assert_close(r0["ema"][1], hi.reshape(1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# registry
+# ---------------------------------------------------------------------------------------------------
+
+def test_make_observer_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError) as e:
+        make_observer("minmaxx")
+    msg = str(e.value)
+    assert "minmaxx" in msg
+    for name in ("minmax", "ema", "percentile", "omse"):
+        assert repr(name) in msg
+
+
+def test_make_observer_passes_axis_and_kwargs():
+    obs = make_observer("ema", axis=0, momentum=0.25)
+    assert isinstance(obs, EMAObserver) and obs.axis == 0 and obs.momentum == 0.25
+    assert set(OBSERVERS) >= {"minmax", "ema", "percentile", "omse"}
