@@ -5,8 +5,8 @@
     vitq.summary(qmodel)
 """
 from .quant import (Kind, PointSpec, Recipe, calibrate, iter_points, load_quantized, quantize,
-                    save_quantized, set_mode, summary)
+                    save_quantized, set_integer, set_mode, summary)
 
 __version__ = "0.1.0"
 __all__ = ["Kind", "PointSpec", "Recipe", "calibrate", "iter_points", "load_quantized", "quantize",
-           "save_quantized", "set_mode", "summary"]
+           "save_quantized", "set_integer", "set_mode", "summary"]

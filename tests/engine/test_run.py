@@ -132,3 +132,20 @@ def test_cli_unknown_group_option_lists_choices(tmp_path):
                            f"paths.output_root={tmp_path}"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode != 0
     assert "nonexistent" in proc.stderr and "minmax" in proc.stderr
+
+
+def test_fqvit_integer_run(first_run):
+    """The FQ-ViT recipe end to end: full scope, PTF + LIS, integer kernels, LayerNorm range plot."""
+    tmp, _, row = first_run
+    cfg = tiny_cfg(tmp, "quant=fqvit", "quant.integer=true", "quant.calib.num_samples=64",
+                   "quant.calib.batch_size=32")
+    out = tmp / "out-fqvit"
+    got = run(cfg, out)
+    assert got["scope"] == "full" and got["attn_bits"] == 4
+    assert got["setting"] == "W8/A8/Attn4-log2 full +PTF integer"
+    assert got["fp_top1"] == row["fp_top1"]  # same cached float model and metrics
+    assert abs(got["delta_top1"]) < 10.0
+    assert (out / "layernorm_ranges.png").stat().st_size > 10_000
+    ranges = json.loads((out / "layernorm_ranges.json").read_text())
+    assert {r["name"] for r in ranges} >= {"blocks.0.norm1", "blocks.0.norm2", "norm"}
+    assert all(r["max_range"] >= r["median_range"] > 0 for r in ranges)

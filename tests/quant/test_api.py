@@ -99,9 +99,10 @@ def test_calibrate_switches_configured_points_to_quant(calibrated, float_model, 
     points = list(iter_points(calibrated))
     configured = [n for n, p in points if p.configured]
     float_points = [n for n, p in points if not p.configured]
-    # matmul scope: every point but the LayerNorm inputs is quantized
-    assert float_points and all(n.endswith(("norm1.input", "norm2.input")) or n == "norm.input"
-                                for n in float_points)
+    # matmul scope: LayerNorm inputs, layer outputs and attention scores stay float
+    assert float_points and all(n.endswith(("norm1.input", "norm2.input", ".output", "softmax.input"))
+                                or n == "norm.input" for n in float_points)
+    assert not any(n.endswith("softmax.output") for n in float_points)
     assert all(p.mode == "quant" for _, p in points if p.configured)
     assert all(p.mode == "off" for _, p in points if not p.configured)
     assert len(configured) == 50 + 50 + 36 + 12  # weights, linear inputs, matmul operands, softmax outputs

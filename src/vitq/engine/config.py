@@ -66,6 +66,9 @@ class QuantConf:
     norm_input: Optional[dict] = None
     overrides: list = field(default_factory=list)
     from_checkpoint: Optional[str] = None
+    ptf: bool = False  # Power-of-Two Factor quantizer at LayerNorm inputs (FQ-ViT)
+    lis: bool = False  # log2 attention probabilities (FQ-ViT's Log-Int-Softmax)
+    integer: bool = False  # evaluate LayerNorm and softmax with the integer kernels (needs ptf and lis)
 
 
 @dataclass

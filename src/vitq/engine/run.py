@@ -44,7 +44,7 @@ def make_trainer_factory(cfg: DictConfig, loggers: list[Logger]):  # noqa: ANN20
     def make(**kwargs: Any) -> L.Trainer:
         return L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
                          strategy=t.strategy, precision=t.precision, logger=loggers or False,
-                         callbacks=[RichProgressBar(leave=True)], enable_checkpointing=False,
+                         callbacks=[RichProgressBar(leave=True)], enable_checkpointing=False, log_every_n_steps=10,
                          enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
 
     return make
@@ -105,6 +105,15 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
+    if cfg.stage == "summary":  # the point layout needs the architecture only, not trained weights
+        from .float_model import create_model
+
+        model_cfg["pretrained"], model_cfg["checkpoint"] = False, None
+        qmodel = vitq.quantize(create_model(model_cfg, dm.num_classes, dm.in_chans), recipe)
+        points = vitq.summary(qmodel)
+        print_points(points)
+        print(f"recipe {recipe.name}: {recipe.describe()}")
+        return {"points": len(points)}
     fp_model, source, key = obtain_float_model(model_cfg, task_cfg, dm, cache, cfg.seed, make_trainer)
     log.info("float model: %s", source)
     if cfg.stage == "float":
@@ -118,9 +127,6 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         source_q = f"checkpoint {cfg.quant.from_checkpoint}"
     else:
         vitq.quantize(qmodel, recipe)
-        if cfg.stage == "summary":
-            print_points(vitq.summary(qmodel))
-            return {"points": len(vitq.summary(qmodel))}
         source_q = "calibrated"
         if any(p.configured for _, p in vitq.iter_points(qmodel)):
             c = cfg.quant.calib
@@ -131,6 +137,12 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                                                                       verbose=False))
             calib_seconds = time.perf_counter() - start
 
+    ranges_png = None
+    if recipe.scope == "full" and not cfg.quant.from_checkpoint:
+        ranges_png = _layernorm_ranges(fp_model, dm, cfg, out_dir)
+    if cfg.quant.integer:
+        switched = vitq.set_integer(qmodel)
+        log.info("integer-only LayerNorm/softmax in %d modules", switched)
     fp = _float_metrics(make_trainer, fp_model, dm, cache, key)
     quant = _evaluate(make_trainer, qmodel, dm, "quant")
     points = vitq.summary(qmodel)
@@ -141,6 +153,8 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             cols = list(points[0])
             lg.log_table(key="quant/points", columns=cols, data=[[r[c] for c in cols] for r in points])
             lg.experiment.summary.update({"recipe": row["recipe"], "scope": recipe.scope})
+            if ranges_png is not None:
+                lg.log_image(key="layernorm_input_ranges", images=[str(ranges_png)])
     print_results([row])
     print(f"quantized model: {source_q}; {sum(p['mode'] == 'quant' for p in points)} of {len(points)} "
           f"points quantized ({recipe.describe()})")
@@ -152,6 +166,18 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
         wandb.finish()
     return row
+
+
+def _layernorm_ranges(model: torch.nn.Module, dm: Any, cfg: DictConfig, out_dir: Path) -> Path:
+    """Per-channel ranges of LayerNorm inputs on a few calibration batches (why PTF exists)."""
+    from ..report.ranges import layernorm_input_ranges, plot_ranges, range_table
+
+    loader = dm.calib_dataloader(min(256, cfg.quant.calib.num_samples), 64, seed=cfg.quant.calib.seed)
+    ranges = layernorm_input_ranges(model, lambda m: [m(x) for x, _ in loader])
+    with open(out_dir / "layernorm_ranges.json", "w") as f:
+        json.dump(range_table(ranges), f, indent=1)
+    return plot_ranges(ranges, out_dir / "layernorm_ranges.png", f"{cfg.model.name} on {cfg.task.name}: "
+                       "LayerNorm input range per channel")
 
 
 def _write_outputs(out_dir: Path, qmodel, row, points, cfg, from_checkpoint: bool) -> None:  # noqa: ANN001

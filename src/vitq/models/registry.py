@@ -47,4 +47,8 @@ def rewrite(model: nn.Module) -> str:
         twin = MODULE_TWINS.get(type(module))
         if twin is not None:
             twin.convert(module)
+    for module in model.modules():  # twins that wire themselves to their (now converted) children
+        hook = getattr(module, "after_rewrite", None)
+        if callable(hook):
+            hook()
     return family

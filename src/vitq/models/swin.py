@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import torch
-from timm.models.swin_transformer import SwinTransformer, WindowAttention
+from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, WindowAttention
 
 from ..quant.modules import QuantMatMul, QuantSoftmax
 from .registry import register_family, register_twin
 
 
 class QuantWindowAttention(WindowAttention):
-    """Window attention computed explicitly; the bias and shift mask are added before the softmax point."""
+    """Window attention computed explicitly. The scores are quantized after the relative position
+    bias is added and before the shifted-window mask (so the mask does not stretch their grid)."""
 
     @classmethod
     def convert(cls, module: WindowAttention) -> "QuantWindowAttention":
@@ -19,20 +20,59 @@ class QuantWindowAttention(WindowAttention):
         module.matmul_av = QuantMatMul(a_kind=None)
         return module
 
+    def after_rewrite(self) -> None:
+        self.qkv.output_quantizer = None  # quantized as the matmul operands q, k, v
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B_, N, _ = x.shape
         qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         attn = self.matmul_qk(q * self.scale, k.transpose(-2, -1))
         attn = attn + self._get_rel_pos_bias()
-        if mask is not None:
+        if mask is None:
+            attn = self.softmax(attn)
+        else:
             num_win = mask.shape[0]
-            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
-        attn = self.attn_drop(self.softmax(attn))
-        x = self.matmul_av(attn, v).transpose(1, 2).reshape(B_, N, -1)
+            attn = attn.view(-1, num_win, self.num_heads, N, N)
+            attn = self.softmax(attn, mask=mask.unsqueeze(1).unsqueeze(0)).view(-1, self.num_heads, N, N)
+        x = self.matmul_av(self.attn_drop(attn), v).transpose(1, 2).reshape(B_, N, -1)
         return self.proj_drop(self.proj(x))
 
 
+class QuantSwinBlock(SwinTransformerBlock):
+    """Swin block whose residual stream is quantized where it enters each LayerNorm."""
+
+    @classmethod
+    def convert(cls, module: SwinTransformerBlock) -> "QuantSwinBlock":
+        module.__class__ = cls
+        return module
+
+    def after_rewrite(self) -> None:
+        self.norm1.feeds(self.attn.qkv.input_quantizer)
+        self.norm2.feeds(self.mlp.fc1.input_quantizer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        x = self.norm1.input_quantizer(x)
+        x = x + self.drop_path1(self._attn(self.norm1.normalize(x)))
+        x = self.norm2.input_quantizer(x.reshape(B, -1, C))
+        x = x + self.drop_path2(self.mlp(self.norm2.normalize(x)))
+        return x.reshape(B, H, W, C)
+
+
+class QuantPatchMerging(PatchMerging):
+    """PatchMerging whose LayerNorm (over four concatenated channel groups) feeds the reduction layer."""
+
+    @classmethod
+    def convert(cls, module: PatchMerging) -> "QuantPatchMerging":
+        module.__class__ = cls
+        return module
+
+    def after_rewrite(self) -> None:
+        self.norm.feeds(self.reduction.input_quantizer)
+
+
 register_twin(WindowAttention, QuantWindowAttention)
+register_twin(PatchMerging, QuantPatchMerging)
+register_twin(SwinTransformerBlock, QuantSwinBlock)
 register_family(SwinTransformer, "swin")

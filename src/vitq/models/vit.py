@@ -3,23 +3,25 @@ from __future__ import annotations
 
 import torch
 from timm.layers import Attention, LayerNorm as TimmLayerNorm
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..quant.modules import QuantLayerNorm, QuantMatMul, QuantSoftmax
 from .registry import register_family, register_twin
 
 
-def apply_mask(attn: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Additive or boolean attention mask, with scaled_dot_product_attention's semantics."""
-    if mask is None:
-        return attn
-    if mask.dtype == torch.bool:
-        return attn.masked_fill(~mask, float("-inf"))
-    return attn + mask
+def additive_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """scaled_dot_product_attention's mask semantics as an additive bias."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros_like(mask, dtype=like.dtype).masked_fill(~mask, float("-inf"))
 
 
 class QuantAttention(Attention):
-    """timm Attention computed explicitly so q.k^T, softmax and attn.v are quant points."""
+    """timm Attention computed explicitly so that q.k^T, the softmax and attn.v are quant points.
+
+    The qkv output is quantized as the operands q, k (matmul_qk) and v (matmul_av.b), so the qkv layer
+    has no output point of its own.
+    """
 
     @classmethod
     def convert(cls, module: Attention) -> "QuantAttention":
@@ -28,6 +30,9 @@ class QuantAttention(Attention):
         module.softmax = QuantSoftmax(dim=-1)
         module.matmul_av = QuantMatMul(a_kind=None)  # the probabilities are quantized by softmax.output
         return module
+
+    def after_rewrite(self) -> None:
+        self.qkv.output_quantizer = None
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
         if is_causal:
@@ -38,7 +43,7 @@ class QuantAttention(Attention):
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         attn = self.matmul_qk(q * self.scale, k.transpose(-2, -1))
-        attn = self.softmax(apply_mask(attn, attn_mask))
+        attn = self.softmax(attn, mask=additive_mask(attn_mask, attn))
         x = self.matmul_av(self.attn_drop(attn), v)
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
         if gate is not None:
@@ -46,6 +51,28 @@ class QuantAttention(Attention):
         return self.proj_drop(self.proj(x))
 
 
+class QuantBlock(Block):
+    """Pre-norm block whose residual stream is quantized where it enters each LayerNorm (FQ-ViT's
+    residual sums); with norm_input points off it computes exactly the float block."""
+
+    @classmethod
+    def convert(cls, module: Block) -> "QuantBlock":
+        module.__class__ = cls
+        return module
+
+    def after_rewrite(self) -> None:
+        self.norm1.feeds(self.attn.qkv.input_quantizer)
+        self.norm2.feeds(self.mlp.fc1.input_quantizer)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        x = self.norm1.input_quantizer(x)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1.normalize(x), attn_mask=attn_mask,
+                                                   is_causal=is_causal)))
+        x = self.norm2.input_quantizer(x)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2.normalize(x))))
+
+
 register_twin(Attention, QuantAttention)
+register_twin(Block, QuantBlock)
 register_twin(TimmLayerNorm, QuantLayerNorm)
 register_family(VisionTransformer, "vit")

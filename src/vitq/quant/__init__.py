@@ -1,5 +1,5 @@
 """The quantization library: pure PyTorch, usable without Hydra or Lightning."""
-from .api import (calibrate, iter_points, load_quantized, quantize, read_quantized, save_quantized,
+from .api import (calibrate, iter_points, load_quantized, quantize, read_quantized, save_quantized, set_integer,
                   set_mode, summary)
 from .observers import OBSERVERS, Observer, make_observer, register_observer
 from .points import SCOPES, Kind, PointSpec, QuantAct, QuantPoint
@@ -8,4 +8,4 @@ from .recipe import Recipe
 
 __all__ = ["OBSERVERS", "SCOPES", "Kind", "Observer", "PointSpec", "QuantAct", "QuantPoint", "Recipe",
            "UniformQuantizer", "calibrate", "iter_points", "load_quantized", "make_observer", "quantize",
-           "read_quantized", "register_observer", "save_quantized", "set_mode", "summary"]
+           "read_quantized", "register_observer", "save_quantized", "set_integer", "set_mode", "summary"]

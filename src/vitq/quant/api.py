@@ -66,6 +66,7 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
     points = [(n, p) for n, p in iter_points(model) if p.configured]
     if not points:
         raise ValueError("nothing to calibrate: the recipe enables no quant point (is it fp32?)")
+    points = [(n, p) for n, p in points if p.observer is not None]  # fixed grids need no data
     for _, p in points:
         p.observer.reset()
         p.set_mode("observe" if p.kind != Kind.WEIGHT else "off")
@@ -96,6 +97,25 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
     return model
 
 
+def set_integer(model: nn.Module, enabled: bool = True) -> int:
+    """Run LayerNorms and softmaxes through the integer kernels (FQ-ViT); returns how many modules switched.
+
+    Needs PTF at the LayerNorm inputs with a per-tensor uniform quantizer on the layer each feeds, and a
+    uniform score quantizer with log2 probabilities at each softmax (`quant=fqvit`).
+    """
+    from .modules import QuantLayerNorm, QuantSoftmax
+
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, (QuantLayerNorm, QuantSoftmax)):
+            module.integer = bool(enabled) and module.can_run_integer()
+            switched += module.integer
+    if enabled and not switched:
+        raise ValueError("no LayerNorm or softmax can run integer-only: that needs a calibrated model with "
+                         "PTF LayerNorm inputs and log2 attention probabilities (quant=fqvit, ptf and lis on)")
+    return switched
+
+
 def summary(model: nn.Module) -> list[dict[str, Any]]:
     """One row per quant point: name, kind, mode, bits, granularity, observer and scale range."""
     rows = []
@@ -103,9 +123,11 @@ def summary(model: nn.Module) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"name": name, "kind": p.kind, "mode": p.mode}
         if p.configured:
             q, s = p.quantizer, p.spec
-            scale = q.scale.detach()
-            row.update(bits=q.bits, granularity=s.granularity, symmetric=q.symmetric, signed=q.signed,
-                       observer=s.observer, scale_min=float(scale.min()), scale_max=float(scale.max()))
+            scale = getattr(q, "scale", None)
+            row.update(bits=q.bits, granularity=s.granularity if s.quantizer == "uniform" else s.quantizer,
+                       symmetric=s.symmetric, signed=s.signed, observer=s.observer if p.observer else None,
+                       scale_min=None if scale is None else float(scale.min()),
+                       scale_max=None if scale is None else float(scale.max()))
         else:
             row.update(bits=None, granularity="float", symmetric=None, signed=None, observer=None,
                        scale_min=None, scale_max=None)

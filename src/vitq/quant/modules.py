@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .integer import int_layernorm, int_softmax_log2
 from .points import Kind, QuantPoint
 
 
@@ -34,7 +35,11 @@ class _QuantWeight(_Convertible):
     def _add_points(self) -> None:
         self.input_quantizer = QuantPoint(Kind.LINEAR_INPUT)
         self.weight_quantizer = QuantPoint(Kind.WEIGHT)
+        self.output_quantizer: QuantPoint | None = QuantPoint(Kind.LINEAR_OUTPUT)
         self._wcache: tuple[tuple, torch.Tensor] | None = None
+
+    def _output(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.output_quantizer is None else self.output_quantizer(y)
 
     def quantized_weight(self) -> torch.Tensor:
         """Under no_grad the fake-quantized weight is computed once and reused until the weight or the
@@ -60,22 +65,47 @@ class _QuantWeight(_Convertible):
 
 class QuantLinear(_QuantWeight, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        return self._output(F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias))
 
 
 class QuantConv2d(_QuantWeight, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        return self._output(self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias))
 
 
 class QuantLayerNorm(_Convertible, nn.LayerNorm):
-    """LayerNorm whose input (the residual stream) is a quant point."""
+    """LayerNorm whose input (the residual stream) is a quant point.
+
+    With `integer` set (FQ-ViT), the normalization runs on PTF codes in integer arithmetic and produces
+    codes of `out_point`, the quantizer of the layer it feeds.
+    """
+
+    integer = False
 
     def _add_points(self) -> None:
         self.input_quantizer = QuantPoint(Kind.NORM_INPUT)
 
+    def feeds(self, point: QuantPoint) -> None:
+        object.__setattr__(self, "out_point", point)  # a reference, not a child module
+
+    def can_run_integer(self) -> bool:
+        out = getattr(self, "out_point", None)
+        inp = self.input_quantizer
+        return (inp.mode == "quant" and inp.spec is not None and inp.spec.quantizer == "ptf"
+                and out is not None and out.mode == "quant" and out.spec.quantizer == "uniform"
+                and not out.spec.per_channel and self.weight is not None)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """LayerNorm of an input that is already quantized (a block quantizes its residual stream)."""
+        if self.integer:
+            ptf, out = self.input_quantizer.quantizer, self.out_point.quantizer
+            codes = int_layernorm(ptf.to_codes(x), int(ptf.zero_point[0]), ptf.alpha, self.weight, self.bias,
+                                  float(out.scale), int(out.zero_point), out.qmin, out.qmax)
+            return out.from_codes(codes.to(x.dtype))
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(self.input_quantizer(x), self.normalized_shape, self.weight, self.bias, self.eps)
+        return self.normalize(self.input_quantizer(x))
 
 
 class QuantMatMul(nn.Module):
@@ -95,12 +125,32 @@ class QuantMatMul(nn.Module):
 
 
 class QuantSoftmax(nn.Module):
-    """Softmax whose output (the attention probabilities) is a quant point."""
+    """Softmax whose input (attention scores) and output (probabilities) are quant points.
+
+    `mask` (additive, e.g. Swin's shifted-window mask) is added after the input is quantized, so the
+    score grid is not stretched by the mask's large negative values.
+    """
+
+    integer = False
 
     def __init__(self, dim: int = -1) -> None:
         super().__init__()
         self.dim = dim
+        self.input_quantizer = QuantPoint(Kind.SOFTMAX_INPUT)
         self.output_quantizer = QuantPoint(Kind.SOFTMAX_OUTPUT)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def can_run_integer(self) -> bool:
+        inp, out = self.input_quantizer, self.output_quantizer
+        return (self.dim in (-1,) and inp.mode == "quant" and inp.spec.quantizer == "uniform"
+                and not inp.spec.per_channel and out.mode == "quant" and out.spec.quantizer == "log2")
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.integer:  # i-exp and log2 codes on the score grid (FQ-ViT's integer LIS)
+            q_in, q_out = self.input_quantizer.quantizer, self.output_quantizer.quantizer
+            codes, _, _ = int_softmax_log2(q_in.to_codes(x), int(q_in.zero_point), float(q_in.scale),
+                                           q_out.bits, mask)
+            return q_out.from_codes(codes.to(x.dtype))
+        x = self.input_quantizer(x)
+        if mask is not None:
+            x = x + mask
         return self.output_quantizer(x.softmax(dim=self.dim))

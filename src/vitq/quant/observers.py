@@ -51,6 +51,10 @@ class Observer:
     def range(self, quantizer: UniformQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def fit(self, quantizer: UniformQuantizer) -> None:
+        """Set the quantizer's parameters from the statistics (most observers: through a range)."""
+        quantizer.set_range(*self.range(quantizer))
+
     def merge_(self, other: "Observer") -> "Observer":
         """Fold another observer's state into this one, as if it had seen the other's data too."""
         if other.empty:
@@ -225,6 +229,56 @@ def _probe_quantizer(quantizer: UniformQuantizer) -> UniformQuantizer:
     return UniformQuantizer(
         quantizer.bits, quantizer.symmetric, quantizer.signed, axis=0 if quantizer.per_channel else None
     )
+
+
+class PTFObserver(Observer):
+    """FQ-ViT's Power-of-Two Factor: the layer-wise range comes from an inner calibrator (minmax, ema,
+    percentile or omse); each channel then takes the factor 2^alpha (alpha in 0..K) with the lowest L2
+    error on a bounded sample of recent tokens (FQ-ViT searches on the last batch)."""
+
+    reductions = {"sample": "cat"}
+
+    def __init__(self, axis: int | None = -1, calibrator: str = "minmax", max_tokens: int = 2048,
+                 **calibrator_args) -> None:  # noqa: ANN003
+        super().__init__(-1 if axis is None else axis)
+        if calibrator == "ptf":
+            raise ValueError("PTF needs a layer-wise calibrator: minmax, ema, percentile or omse")
+        self.inner = make_observer(calibrator, axis=None, **calibrator_args)
+        self.max_tokens = max_tokens
+
+    def reset(self) -> None:
+        super().reset()
+        self.inner.reset()
+
+    def observe(self, x: torch.Tensor) -> None:
+        self.inner.observe(x)
+        super().observe(x)
+
+    def _update(self, x: torch.Tensor) -> None:
+        sample = x[:, -self.max_tokens :].clone()
+        old = self.state.get("sample")
+        self.state["sample"] = sample if old is None else torch.cat([old, sample], 1)[:, -self.max_tokens :]
+
+    def merge_(self, other: "Observer") -> "Observer":
+        self.inner.merge_(other.inner)  # type: ignore[attr-defined]
+        return super().merge_(other)
+
+    def sync_(self, group=None) -> "Observer":  # noqa: ANN001
+        self.inner.sync_(group)
+        return super().sync_(group)
+
+    @torch.no_grad()
+    def fit(self, quantizer) -> None:  # noqa: ANN001  (a PTFQuantizer)
+        probe = UniformQuantizer(quantizer.bits, symmetric=False, signed=False)
+        base, zp = quantizer.base_grid(*self.inner.range(probe))
+        x = self.state["sample"]
+        errors = []
+        for a in range(quantizer.max_factor + 1):
+            s = base * 2**a
+            deq = (torch.clamp(torch.round(x / s) + zp, quantizer.qmin, quantizer.qmax) - zp) * s
+            errors.append((deq - x).pow(2).sum(dim=1))
+        alpha = torch.stack(errors).argmin(dim=0)  # ties: the finest scale
+        quantizer.set_ptf(base, zp, alpha)
 
 
 OBSERVERS: dict[str, Callable[..., Observer]] = {

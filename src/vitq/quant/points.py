@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .observers import Observer, make_observer
-from .quantizers import UniformQuantizer, check_bits
+from .observers import Observer, PTFObserver, make_observer
+from .quantizers import Log2Quantizer, PTFQuantizer, UniformQuantizer, check_bits
+
+QUANTIZERS = ("uniform", "ptf", "log2")
 
 
 class Kind:
@@ -22,15 +24,17 @@ class Kind:
     LINEAR_INPUT = "linear_input"  # inputs of Linear / Conv2d layers
     MATMUL_INPUT = "matmul_input"  # operands of q.k^T and of attn.v (the value side)
     SOFTMAX_OUTPUT = "softmax_output"  # attention probabilities (the attn side of attn.v)
-    NORM_INPUT = "norm_input"  # LayerNorm inputs (the residual stream)
+    NORM_INPUT = "norm_input"  # LayerNorm inputs: the residual sums, quantized in the stream itself
+    LINEAR_OUTPUT = "linear_output"  # outputs of Linear / Conv2d (patch embedding, proj, fc1, fc2, head)
+    SOFTMAX_INPUT = "softmax_input"  # attention scores before the softmax
 
-    ALL = (WEIGHT, LINEAR_INPUT, MATMUL_INPUT, SOFTMAX_OUTPUT, NORM_INPUT)
+    ALL = (WEIGHT, LINEAR_INPUT, MATMUL_INPUT, SOFTMAX_OUTPUT, NORM_INPUT, LINEAR_OUTPUT, SOFTMAX_INPUT)
 
 
 SCOPES: dict[str, frozenset[str]] = {
     # inputs and weights of every linear layer and both attention matmuls (PTQ4ViT, RepQ-ViT, I&S-ViT)
     "matmul": frozenset({Kind.WEIGHT, Kind.LINEAR_INPUT, Kind.MATMUL_INPUT, Kind.SOFTMAX_OUTPUT}),
-    # additionally LayerNorm inputs (FQ-ViT's fully quantized setting)
+    # every tensor: also the residual sums / LayerNorm inputs, layer outputs and attention scores (FQ-ViT)
     "full": frozenset(Kind.ALL),
 }
 
@@ -48,9 +52,13 @@ class PointSpec:
     observer_args: dict = field(default_factory=dict)
     learnable: bool = False
     enable: bool = True
+    quantizer: str = "uniform"  # uniform | ptf (LayerNorm inputs) | log2 (attention probabilities)
+    max_factor: int = 3  # PTF: channel factors 2^0 .. 2^K
 
     def __post_init__(self) -> None:
         check_bits(self.bits, "quant point")
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"unknown quantizer {self.quantizer!r}: choose one of {QUANTIZERS}")
 
     @property
     def granularity(self) -> str:
@@ -89,8 +97,16 @@ class QuantPoint(nn.Module):
         axis = spec.axis if spec.axis is not None else (0 if self.kind == Kind.WEIGHT else -1)
         axis = axis if spec.per_channel else None
         self.spec = spec
-        self.quantizer = UniformQuantizer(spec.bits, spec.symmetric, spec.signed, axis, spec.learnable)
-        self.observer = make_observer(spec.observer, axis=axis, **dict(spec.observer_args))
+        args = dict(spec.observer_args)
+        if spec.quantizer == "ptf":
+            channel = spec.axis if spec.axis is not None else -1
+            self.quantizer = PTFQuantizer(spec.bits, spec.max_factor, axis=channel)
+            self.observer = PTFObserver(channel, calibrator=spec.observer, **args)
+        elif spec.quantizer == "log2":
+            self.quantizer, self.observer = Log2Quantizer(spec.bits), None  # fixed grid: nothing to observe
+        else:
+            self.quantizer = UniformQuantizer(spec.bits, spec.symmetric, spec.signed, axis, spec.learnable)
+            self.observer = make_observer(spec.observer, axis=axis, **args)
 
     def set_mode(self, mode: str) -> None:
         if mode not in ("off", "observe", "quant"):
@@ -100,20 +116,19 @@ class QuantPoint(nn.Module):
     @torch.no_grad()
     def freeze(self) -> None:
         """Turn the observer's statistics into the quantizer's scale and zero point."""
-        if not self.configured:
+        if not self.configured or self.observer is None:
             return
-        if self.observer is None or self.observer.empty:
+        if self.observer.empty:
             raise RuntimeError(
                 "this quant point saw no data during calibration; check that the calibration loop "
                 "runs the model forward, or disable the point with a recipe override"
             )
-        lo, hi = self.observer.range(self.quantizer)
-        self.quantizer.set_range(lo, hi)
+        self.observer.fit(self.quantizer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "quant":
             return self.quantizer(x)
-        if self.mode == "observe":
+        if self.mode == "observe" and self.observer is not None:
             self.observer.observe(x)
         return x
 

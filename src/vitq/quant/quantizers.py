@@ -119,7 +119,7 @@ class UniformQuantizer(nn.Module):
     def to_codes(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes (as float tensor) of x on this quantizer's grid."""
         scale, zp = self._shape(self.scale, x), self._shape(self.zero_point, x)
-        return torch.clamp(torch.round(x / scale) + zp, self.qmin, self.qmax)
+        return torch.clamp(torch.round(x * (1.0 / scale)) + zp, self.qmin, self.qmax)  # as the fused kernels
 
     def from_codes(self, q: torch.Tensor) -> torch.Tensor:
         return (q - self._shape(self.zero_point, q)) * self._shape(self.scale, q)
@@ -149,3 +149,74 @@ class UniformQuantizer(nn.Module):
         inside = (r.detach() >= self.qmin) & (r.detach() <= self.qmax)
         q = torch.where(inside, r, r.detach().clamp(self.qmin, self.qmax))
         return (q - zp) * scale
+
+
+class PTFQuantizer(UniformQuantizer):
+    """Power-of-Two Factor (FQ-ViT) for LayerNorm inputs: one layer-wise scale s and zero point, and
+    per-channel factors alpha_c in {0..K}; channel c is quantized with scale s * 2^alpha_c.
+
+    The grid is unsigned asymmetric; `scale`/`zero_point` hold the effective per-channel values (so
+    the fused per-channel kernel does the work) and `base_scale`/`alpha` the integer-friendly form.
+    """
+
+    def __init__(self, bits: int = 8, max_factor: int = 3, axis: int = -1) -> None:
+        super().__init__(bits, symmetric=False, signed=False, axis=axis)
+        if not 0 <= max_factor <= 8:
+            raise ValueError(f"PTF max_factor (K) must be in 0..8, got {max_factor}")
+        self.max_factor = max_factor
+        self.register_buffer("base_scale", torch.ones(1))
+        self.register_buffer("alpha", torch.zeros(1))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, PTF K={self.max_factor}, channel axis={self.axis}"
+
+    @torch.no_grad()
+    def base_grid(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """s = (max - min) / (2^b - 1) / 2^K and zp = round(-min / (2^K s)), from the layer-wise range."""
+        lo = torch.as_tensor(lo, dtype=torch.float32).reshape(-1).min().clamp(max=0)
+        hi = torch.as_tensor(hi, dtype=torch.float32).reshape(-1).max().clamp(min=0)
+        coarse = ((hi - lo) / (self.qmax - self.qmin)).clamp_min(_EPS)
+        zp = torch.round(-lo / coarse).clamp(self.qmin, self.qmax)
+        return coarse / 2**self.max_factor, zp
+
+    @torch.no_grad()
+    def set_ptf(self, base_scale: torch.Tensor, zero_point: torch.Tensor, alpha: torch.Tensor) -> None:
+        alpha = alpha.reshape(-1).float()
+        self.base_scale = base_scale.reshape(1).float().to(self.scale.device)
+        self.alpha = alpha.to(self.scale.device)
+        self.set_params(self.base_scale * 2**self.alpha, zero_point.reshape(1).expand_as(alpha))
+
+
+class Log2Quantizer(nn.Module):
+    """Log2 quantizer for attention probabilities (FQ-ViT's LIS): x -> 2^-q with q in [0, 2^b - 1];
+    values below the grid dequantize to 0.
+
+    q rounds 1/x to the nearest power of two (q = floor(log2(1/x)), plus one when 1/x >= 1.5 * 2^q):
+    the log-round of FQ-ViT's integer softmax, so simulation and integer kernel give identical codes
+    for identical probabilities.
+    """
+
+    def __init__(self, bits: int = 4) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.qmax = 2**bits - 1
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, log2"
+
+    def codes_from_ratio(self, ratio: torch.Tensor) -> torch.Tensor:
+        """Codes for 1/x given directly (exact for ratios of integers in float64)."""
+        mantissa, exponent = torch.frexp(ratio)  # ratio = m 2^e, m in [0.5, 1)
+        q = (exponent - 1 + (mantissa >= 0.75).to(exponent.dtype)).to(ratio.dtype)
+        return torch.where(torch.isfinite(ratio), q, torch.full_like(q, self.qmax + 1)).clamp(0, self.qmax + 1)
+
+    def to_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes 0..2^b-1, or 2^b for values that dequantize to zero."""
+        return self.codes_from_ratio(1.0 / x)
+
+    def from_codes(self, q: torch.Tensor) -> torch.Tensor:
+        return torch.where(q > self.qmax, torch.zeros_like(q), torch.exp2(-q))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        deq = self.from_codes(self.to_codes(x.detach()))
+        return x + (deq - x).detach()  # straight-through

@@ -19,8 +19,7 @@ from .points import SCOPES, Kind, PointSpec
 
 _SPEC_FIELDS = {f.name for f in dataclasses.fields(PointSpec)}
 # per-kind sections; "activation" is the default for every non-weight kind
-_SECTIONS = {"weight": (Kind.WEIGHT,),
-             "activation": (Kind.LINEAR_INPUT, Kind.MATMUL_INPUT, Kind.SOFTMAX_OUTPUT, Kind.NORM_INPUT)}
+_SECTIONS = {"weight": (Kind.WEIGHT,), "activation": tuple(k for k in Kind.ALL if k != Kind.WEIGHT)}
 _SECTIONS.update({k: (k,) for k in Kind.ALL if k != Kind.WEIGHT})
 
 
@@ -67,6 +66,11 @@ class Recipe:
             for kind in _SECTIONS[section]:
                 base = specs.get(kind) if section != "activation" else None
                 specs[kind] = _spec(dict(cfg[section]), f"quant.{section}", base)
+        # FQ-ViT's switches, usable with any calibrator: PTF at LayerNorm inputs, log2 (LIS) probabilities
+        if cfg.get("ptf") and Kind.NORM_INPUT in specs:
+            specs[Kind.NORM_INPUT] = dataclasses.replace(specs[Kind.NORM_INPUT], quantizer="ptf")
+        if cfg.get("lis") and Kind.SOFTMAX_OUTPUT in specs:
+            specs[Kind.SOFTMAX_OUTPUT] = dataclasses.replace(specs[Kind.SOFTMAX_OUTPUT], quantizer="log2")
         overrides = []
         for i, entry in enumerate(cfg.get("overrides") or []):
             entry = dict(entry)
@@ -119,6 +123,8 @@ class Recipe:
         a = self.specs.get(Kind.LINEAR_INPUT)
         s = self.specs.get(Kind.SOFTMAX_OUTPUT)
         parts = [f"W{w.bits}" if w else "Wfp", f"A{a.bits}" if a else "Afp"]
-        if s and a and s.bits != a.bits:
-            parts.append(f"Attn{s.bits}")
-        return "/".join(parts) + f" {self.scope}"
+        if s and a and (s.bits != a.bits or s.quantizer != "uniform"):
+            parts.append(f"Attn{s.bits}" + ("-log2" if s.quantizer == "log2" else ""))
+        n = self.specs.get(Kind.NORM_INPUT)
+        extra = " +PTF" if n and n.quantizer == "ptf" and self.scope == "full" else ""
+        return "/".join(parts) + f" {self.scope}{extra}"

@@ -22,6 +22,7 @@ def results_row(cfg: Any, recipe: Recipe, fp: dict, quant: dict, calib_seconds: 
         "w_bits": _bits(recipe, Kind.WEIGHT), "a_bits": _bits(recipe, Kind.LINEAR_INPUT),
         "attn_bits": _bits(recipe, Kind.SOFTMAX_OUTPUT),
         "observer": getattr(recipe.specs.get(Kind.LINEAR_INPUT), "observer", None),
+        "setting": recipe.describe() + (" integer" if cfg.quant.get("integer") else ""),
         "calib_samples": int(cfg.quant.calib.num_samples),
         "fp_top1": 100 * fp["fp/top1"], "fp_top5": 100 * fp["fp/top5"],
         "quant_top1": 100 * quant["quant/top1"], "quant_top5": 100 * quant["quant/top5"],
@@ -44,8 +45,8 @@ def _fmt(v: Any) -> str:
 
 def print_results(rows: Iterable[dict], console: Console | None = None) -> None:
     table = Table(title="float vs quantized (top-1 / top-5, %)")
-    cols = ["model", "task", "recipe", "scope", "w_bits", "a_bits", "attn_bits", "fp_top1", "quant_top1",
-            "delta_top1", "fp_top5", "quant_top5"]
+    cols = ["model", "task", "recipe", "setting", "observer", "fp_top1", "quant_top1", "delta_top1", "fp_top5",
+            "quant_top5"]
     for c in cols:
         table.add_column(c, justify="right" if c.endswith(("bits", "top1", "top5")) else "left")
     for r in rows:
