@@ -6,8 +6,7 @@ STAMP := .venv/.installed
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
-	$(PY) -m pip install --upgrade pip -q
-	$(PY) -m pip install -e ".[dev,export,det]"
+	$(PY) -m pip install -e ".[dev,export,det,slurm]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -88,6 +88,10 @@ def test_every_config_file_composes():
                 from vitq.engine.config import validate
 
                 validate(cfg)
+        for exp in sorted((ROOT / "conf" / "experiment").glob("*.yaml")):
+            cfg = compose("config", overrides=[f"experiment={exp.stem}", "task.root=/data"])
+            validate(cfg)
+            assert cfg.quant.name and cfg.task.name == "imagenet", exp.name
 
 
 @pytest.mark.parametrize(
@@ -149,3 +153,13 @@ def test_fqvit_integer_run(first_run):
     ranges = json.loads((out / "layernorm_ranges.json").read_text())
     assert {r["name"] for r in ranges} >= {"blocks.0.norm1", "blocks.0.norm2", "norm"}
     assert all(r["max_range"] >= r["median_range"] > 0 for r in ranges)
+
+
+def test_slurm_launcher_config_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.tasks_per_node == 4 and launcher.gpus_per_node == 4  # one rank per GPU

@@ -8,9 +8,11 @@ import math
 import torch
 
 LN_FRACTION_BITS = 16  # fixed-point precision of gamma / s_out and beta / s_out
+LN_STD_BITS = 8  # fraction bits of the integer standard deviation (exact to 2^-8 even for flat rows)
+EXP_FRACTION_BITS = 12  # i-exp works on the score grid refined by 2^12
 EXP_POLY = (0.35815147, 0.96963238, 1.0)  # e^r ~ a r^2 + b r + c on (-ln 2, 0] (I-BERT's fit)
 EXP_OCTAVES = 30  # exponents below 2^-30 underflow to 0
-EXP_BITS = 16  # i-exp output scaled to 2^EXP_BITS at r = 0
+EXP_BITS = 20  # i-exp output scaled to 2^EXP_BITS at r = 0
 
 
 def _round_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -39,8 +41,8 @@ def int_layernorm(
     C = x.shape[-1]
     s1 = x.sum(-1, keepdim=True)
     s2 = (x * x).sum(-1, keepdim=True)
-    t = C * x - s1
-    D = isqrt(C * s2 - s1 * s1).clamp_min(1)
+    t = (C * x - s1) << LN_STD_BITS
+    D = isqrt((C * s2 - s1 * s1) << (2 * LN_STD_BITS)).clamp_min(1)  # C * std, with LN_STD_BITS fraction bits
     one = 1 << LN_FRACTION_BITS
     G = torch.round(gamma.double() / out_scale * one).long()
     B = torch.round(beta.double() / out_scale * one).long()
@@ -50,26 +52,34 @@ def int_layernorm(
 
 
 def exp_constants(scale: float) -> tuple[int, int, int]:
-    """Integer constants of i-exp for an input grid of step `scale`: (x0, b, c) with
-    e^x ~ a s^2 ((r + b)^2 + c) 2^-q, x = q x0 + r."""
+    """Fixed-point constants of i-exp for an input grid of step `scale` (EXP_FRACTION_BITS below s):
+    ln 2 / s, and b, c with e^r ~ a s^2 2^-2F ((r + b)^2 + c) for r in (-ln 2, 0]."""
     a, b, c = EXP_POLY
-    if scale >= math.log(2):
-        raise ValueError(f"integer softmax needs an input step below ln 2, got {scale}")
-    x0 = math.floor(-math.log(2) / scale)
-    b_int = math.floor(b / (2 * a) / scale)
-    c_int = math.floor((c - b * b / (4 * a)) / (a * scale * scale))
-    return x0, b_int, c_int
+    if not 0 < scale < math.log(2):
+        raise ValueError(f"integer softmax needs an input step in (0, ln 2), got {scale}")
+    unit = scale / (1 << EXP_FRACTION_BITS)
+    ln2 = round(math.log(2) / unit)
+    b_int = round(b / (2 * a) / unit)
+    c_int = round((c - b * b / (4 * a)) / (a * unit * unit))
+    return ln2, b_int, c_int
 
 
 def int_exp(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """I-BERT's integer exponential for x <= 0 (integer units of `scale`), scaled by 2^EXP_BITS."""
-    x0, b_int, c_int = exp_constants(scale)
-    x = x.long().clamp_min(EXP_OCTAVES * x0)
-    q = torch.div(x, x0, rounding_mode="floor")  # x0 < 0, so q >= 0
-    r = x - x0 * q  # in (x0, 0]
-    z = (r + b_int) ** 2 + c_int  # ~ e^r / (a s^2)
+    """Integer exponential for x <= 0 (integer units of `scale`), scaled by 2^EXP_BITS (after I-BERT).
+
+    x = -q ln2 + r with ln 2 held in fixed point, so every octave is an exact halving (a floored
+    ln 2 / s step, as in I-BERT, drifts by e^(s floor(-ln2/s)) / 0.5 per octave); e^r comes from a
+    second-order polynomial on the fixed-point remainder, then a right shift by q.
+    """
+    ln2, b_int, c_int = exp_constants(scale)
+    xf = x.long().clamp_min(-(EXP_OCTAVES + 1) * ((ln2 >> EXP_FRACTION_BITS) + 1)) << EXP_FRACTION_BITS
+    q = torch.div(-xf, ln2, rounding_mode="floor")  # octave, >= 0
+    r = xf + q * ln2  # in (-ln2, 0], units of s 2^-F
+    z = (r + b_int) ** 2 + c_int  # ~ e^r / (a unit^2)
     z0 = b_int * b_int + c_int  # the same at r = 0, for normalization
-    return torch.div((z << EXP_BITS) >> q, z0, rounding_mode="floor")
+    drop = max(0, z0.bit_length() - 40)  # keep (z << EXP_BITS) inside int64 on fine grids
+    e = torch.div((z >> drop) << EXP_BITS, z0 >> drop, rounding_mode="floor")
+    return torch.where(q > EXP_OCTAVES, torch.zeros_like(e), e >> q.clamp_max(EXP_OCTAVES))
 
 
 def log_round_codes(num: torch.Tensor, den: torch.Tensor, max_code: int) -> torch.Tensor:
