@@ -129,12 +129,21 @@ class UniformQuantizer(nn.Module):
             return self._forward_lsq(x)
         if x.dtype != torch.float32:
             return self.forward(x.float()).to(x.dtype)
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return self._forward_inference(x)
         zp = self.zero_point.to(torch.int32)
         if self.per_channel and self.scale.numel() > 1:
             return torch.fake_quantize_per_channel_affine(
                 x, self.scale, zp, self.axis % x.dim(), self.qmin, self.qmax
             )
         return torch.fake_quantize_per_tensor_affine(x, self.scale, zp, self.qmin, self.qmax)
+
+    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """Same arithmetic as the fused kernels, in place on one buffer: several times faster on CPU,
+        where the fused op also materializes the straight-through mask."""
+        scale, zp = self._shape(self.scale, x), self._shape(self.zero_point, x)
+        y = x * (1.0 / scale)
+        return y.round_().add_(zp).clamp_(self.qmin, self.qmax).sub_(zp).mul_(scale)
 
     def _forward_lsq(self, x: torch.Tensor) -> torch.Tensor:
         """LSQ: gradient flows to the scale through the rounding residual (Esser et al., 2020)."""
@@ -218,5 +227,16 @@ class Log2Quantizer(nn.Module):
         return torch.where(q > self.qmax, torch.zeros_like(q), torch.exp2(-q))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        deq = self.from_codes(self.to_codes(x.detach()))
-        return x + (deq - x).detach()  # straight-through
+        if torch.is_grad_enabled() and x.requires_grad:
+            deq = self.from_codes(self.to_codes(x.detach()))
+            return x + (deq - x).detach()  # straight-through
+        # inference: the same codes with fewer passes over the attention tensor
+        mantissa, exponent = torch.frexp(torch.reciprocal(x))
+        code = exponent.sub_(1).add_(mantissa >= 0.75).clamp_(0, self.qmax)
+        out = torch.exp2(code.neg_().to(x.dtype))
+        return out.masked_fill_(x <= self.zero_below, 0.0)
+
+    @property
+    def zero_below(self) -> float:
+        """x at or below this dequantizes to 0 (1/x >= 1.5 * 2^qmax gives a code beyond the grid)."""
+        return max(2.0 ** -self.qmax / 1.5, 2.0**-128)  # below 2^-128, 1/x overflows float32
