@@ -200,7 +200,7 @@ def write_report(acc: dict[str, list[dict]], speed: list[dict], argv: list[str])
         f"Produced by `make bench` (`python -m bench.run {' '.join(argv)}`) on {time.strftime('%Y-%m-%d')}.",
         f"Machine: {machine()}.", "",
         "Scope `matmul`: inputs and weights of every linear layer and both attention matmuls. Scope `full`: "
-        "additionally every LayerNorm input. Weights per-channel symmetric MinMax; activations per-tensor "
+        "every tensor (also the residual stream at each LayerNorm, layer outputs, attention scores). Weights per-channel symmetric MinMax; activations per-tensor "
         "asymmetric with the named calibrator; 256 calibration images from the training split.", "",
     ]
     for key, rows in acc.items():

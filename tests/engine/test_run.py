@@ -163,3 +163,12 @@ def test_slurm_launcher_config_composes():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.tasks_per_node == 4 and launcher.gpus_per_node == 4  # one rank per GPU
+
+
+@pytest.mark.parametrize("scope", ["matmul", "full"])
+def test_fp32_recipe_quantizes_nothing(scope):
+    from vitq.engine.config import validate
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        recipe = validate(compose("config", overrides=["quant=fp32", f"quant.scope={scope}"]))
+    assert recipe.specs == {}

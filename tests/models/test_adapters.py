@@ -37,14 +37,9 @@ PINNED = {
                                      "norm_input": 29, "linear_output": 41, "softmax_input": 12},
 }
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: fast enough here, and immune to OpenMP spinning on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
 
 
 def _create(name: str, seed: int) -> nn.Module:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import socket
 
 import pytest
 import timm
@@ -21,6 +20,8 @@ from vitq.quant.modules import QuantLinear
 ARCH = dict(model_name="vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10)
 W8A8 = {"scope": "matmul", "weight": {"bits": 8, "per_channel": True}, "activation": {"bits": 8}}
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _float_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
@@ -30,13 +31,6 @@ def _float_model(seed: int = 0) -> nn.Module:
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small models: one intra-op thread is fast, and immune to OpenMP spinning on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -465,16 +459,10 @@ def _calibrate_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def distributed_results(tmp_path_factory):
+def distributed_results(tmp_path_factory, free_port):
     out = tmp_path_factory.mktemp("dist")
-    mp.spawn(_calibrate_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_calibrate_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
 
 

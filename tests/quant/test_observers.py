@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime
-import socket
 
 import pytest
 import torch
@@ -332,14 +331,9 @@ def _sync_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def test_sync_across_two_gloo_processes(tmp_path):
-    mp.spawn(_sync_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_sync_across_two_gloo_processes(tmp_path, free_port):
+    mp.spawn(_sync_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
 
     data = _sync_data()

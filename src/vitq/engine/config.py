@@ -64,6 +64,8 @@ class QuantConf:
     matmul_input: Optional[dict] = None
     softmax_output: Optional[dict] = None
     norm_input: Optional[dict] = None
+    linear_output: Optional[dict] = None
+    softmax_input: Optional[dict] = None
     overrides: list = field(default_factory=list)
     from_checkpoint: Optional[str] = None
     ptf: bool = False  # Power-of-Two Factor quantizer at LayerNorm inputs (FQ-ViT)

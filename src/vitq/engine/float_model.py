@@ -34,6 +34,11 @@ def create_model(model_cfg: Mapping[str, Any], num_classes: int, in_chans: int) 
     kwargs = dict(model_cfg.get("kwargs") or {})
     if model_cfg.get("checkpoint"):
         pretrained = False  # the local file replaces hub weights
+    if pretrained:
+        default_classes = timm.create_model(arch, pretrained=False, **kwargs).num_classes
+        if default_classes != num_classes:
+            log.warning("%s was pretrained with %d classes but the task has %d: the head starts untrained, so "
+                        "float accuracy means nothing until it is finetuned", arch, default_classes, num_classes)
     try:
         return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
     except Exception as e:  # hub download / cache miss
@@ -116,8 +121,11 @@ def obtain_float_model(
                                   warmup_epochs=int(fit.get("warmup_epochs", 0)),
                                   label_smoothing=float(fit.get("label_smoothing", 0.0)))
     start = time.perf_counter()
-    make_trainer(max_epochs=int(fit["epochs"])).fit(module, train_dataloaders=datamodule.train_dataloader())
+    trainer = make_trainer(max_epochs=int(fit["epochs"]))
+    trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
     seconds = time.perf_counter() - start
+    if not trainer.is_global_zero:  # under DDP every rank holds the same weights; one writes the cache
+        return model.eval(), f"trained here in {seconds:.0f} s", key
     tmp = path.with_suffix(".partial")
     torch.save({"state_dict": model.state_dict(), "model": dict(model_cfg), "fit": fit,
                 "train_seconds": seconds}, tmp)

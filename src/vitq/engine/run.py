@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 import vitq
@@ -158,7 +159,8 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     print_results([row])
     print(f"quantized model: {source_q}; {sum(p['mode'] == 'quant' for p in points)} of {len(points)} "
           f"points quantized ({recipe.describe()})")
-    _write_outputs(out_dir, qmodel, row, points, cfg, from_checkpoint=bool(cfg.quant.from_checkpoint))
+    if rank_zero_only.rank == 0:
+        _write_outputs(out_dir, qmodel, row, points, cfg, from_checkpoint=bool(cfg.quant.from_checkpoint))
     for lg in loggers:
         lg.finalize("success")
     if cfg.logger.wandb:

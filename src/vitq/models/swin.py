@@ -4,21 +4,18 @@ from __future__ import annotations
 import torch
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, WindowAttention
 
-from ..quant.modules import QuantMatMul, QuantSoftmax
+from ..quant.modules import QuantMatMul, QuantSoftmax, Twin
 from .registry import register_family, register_twin
 
 
-class QuantWindowAttention(WindowAttention):
+class QuantWindowAttention(Twin, WindowAttention):
     """Window attention computed explicitly. The scores are quantized after the relative position
     bias is added and before the shifted-window mask (so the mask does not stretch their grid)."""
 
-    @classmethod
-    def convert(cls, module: WindowAttention) -> "QuantWindowAttention":
-        module.__class__ = cls
-        module.matmul_qk = QuantMatMul()
-        module.softmax = QuantSoftmax(dim=-1)
-        module.matmul_av = QuantMatMul(a_kind=None)
-        return module
+    def _add_points(self) -> None:
+        self.matmul_qk = QuantMatMul()
+        self.softmax = QuantSoftmax(dim=-1)  # replaces the float nn.Softmax
+        self.matmul_av = QuantMatMul(a_kind=None)
 
     def after_rewrite(self) -> None:
         self.qkv.output_quantizer = None  # quantized as the matmul operands q, k, v
@@ -39,13 +36,8 @@ class QuantWindowAttention(WindowAttention):
         return self.proj_drop(self.proj(x))
 
 
-class QuantSwinBlock(SwinTransformerBlock):
+class QuantSwinBlock(Twin, SwinTransformerBlock):
     """Swin block whose residual stream is quantized where it enters each LayerNorm."""
-
-    @classmethod
-    def convert(cls, module: SwinTransformerBlock) -> "QuantSwinBlock":
-        module.__class__ = cls
-        return module
 
     def after_rewrite(self) -> None:
         self.norm1.feeds(self.attn.qkv.input_quantizer)
@@ -60,13 +52,8 @@ class QuantSwinBlock(SwinTransformerBlock):
         return x.reshape(B, H, W, C)
 
 
-class QuantPatchMerging(PatchMerging):
+class QuantPatchMerging(Twin, PatchMerging):
     """PatchMerging whose LayerNorm (over four concatenated channel groups) feeds the reduction layer."""
-
-    @classmethod
-    def convert(cls, module: PatchMerging) -> "QuantPatchMerging":
-        module.__class__ = cls
-        return module
 
     def after_rewrite(self) -> None:
         self.norm.feeds(self.reduction.input_quantizer)

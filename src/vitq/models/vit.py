@@ -5,7 +5,7 @@ import torch
 from timm.layers import Attention, LayerNorm as TimmLayerNorm
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ..quant.modules import QuantLayerNorm, QuantMatMul, QuantSoftmax
+from ..quant.modules import QuantLayerNorm, QuantMatMul, QuantSoftmax, Twin
 from .registry import register_family, register_twin
 
 
@@ -16,20 +16,17 @@ def additive_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor
     return torch.zeros_like(mask, dtype=like.dtype).masked_fill(~mask, float("-inf"))
 
 
-class QuantAttention(Attention):
+class QuantAttention(Twin, Attention):
     """timm Attention computed explicitly so that q.k^T, the softmax and attn.v are quant points.
 
     The qkv output is quantized as the operands q, k (matmul_qk) and v (matmul_av.b), so the qkv layer
     has no output point of its own.
     """
 
-    @classmethod
-    def convert(cls, module: Attention) -> "QuantAttention":
-        module.__class__ = cls
-        module.matmul_qk = QuantMatMul()
-        module.softmax = QuantSoftmax(dim=-1)
-        module.matmul_av = QuantMatMul(a_kind=None)  # the probabilities are quantized by softmax.output
-        return module
+    def _add_points(self) -> None:
+        self.matmul_qk = QuantMatMul()
+        self.softmax = QuantSoftmax(dim=-1)
+        self.matmul_av = QuantMatMul(a_kind=None)  # the probabilities are quantized by softmax.output
 
     def after_rewrite(self) -> None:
         self.qkv.output_quantizer = None
@@ -51,14 +48,9 @@ class QuantAttention(Attention):
         return self.proj_drop(self.proj(x))
 
 
-class QuantBlock(Block):
+class QuantBlock(Twin, Block):
     """Pre-norm block whose residual stream is quantized where it enters each LayerNorm (FQ-ViT's
     residual sums); with norm_input points off it computes exactly the float block."""
-
-    @classmethod
-    def convert(cls, module: Block) -> "QuantBlock":
-        module.__class__ = cls
-        return module
 
     def after_rewrite(self) -> None:
         self.norm1.feeds(self.attn.qkv.input_quantizer)

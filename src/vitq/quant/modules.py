@@ -14,8 +14,9 @@ from .integer import int_layernorm, int_softmax_log2
 from .points import Kind, QuantPoint
 
 
-class _Convertible:
-    """In-place conversion from the float parent class: swap the class, then add the points."""
+class Twin:
+    """Mixin of a quantizable twin: `convert` turns an instance of the float parent class into the twin in
+    place (the class is swapped, parameters and state-dict keys stay), then adds the twin's points."""
 
     @classmethod
     def convert(cls, module: nn.Module) -> nn.Module:
@@ -24,10 +25,10 @@ class _Convertible:
         return module
 
     def _add_points(self) -> None:
-        raise NotImplementedError
+        """Add the quant points and submodules the twin needs (none by default)."""
 
 
-class _QuantWeight(_Convertible):
+class _QuantWeight(Twin):
     """Shared by QuantLinear and QuantConv2d: quantized input and weight, cached weight at inference."""
 
     weight: nn.Parameter
@@ -73,7 +74,7 @@ class QuantConv2d(_QuantWeight, nn.Conv2d):
         return self._output(self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias))
 
 
-class QuantLayerNorm(_Convertible, nn.LayerNorm):
+class QuantLayerNorm(Twin, nn.LayerNorm):
     """LayerNorm whose input (the residual stream) is a quant point.
 
     With `integer` set (FQ-ViT), the normalization runs on PTF codes in integer arithmetic and produces

@@ -183,7 +183,7 @@ class PercentileObserver(Observer):
 class OMSEObserver(Observer):
     """Shrink [min, max] by i% (i = 0..steps-1) and keep the clip with the lowest L2 error.
 
-    The error is measured on a bounded sample of the observed values (strided, at most
+    The error is measured on a bounded sample of the observed values (strided, about
     `sample_per_batch` per channel and batch, the most recent `max_sample` kept); the sample is
     concatenated across processes, so every rank searches on the same data.
     """

@@ -64,8 +64,14 @@ class Recipe:
             if cfg.get(section) is None:
                 continue
             for kind in _SECTIONS[section]:
-                base = specs.get(kind) if section != "activation" else None
-                specs[kind] = _spec(dict(cfg[section]), f"quant.{section}", base)
+                if section in ("weight", "activation"):
+                    specs[kind] = _spec(dict(cfg[section]), f"quant.{section}")
+                elif kind in specs:  # a per-kind section refines the activation spec
+                    specs[kind] = _spec(dict(cfg[section]), f"quant.{section}", specs[kind])
+                else:  # or stands on its own when it gives its bits
+                    spec = _spec(dict(cfg[section]), f"quant.{section}")  # validates the keys either way
+                    if cfg[section].get("bits") is not None:
+                        specs[kind] = spec
         # FQ-ViT's switches, usable with any calibrator: PTF at LayerNorm inputs, log2 (LIS) probabilities
         if cfg.get("ptf") and Kind.NORM_INPUT in specs:
             specs[Kind.NORM_INPUT] = dataclasses.replace(specs[Kind.NORM_INPUT], quantizer="ptf")
