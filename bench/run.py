@@ -262,6 +262,41 @@ def write_report(acc: dict[str, list[dict]], speed: list[dict], argv: list[str])
     return "\n".join(lines) + "\n"
 
 
+def readme_summary(acc: dict[str, list[dict]], speed: list[dict]) -> str:
+    """A few headline rows for the README; the full tables are in docs/results.md."""
+    lines = ["| model | float | MinMax W8A8 matmul | OMSE W4A4 matmul | FQ-ViT 8/8/4 full | FQ-ViT integer |",
+             "|---|---|---|---|---|---|"]
+    for key, rows in acc.items():
+        by = {r["label"]: r for r in rows}
+        if not rows:
+            continue
+        cells = [f"{rows[0]['fp_top1']:.2f}"] + [
+            f"{by[label]['quant_top1']:.2f}" if label in by else "–"
+            for label in ("minmax-w8a8-matmul", "omse-w4a4-matmul", "fqvit-ptf-lis-884-minmax",
+                          "fqvit-ptf-lis-884-minmax-integer")]
+        lines.append(f"| {MODELS[key][0]} ({MODELS[key][1]}) | " + " | ".join(cells) + " |")
+    text = "Top-1 % on the embedded tasks (`make bench`; details, FQ-ViT ablation and DeiT-S speed in " \
+           "[docs/results.md](docs/results.md)):\n\n" + "\n".join(lines) + "\n"
+    fl = next((r for r in speed if r["case"] == "float"), None)
+    fq = next((r for r in speed if r["case"] == "fqvit"), None)
+    if fl and fq:
+        text += (f"\nDeiT-S, 2-core CPU: FQ-ViT calibration on 32 images {fq['calib_seconds']:.1f} s, fake-quant "
+                 f"evaluation {fq['eval_seconds'] / fl['eval_seconds']:.2f}x float, peak memory "
+                 f"{fq['peak_gib'] / fl['peak_gib']:.2f}x float.\n")
+    return text
+
+
+def update_readme(summary: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- results-table -->", "<!-- /results-table -->"
+    if start not in text:
+        return
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1] if end in rest else rest
+    readme.write_text(f"{head}{start}\n{summary}{end}{tail}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", choices=["accuracy", "fqvit", "speed"], default=None)
@@ -298,6 +333,7 @@ def main() -> None:
     store.write_text(json.dumps({"accuracy": acc, "speed": speed}, indent=2, default=str))
     report = write_report(acc, speed, sys.argv[1:])
     DOC.write_text(report)
+    update_readme(readme_summary(acc, speed))
     print(report)
 
 

@@ -18,13 +18,14 @@ CONF = str(ROOT / "conf")
 TINY = [
     "model.kwargs.embed_dim=32", "model.kwargs.depth=1", "model.kwargs.num_heads=2",
     "task.fit.epochs=1", "task.train_limit=512", "task.eval_limit=256", "task.batch_size=64",
-    "quant.calib.num_samples=64", "logger=csv",
+    "quant=minmax", "quant.calib.num_samples=64", "logger=csv",
 ]
 
 
 def tiny_cfg(tmp_path: Path, *overrides: str):
+    base = [o for o in TINY if not (o.startswith("quant=") and any(x.startswith("quant=") for x in overrides))]
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", overrides=[*TINY, f"paths.cache_dir={tmp_path / 'cache'}", *overrides])
+        cfg = compose("config", overrides=[*base, f"paths.cache_dir={tmp_path / 'cache'}", *overrides])
     return cfg
 
 
