@@ -178,6 +178,21 @@ def speed_rows(calib: int = 32, evaluate: int = 256, batch: int = 32) -> list[di
     return rows
 
 
+def quickstart_rows() -> list[dict]:
+    """`python train.py` exactly as the quick start runs it: once with an empty cache, once cached."""
+    cache = OUT / "quickstart-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    rows = []
+    for label in ("first run (trains the float model)", "second run (float model cached)"):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "train.py", f"paths.cache_dir={cache}",
+                        f"paths.output_root={OUT / 'quickstart'}"], cwd=ROOT, check=True,
+                       capture_output=True, env={**os.environ, "WANDB_MODE": "offline"})
+        rows.append({"run": label, "seconds": round(time.perf_counter() - start, 1)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ report
 def _acc_table(rows: list[dict]) -> list[str]:
     lines = []
@@ -194,7 +209,7 @@ def _acc_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_report(acc: dict[str, list[dict]], speed: list[dict], argv: list[str]) -> str:
+def write_report(acc: dict[str, list[dict]], speed: list[dict], argv: list[str], quick: list[dict]) -> str:
     lines = [
         "# Benchmark results", "",
         f"Produced by `make bench` (`python -m bench.run {' '.join(argv)}`) on {time.strftime('%Y-%m-%d')}.",
@@ -245,6 +260,11 @@ def write_report(acc: dict[str, list[dict]], speed: list[dict], argv: list[str])
                 lines += [f"| {r['name']} | {r['min']:.2f} | {r['max']:.2f} | {r['median_range']:.2f} | "
                           f"{r['max_range']:.2f} | {r['max_over_median']:.1f} |" for r in rows_ln]
                 lines.append("")
+    if quick:
+        lines += ["## Quick start wall time", "", "`python train.py` (defaults: vit_mnist, mnist, fqvit, W&B offline), "
+                  "including Python start-up:", "", "| run | seconds |", "|---|---|"]
+        lines += [f"| {r['run']} | {r['seconds']:.0f} |" for r in quick]
+        lines.append("")
     if speed:
         fl = next(r for r in speed if r["case"] == "float")
         lines += ["## DeiT-S speed and memory", "",
@@ -299,7 +319,7 @@ def update_readme(summary: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", choices=["accuracy", "fqvit", "speed"], default=None)
+    parser.add_argument("--only", choices=["accuracy", "fqvit", "speed", "quickstart"], default=None)
     parser.add_argument("--models", default="mnist,cifar")
     parser.add_argument("--speed-child", default=None)
     parser.add_argument("--calib", type=int, default=32)
@@ -324,14 +344,15 @@ def main() -> None:
     if args.only in (None, "speed"):
         speed = speed_rows(args.calib, args.eval, args.batch)
     # merge with earlier runs, so `--only` / `--models` refresh part of the report and keep the rest
+    quick = quickstart_rows() if args.only in (None, "quickstart") else []
     store = OUT / "results.json"
     old = json.loads(store.read_text()) if store.exists() else {"accuracy": {}, "speed": []}
     for key, rows in acc.items():
         fresh = {r["label"] for r in rows}
         old["accuracy"][key] = [r for r in old["accuracy"].get(key, []) if r["label"] not in fresh] + rows
-    acc, speed = old["accuracy"], speed or old["speed"]
-    store.write_text(json.dumps({"accuracy": acc, "speed": speed}, indent=2, default=str))
-    report = write_report(acc, speed, sys.argv[1:])
+    acc, speed, quick = old["accuracy"], speed or old["speed"], quick or old.get("quickstart", [])
+    store.write_text(json.dumps({"accuracy": acc, "speed": speed, "quickstart": quick}, indent=2, default=str))
+    report = write_report(acc, speed, sys.argv[1:], quick)
     DOC.write_text(report)
     update_readme(readme_summary(acc, speed))
     print(report)

@@ -104,6 +104,9 @@ def test_every_config_file_composes():
         ("+quant.overrides=[{pattern: 'nope.*', bits: 8}]", "matches no quant point"),
         ("stage=nonsense", "stage="),
         ("stage=test", "quant.from_checkpoint"),
+        ("quant.integer=true", "integer-ready FQ-ViT setting"),
+        ("quant.observer=bogus", "unknown observer"),
+        ("quant.calib.num_samples=100000", "num_samples"),
     ],
 )
 def test_bad_config_fails_at_start_with_the_fix(tmp_path, override, message):
@@ -173,3 +176,19 @@ def test_fp32_recipe_quantizes_nothing(scope):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         recipe = validate(compose("config", overrides=["quant=fp32", f"quant.scope={scope}"]))
     assert recipe.specs == {}
+
+
+def test_fqvit_checkpoint_evaluates_with_its_own_float_model_and_integer_kernels(first_run):
+    tmp, _, _ = first_run
+    out = tmp / "out-fqvit"
+    if not (out / "quantized.ckpt").exists():
+        pytest.skip("needs test_fqvit_integer_run")
+    saved = json.loads((out / "results.json").read_text())
+    cfg = tiny_cfg(tmp, "quant=fqvit", "stage=test", f"quant.from_checkpoint={out / 'quantized.ckpt'}")
+    again = run(cfg, tmp / "out-fqvit-test")
+    assert again["setting"] == saved["setting"]  # integer kernels restored from the checkpoint
+    assert again["calib_samples"] == saved["calib_samples"] == 64
+    assert (again["quant_top1"], again["fp_top1"]) == (saved["quant_top1"], saved["fp_top1"])
+    with pytest.raises(ValueError, match="made with model=vit_mnist"):
+        run(tiny_cfg(tmp, "model=vit_cifar", "stage=test", f"quant.from_checkpoint={out / 'quantized.ckpt'}"),
+            tmp / "out-wrong")

@@ -488,3 +488,59 @@ def test_distributed_calibrate_with_empty_loop_names_the_point(distributed_resul
         assert r["error"] is not None
         kind, msg = r["error"]
         assert kind == "RuntimeError" and "quant point patch_embed.proj.input" in msg, r["error"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# FQ-ViT state through the checkpoint, recalibration, operand layout
+# ---------------------------------------------------------------------------------------------------
+
+FQVIT = {"scope": "full", "ptf": True, "lis": True, "weight": {"bits": 8, "symmetric": True, "per_channel": True},
+         "activation": {"bits": 8}, "softmax_output": {"bits": 4}}
+
+
+def test_fqvit_checkpoint_round_trip_keeps_ptf_log2_and_integer(data, tmp_path):
+    calib, x = data
+    q = vitq.quantize(_float_model(), FQVIT)
+    vitq.calibrate(q, _loop(calib))
+    switched = vitq.set_integer(q)
+    assert switched > 0
+    path = vitq.save_quantized(q, tmp_path / "fq.ckpt")
+    fresh = vitq.load_quantized(_float_model(seed=5), path)
+    assert sum(getattr(m, "integer", False) for m in fresh.modules()) == switched
+    ptf = fresh.blocks[0].norm1.input_quantizer.quantizer
+    assert ptf.alpha.shape == (fresh.blocks[0].norm1.normalized_shape[0],)
+    assert torch.equal(_run(fresh, x), _run(q, x))
+
+
+def test_recalibration_on_the_same_data_is_identical(float_model, data):
+    calib, _ = data
+    q = vitq.quantize(float_model, FQVIT, inplace=False)
+    vitq.calibrate(q, _loop(calib))
+    vitq.set_integer(q)
+    first = {n: p.quantizer.scale.clone() for n, p in iter_points(q) if hasattr(p.quantizer, "scale")}
+    vitq.calibrate(q, _loop(calib))  # observers must again see float activations
+    second = {n: p.quantizer.scale for n, p in iter_points(q) if hasattr(p.quantizer, "scale")}
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[n], second[n]) for n in first)
+    assert any(getattr(m, "integer", False) for m in q.modules())  # integer kernels switched back on
+
+
+def test_per_channel_attention_operands_are_per_head_feature(float_model, data):
+    calib, _ = data
+    recipe = {**W8A8, "overrides": [{"pattern": "*.matmul_qk.*", "per_channel": True}]}
+    q = vitq.quantize(float_model, recipe, inplace=False)
+    vitq.calibrate(q, _loop(calib))
+    attn = q.blocks[0].attn
+    head_dim = attn.head_dim
+    assert attn.matmul_qk.a_quantizer.quantizer.scale.numel() == head_dim
+    assert attn.matmul_qk.b_quantizer.quantizer.scale.numel() == head_dim  # k, before its transpose
+
+
+def test_log2_and_ptf_only_at_their_kinds(float_model):
+    bad = {**W8A8, "overrides": [{"pattern": "*.qkv.input", "quantizer": "log2"}]}
+    with pytest.raises(ValueError, match="log2 quantizer stands only at softmax_output"):
+        vitq.quantize(float_model, bad, inplace=False)
+    with pytest.raises(ValueError, match="unknown observer"):
+        vitq.Recipe.from_config({"activation": {"bits": 8, "observer": "bogus"}})
+    with pytest.raises(ValueError, match="does not take these arguments"):
+        vitq.Recipe.from_config({"activation": {"bits": 8, "observer_args": {"foo": 1}}})

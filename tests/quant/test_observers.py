@@ -321,7 +321,8 @@ def _sync_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             x = x[:250]  # unequal halves: the OMSE sample gather must handle different lengths
         result = {}
         for key, obs in _make_sync_observers().items():
-            obs.observe(x)
+            with torch.inference_mode():  # as under Lightning's validate loop
+                obs.observe(x)
             obs.sync_()
             q = UniformQuantizer(4, axis=-1 if key.endswith("_c") else None)
             result[key] = [t.clone() for t in obs.range(q)]
@@ -329,7 +330,6 @@ def _sync_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
 
 
 def test_sync_across_two_gloo_processes(tmp_path, free_port):

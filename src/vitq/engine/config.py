@@ -115,4 +115,7 @@ def validate(cfg: DictConfig) -> Recipe:
     calib = cfg.quant.calib
     if calib.num_samples < 1 or calib.batch_size < 1:
         raise ValueError("quant.calib.num_samples and quant.calib.batch_size must be at least 1")
+    if cfg.quant.integer and not (cfg.quant.scope == "full" and cfg.quant.ptf and cfg.quant.lis):
+        raise ValueError("quant.integer=true needs the integer-ready FQ-ViT setting: quant.scope=full, "
+                         "quant.ptf=true and quant.lis=true (e.g. quant=fqvit quant.integer=true)")
     return Recipe.from_config(OmegaConf.to_container(cfg.quant, resolve=True))

@@ -84,7 +84,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 def float_key(model_cfg: Mapping, task_cfg: Mapping, num_classes: int, in_chans: int, seed: int) -> str:
     """Identity of a model trained here: architecture, data and training recipe."""
     ident = {"model": {k: model_cfg[k] for k in ("arch", "kwargs")},
-             "task": {k: task_cfg.get(k) for k in ("name", "img_size", "train_limit")},
+             "task": {**{k: task_cfg.get(k) for k in ("name", "img_size", "train_limit", "batch_size")},
+                      "root": str(Path(task_cfg["root"]).resolve()) if task_cfg.get("root") else None},
              "fit": dict(task_cfg.get("fit") or {}), "classes": num_classes, "chans": in_chans, "seed": seed}
     blob = json.dumps(ident, sort_keys=True, default=str)
     return f"{model_cfg['name']}-{task_cfg['name']}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"

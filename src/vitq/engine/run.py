@@ -66,18 +66,28 @@ def _float_metrics(make_trainer, model, dm, cache: Path, key: str) -> dict[str, 
         if stored.get("data") == desc:
             return stored["metrics"]
     metrics = _evaluate(make_trainer, model, dm, "fp")
-    if not key.endswith("-pretrained") and not key.endswith("-ckpt"):
-        path.write_text(json.dumps({"data": desc, "metrics": metrics}))
+    if not key.endswith(("-pretrained", "-ckpt")) and rank_zero_only.rank == 0:
+        tmp = path.with_suffix(".partial")
+        tmp.write_text(json.dumps({"data": desc, "metrics": metrics}))
+        os.replace(tmp, path)
     return metrics
+
+
+RESULT_FILES = ("FAILED", "results.json", "quantized.ckpt", "points.csv", "layernorm_ranges.json",
+                "layernorm_ranges.png")
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Execute the configured stages; a failed run leaves a FAILED marker and no result files."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank == 0:
+        for name in RESULT_FILES:  # a reused directory must not mix an old result with a new failure
+            (out_dir / name).unlink(missing_ok=True)
     try:
         return _run(cfg, out_dir)
     except BaseException as e:
-        (out_dir / "FAILED").write_text(f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
+        if rank_zero_only.rank == 0:
+            (out_dir / "FAILED").write_text(f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
         raise
 
 
@@ -106,16 +116,24 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    if cfg.stage == "summary":  # the point layout needs the architecture only, not trained weights
-        from .float_model import create_model
+    # the recipe against the architecture (random weights), and the calibration split, before any training
+    from .float_model import create_model
 
-        model_cfg["pretrained"], model_cfg["checkpoint"] = False, None
-        qmodel = vitq.quantize(create_model(model_cfg, dm.num_classes, dm.in_chans), recipe)
-        points = vitq.summary(qmodel)
+    probe_cfg = {**model_cfg, "pretrained": False, "checkpoint": None}
+    probe = vitq.quantize(create_model(probe_cfg, dm.num_classes, dm.in_chans), recipe)
+    if cfg.stage == "summary":
+        points = vitq.summary(probe)
         print_points(points)
         print(f"recipe {recipe.name}: {recipe.describe()}")
         return {"points": len(points)}
-    fp_model, source, key = obtain_float_model(model_cfg, task_cfg, dm, cache, cfg.seed, make_trainer)
+    del probe
+    if not cfg.quant.from_checkpoint:
+        dm.calib_dataloader(cfg.quant.calib.num_samples, cfg.quant.calib.batch_size, seed=cfg.quant.calib.seed)
+    ckpt_meta: dict = {}
+    if cfg.quant.from_checkpoint:  # the float model is the one inside the quantized checkpoint
+        fp_model, source, key, ckpt_meta = _float_from_quantized(cfg, model_cfg, task_cfg, dm)
+    else:
+        fp_model, source, key = obtain_float_model(model_cfg, task_cfg, dm, cache, cfg.seed, make_trainer)
     log.info("float model: %s", source)
     if cfg.stage == "float":
         return {"float_source": source}
@@ -139,15 +157,18 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             calib_seconds = time.perf_counter() - start
 
     ranges_png = None
-    if recipe.scope == "full" and not cfg.quant.from_checkpoint:
+    if recipe.scope == "full" and not cfg.quant.from_checkpoint and rank_zero_only.rank == 0:
         ranges_png = _layernorm_ranges(fp_model, dm, cfg, out_dir)
     if cfg.quant.integer:
         switched = vitq.set_integer(qmodel)
         log.info("integer-only LayerNorm/softmax in %d modules", switched)
+    integer = any(getattr(m, "integer", False) for m in qmodel.modules())
     fp = _float_metrics(make_trainer, fp_model, dm, cache, key)
     quant = _evaluate(make_trainer, qmodel, dm, "quant")
     points = vitq.summary(qmodel)
-    row = results_row(cfg, recipe, fp, quant, calib_seconds, source)
+    calib_samples = ckpt_meta.get("quant", {}).get("calib", {}).get("num_samples") if ckpt_meta else \
+        int(cfg.quant.calib.num_samples)
+    row = results_row(cfg, recipe, fp, quant, calib_seconds, source, integer, calib_samples)
     for lg in loggers:
         lg.log_metrics({**fp, **quant, "quant/delta_top1": row["delta_top1"], "calib/seconds": calib_seconds})
         if isinstance(lg, WandbLogger):
@@ -168,6 +189,24 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
         wandb.finish()
     return row
+
+
+def _float_from_quantized(cfg: DictConfig, model_cfg: dict, task_cfg: dict, dm: Any):  # noqa: ANN202
+    """(float model, source, metrics-cache key, checkpoint meta) from a quantized checkpoint."""
+    from .float_model import create_model, float_key
+
+    path = cfg.quant.from_checkpoint
+    ckpt = vitq.quant.read_quantized(path)
+    meta = ckpt.get("meta") or {}
+    for group in ("model", "task"):
+        made_with = (meta.get(group) or {}).get("name")
+        if made_with is not None and made_with != cfg[group].name:
+            raise ValueError(f"{path} was made with {group}={made_with}, this run has {group}={cfg[group].name}: "
+                             f"pass {group}={made_with}")
+    model = create_model({**model_cfg, "pretrained": False, "checkpoint": None}, dm.num_classes, dm.in_chans)
+    model.load_state_dict(vitq.quant.api.float_state_dict(ckpt, model))
+    key = float_key(model_cfg, task_cfg, dm.num_classes, dm.in_chans, cfg.seed) + "-ckpt"
+    return model.eval(), f"float weights of {path}", key, meta
 
 
 def _layernorm_ranges(model: torch.nn.Module, dm: Any, cfg: DictConfig, out_dir: Path) -> Path:

@@ -13,7 +13,7 @@ class QuantWindowAttention(Twin, WindowAttention):
     bias is added and before the shifted-window mask (so the mask does not stretch their grid)."""
 
     def _add_points(self) -> None:
-        self.matmul_qk = QuantMatMul()
+        self.matmul_qk = QuantMatMul(transpose_b=True)
         self.softmax = QuantSoftmax(dim=-1)  # replaces the float nn.Softmax
         self.matmul_av = QuantMatMul(a_kind=None)
 
@@ -24,7 +24,7 @@ class QuantWindowAttention(Twin, WindowAttention):
         B_, N, _ = x.shape
         qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        attn = self.matmul_qk(q * self.scale, k.transpose(-2, -1))
+        attn = self.matmul_qk(q * self.scale, k)
         attn = attn + self._get_rel_pos_bias()
         if mask is None:
             attn = self.softmax(attn)

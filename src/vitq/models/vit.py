@@ -24,7 +24,7 @@ class QuantAttention(Twin, Attention):
     """
 
     def _add_points(self) -> None:
-        self.matmul_qk = QuantMatMul()
+        self.matmul_qk = QuantMatMul(transpose_b=True)
         self.softmax = QuantSoftmax(dim=-1)
         self.matmul_av = QuantMatMul(a_kind=None)  # the probabilities are quantized by softmax.output
 
@@ -39,7 +39,7 @@ class QuantAttention(Twin, Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        attn = self.matmul_qk(q * self.scale, k.transpose(-2, -1))
+        attn = self.matmul_qk(q * self.scale, k)
         attn = self.softmax(attn, mask=additive_mask(attn_mask, attn))
         x = self.matmul_av(self.attn_drop(attn), v)
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))

@@ -66,6 +66,10 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
     points = [(n, p) for n, p in iter_points(model) if p.configured]
     if not points:
         raise ValueError("nothing to calibrate: the recipe enables no quant point (is it fp32?)")
+    set_mode(model, "off")  # observers see float activations, also when recalibrating
+    integer = [m for m in model.modules() if getattr(m, "integer", False)]
+    for m in integer:
+        m.integer = False
     points = [(n, p) for n, p in points if p.observer is not None]  # fixed grids need no data
     for _, p in points:
         p.observer.reset()
@@ -94,6 +98,8 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
     finally:
         model.train(was_training)
     set_mode(model, "quant")
+    for m in integer:
+        m.integer = m.can_run_integer()
     return model
 
 
@@ -146,7 +152,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, meta: Mapping[str,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    torch.save({"format": CHECKPOINT_FORMAT, "recipe": recipe.to_config(),
+    integer = [n for n, m in model.named_modules() if getattr(m, "integer", False)]
+    torch.save({"format": CHECKPOINT_FORMAT, "recipe": recipe.to_config(), "integer": integer,
                 "state_dict": model.state_dict(), "meta": dict(meta or {})}, tmp)
     os.replace(tmp, path)
     return path
@@ -171,4 +178,18 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     quantize(model, Recipe.from_config(ckpt["recipe"]))
     model.load_state_dict(ckpt["state_dict"], strict=True)
     set_mode(model, "quant")
+    modules = dict(model.named_modules())
+    for name in ckpt.get("integer", []):  # modules that ran the integer kernels when saved
+        modules[name].integer = modules[name].can_run_integer()
     return model
+
+
+def float_state_dict(ckpt: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The float weights inside a quantized checkpoint, keyed for the float architecture `model`."""
+    own = model.state_dict()
+    state = {k: v for k, v in ckpt["state_dict"].items() if k in own}
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise ValueError(f"the quantized checkpoint does not fit {type(model).__name__}: missing "
+                         f"{', '.join(missing[:5])}; pass the model= the checkpoint was made with")
+    return state

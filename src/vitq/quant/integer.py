@@ -8,7 +8,7 @@ import math
 import torch
 
 LN_FRACTION_BITS = 16  # fixed-point precision of gamma / s_out and beta / s_out
-LN_STD_BITS = 8  # fraction bits of the integer standard deviation (exact to 2^-8 even for flat rows)
+LN_STD_BITS = 8  # fraction bits of the integer standard deviation (fewer only where int64 needs it)
 EXP_FRACTION_BITS = 12  # i-exp works on the score grid refined by 2^12
 EXP_POLY = (0.35815147, 0.96963238, 1.0)  # e^r ~ a r^2 + b r + c on (-ln 2, 0] (I-BERT's fit)
 EXP_OCTAVES = 30  # exponents below 2^-30 underflow to 0
@@ -39,16 +39,31 @@ def int_layernorm(
     """
     x = (codes.long() - int(zero_point)) << alpha.long()
     C = x.shape[-1]
-    s1 = x.sum(-1, keepdim=True)
-    s2 = (x * x).sum(-1, keepdim=True)
-    t = (C * x - s1) << LN_STD_BITS
-    D = isqrt((C * s2 - s1 * s1) << (2 * LN_STD_BITS)).clamp_min(1)  # C * std, with LN_STD_BITS fraction bits
     one = 1 << LN_FRACTION_BITS
     G = torch.round(gamma.double() / out_scale * one).long()
     B = torch.round(beta.double() / out_scale * one).long()
+    std_bits = ln_std_bits(C, int(x.abs().max()) if x.numel() else 0, int(G.abs().max()) if G.numel() else 0)
+    s1 = x.sum(-1, keepdim=True)
+    s2 = (x * x).sum(-1, keepdim=True)
+    t = (C * x - s1) << std_bits
+    D = isqrt((C * s2 - s1 * s1) << (2 * std_bits)).clamp_min(1)  # C * std, with std_bits fraction bits
     y = _round_div(G * t, D) + B  # output codes in units of 2^-F
     out = torch.div(y + one // 2, one, rounding_mode="floor") + int(out_zero_point)
     return out.clamp(out_qmin, out_qmax)
+
+
+def ln_std_bits(channels: int, x_max: int, g_max: int) -> int:
+    """Fraction bits for the integer standard deviation: LN_STD_BITS where int64 allows, fewer for wide
+    grids; raises where even none fit (then the grid is too wide for integer LayerNorm)."""
+    var_bits = (channels * channels * max(x_max, 1) ** 2).bit_length()  # bound of C sum(x^2) - sum(x)^2
+    prod_bits = (max(g_max, 1) * 2 * channels * max(x_max, 1)).bit_length()  # bound of G t
+    bits = min(LN_STD_BITS, (62 - var_bits) // 2, 62 - prod_bits)
+    if bits < 0:
+        raise OverflowError(
+            f"integer LayerNorm over {channels} channels with |x| up to {x_max} (PTF codes << alpha) and "
+            f"|gamma / s_out| up to {g_max / (1 << LN_FRACTION_BITS):.3g} exceeds int64; use fewer bits or a "
+            f"smaller PTF max_factor, or keep quant.integer=false")
+    return bits
 
 
 def exp_constants(scale: float) -> tuple[int, int, int]:

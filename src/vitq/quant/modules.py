@@ -110,19 +110,25 @@ class QuantLayerNorm(Twin, nn.LayerNorm):
 
 
 class QuantMatMul(nn.Module):
-    """a @ b with each operand a quant point (None: the operand is quantized upstream)."""
+    """a @ b (or a @ b^T) with each operand a quant point (None: the operand is quantized upstream).
 
-    def __init__(self, a_kind: str | None = Kind.MATMUL_INPUT, b_kind: str | None = Kind.MATMUL_INPUT) -> None:
+    With transpose_b, b is quantized before the transpose, so per-channel granularity on the last axis
+    means per feature (head dimension) for both q and k.
+    """
+
+    def __init__(self, a_kind: str | None = Kind.MATMUL_INPUT, b_kind: str | None = Kind.MATMUL_INPUT,
+                 transpose_b: bool = False) -> None:
         super().__init__()
         self.a_quantizer = QuantPoint(a_kind) if a_kind else None
         self.b_quantizer = QuantPoint(b_kind) if b_kind else None
+        self.transpose_b = transpose_b
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.a_quantizer is not None:
             a = self.a_quantizer(a)
         if self.b_quantizer is not None:
             b = self.b_quantizer(b)
-        return a @ b
+        return a @ (b.transpose(-2, -1) if self.transpose_b else b)
 
 
 class QuantSoftmax(nn.Module):

@@ -85,7 +85,7 @@ class Observer:
         if self.empty:
             raise RuntimeError("observer saw no data on this rank; every rank needs calibration batches")
         for key, how in self.reductions.items():
-            t = self.state[key]
+            t = self.state[key].clone()  # calibration may have run under inference_mode
             if how == "cat":
                 sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(world)]
                 dist.all_gather(sizes, torch.tensor([t.shape[-1]], device=t.device), group=group)
@@ -97,8 +97,7 @@ class Observer:
             else:
                 op = {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}.get(how, dist.ReduceOp.SUM)
                 dist.all_reduce(t, op=op, group=group)
-                if how == "mean":
-                    t /= world
+                self.state[key] = t / world if how == "mean" else t
         self.merged *= world
         return self
 

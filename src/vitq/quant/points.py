@@ -59,6 +59,11 @@ class PointSpec:
         check_bits(self.bits, "quant point")
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"unknown quantizer {self.quantizer!r}: choose one of {QUANTIZERS}")
+        if self.quantizer != "log2":  # build the observer once now, so a bad name or argument fails early
+            try:
+                make_observer(self.observer, axis=None, **dict(self.observer_args))
+            except TypeError as e:
+                raise ValueError(f"observer {self.observer!r} does not take these arguments: {e}") from None
 
     @property
     def granularity(self) -> str:

@@ -188,6 +188,13 @@ class PTFQuantizer(UniformQuantizer):
         zp = torch.round(-lo / coarse).clamp(self.qmin, self.qmax)
         return coarse / 2**self.max_factor, zp
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        """Per-channel factors have one entry per channel, unknown until calibration: take the saved size."""
+        key = prefix + "alpha"
+        if key in state_dict and state_dict[key].shape != self.alpha.shape:
+            self.alpha = torch.zeros_like(state_dict[key], device=self.alpha.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
     def set_ptf(self, base_scale: torch.Tensor, zero_point: torch.Tensor, alpha: torch.Tensor) -> None:
         alpha = alpha.reshape(-1).float()

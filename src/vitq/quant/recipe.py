@@ -109,7 +109,12 @@ class Recipe:
             if spec is None and not o.values.get("enable", False):
                 continue  # out of scope: only an explicit `enable: true` brings a point in
             spec = _spec(o.values, f"override {o.pattern!r}", spec or self.specs.get(kind) or PointSpec())
-        return spec if spec is not None and spec.enable else None
+        if spec is None or not spec.enable:
+            return None
+        only = {"log2": Kind.SOFTMAX_OUTPUT, "ptf": Kind.NORM_INPUT}.get(spec.quantizer)
+        if only is not None and kind != only:
+            raise ValueError(f"{name}: the {spec.quantizer} quantizer stands only at {only} points, not {kind}")
+        return spec
 
     def check_patterns(self, names: list[str], kinds: list[str]) -> None:
         """A pattern that matches no point is almost always a typo: say so."""

@@ -15,15 +15,16 @@ def _bits(recipe: Recipe, kind: str) -> int | None:
     return spec.bits if spec is not None and spec.enable else None
 
 
-def results_row(cfg: Any, recipe: Recipe, fp: dict, quant: dict, calib_seconds: float, source: str) -> dict:
+def results_row(cfg: Any, recipe: Recipe, fp: dict, quant: dict, calib_seconds: float, source: str,
+                integer: bool = False, calib_samples: int | None = None) -> dict:
     """One comparable row: the scope and bit widths travel with every number."""
     return {
         "model": cfg.model.name, "task": cfg.task.name, "recipe": recipe.name, "scope": recipe.scope,
         "w_bits": _bits(recipe, Kind.WEIGHT), "a_bits": _bits(recipe, Kind.LINEAR_INPUT),
         "attn_bits": _bits(recipe, Kind.SOFTMAX_OUTPUT),
         "observer": getattr(recipe.specs.get(Kind.LINEAR_INPUT), "observer", None),
-        "setting": recipe.describe() + (" integer" if cfg.quant.get("integer") else ""),
-        "calib_samples": int(cfg.quant.calib.num_samples),
+        "setting": recipe.describe() + (" integer" if integer else ""),
+        "calib_samples": calib_samples,
         "fp_top1": 100 * fp["fp/top1"], "fp_top5": 100 * fp["fp/top5"],
         "quant_top1": 100 * quant["quant/top1"], "quant_top5": 100 * quant["quant/top5"],
         "delta_top1": 100 * (quant["quant/top1"] - fp["fp/top1"]),
