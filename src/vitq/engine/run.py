@@ -5,6 +5,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -83,6 +84,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     if rank_zero_only.rank == 0:
         for name in RESULT_FILES:  # a reused directory must not mix an old result with a new failure
             (out_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / "csv", ignore_errors=True)
     try:
         return _run(cfg, out_dir)
     except BaseException as e:
