@@ -102,13 +102,24 @@ class Observer:
         return self
 
 
+def _amin_amax(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor ([1]) or per-channel ([C]) min and max, reducing in place of the strided input: a
+    reshape of a non-contiguous activation (q, k, v after permute) would copy it on every batch."""
+    x = x.detach()
+    if axis is None:
+        lo, hi = torch.aminmax(x)
+        return lo.float().reshape(1), hi.float().reshape(1)
+    dims = [d for d in range(x.dim()) if d != axis % x.dim()]
+    return x.amin(dim=dims).float(), x.amax(dim=dims).float()
+
+
 class MinMaxObserver(Observer):
     """Running minimum and maximum."""
 
     reductions = {"min": "min", "max": "max"}
 
-    def _update(self, x: torch.Tensor) -> None:
-        lo, hi = x.amin(dim=1), x.amax(dim=1)
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = _amin_amax(x, self.axis)
         if self.empty:
             self.state = {"min": lo, "max": hi}
         else:
@@ -130,8 +141,8 @@ class EMAObserver(Observer):
             raise ValueError(f"EMA momentum must be in (0, 1], got {momentum}")
         self.momentum = momentum
 
-    def _update(self, x: torch.Tensor) -> None:
-        lo, hi = x.amin(dim=1), x.amax(dim=1)
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = _amin_amax(x, self.axis)
         if self.empty:
             self.state = {"min": lo, "max": hi}
             return
@@ -251,10 +262,9 @@ class PTFObserver(Observer):
 
     def observe(self, x: torch.Tensor) -> None:
         self.inner.observe(x)
-        super().observe(x)
-
-    def _update(self, x: torch.Tensor) -> None:
-        sample = x[:, -self.max_tokens :].clone()
+        x = x.detach()
+        tokens = x.movedim(self.axis, -1).reshape(-1, x.shape[self.axis])  # a view when channels are last
+        sample = tokens[-self.max_tokens :].t().float().clone()  # [C, T]: only the tokens kept are copied
         old = self.state.get("sample")
         self.state["sample"] = sample if old is None else torch.cat([old, sample], 1)[:, -self.max_tokens :]
 

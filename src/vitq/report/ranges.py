@@ -69,7 +69,8 @@ def plot_ranges(ranges: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str 
     rows = range_table(ranges)
     ax = axes[-1]
     ax.bar(range(len(rows)), [r["max_over_median"] for r in rows], color="tab:orange")
-    ax.set_yscale("log")
+    if max(r["max_over_median"] for r in rows) > 10:
+        ax.set_yscale("log")
     ax.set_title("widest / median channel range", fontsize=9)
     ax.set_xlabel("LayerNorm (model order)")
     fig.suptitle(title, fontsize=10)
