@@ -88,10 +88,7 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
                                    "calibration loop runs the model forward, or disable the point")
             if sync and p.kind != Kind.WEIGHT:
                 p.observer.sync_()
-            try:
-                p.freeze()
-            except RuntimeError as e:
-                raise RuntimeError(f"quant point {name}: {e}") from None
+            p.freeze()
     except BaseException:
         set_mode(model, "off")
         raise
