@@ -192,3 +192,22 @@ def test_fqvit_checkpoint_evaluates_with_its_own_float_model_and_integer_kernels
     with pytest.raises(ValueError, match="made with model=vit_mnist"):
         run(tiny_cfg(tmp, "model=vit_cifar", "stage=test", f"quant.from_checkpoint={out / 'quantized.ckpt'}"),
             tmp / "out-wrong")
+
+
+def test_imagefolder_task_uses_the_model_data_config_and_trains(tmp_path):
+    """ImageNet-style path: transforms from timm's data config, then a full run on a generated folder."""
+    from PIL import Image
+
+    rng = __import__("numpy").random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            folder = tmp_path / "data" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype="uint8")).save(folder / f"{i}.png")
+    cfg = tiny_cfg(tmp_path, "task=imagenet", f"task.root={tmp_path / 'data'}", "task.num_workers=0",
+                   "task.batch_size=8", "task.fit.epochs=1", "model.kwargs.img_size=32", "model.kwargs.patch_size=8",
+                   "quant.calib.num_samples=8", "quant.calib.batch_size=4")
+    row = run(cfg, tmp_path / "out")
+    assert row["task"] == "imagenet" and 0.0 <= row["quant_top1"] <= 100.0
+    assert (tmp_path / "out" / "quantized.ckpt").is_file()

@@ -107,22 +107,26 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
 
-    data_config = None
-    if task_cfg["name"] in ("imagenet", "imagefolder"):
-        import timm
-
-        probe = timm.create_model(model_cfg["arch"], pretrained=False, **(model_cfg.get("kwargs") or {}))
-        data_config = timm.data.resolve_data_config({}, model=probe)
-        del probe
-    dm = build_datamodule(task_cfg, data_config)
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-
-    # the recipe against the architecture (random weights), and the calibration split, before any training
+    # one architecture with random weights: the timm data config (ImageNet-style tasks) and a check of the
+    # recipe against the model, both before any training
     from .float_model import create_model
 
     probe_cfg = {**model_cfg, "pretrained": False, "checkpoint": None}
-    probe = vitq.quantize(create_model(probe_cfg, dm.num_classes, dm.in_chans), recipe)
+    probe, data_config = None, None
+    if task_cfg["name"] in ("imagenet", "imagefolder"):
+        import timm
+
+        probe = create_model(probe_cfg, 1000, 3)
+        data_config = timm.data.resolve_data_config({}, model=probe)
+        size = getattr(getattr(probe, "patch_embed", None), "img_size", None)  # the built size, not the
+        if size is not None:                                                   # pretrained config's
+            data_config["input_size"] = (data_config["input_size"][0], *tuple(size))
+    dm = build_datamodule(task_cfg, data_config)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    if probe is None:
+        probe = create_model(probe_cfg, dm.num_classes, dm.in_chans)
+    vitq.quantize(probe, recipe)  # point names do not depend on the class or channel count
     if cfg.stage == "summary":
         points = vitq.summary(probe)
         print_points(points)
