@@ -133,11 +133,14 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         print(f"recipe {recipe.name}: {recipe.describe()}")
         return {"points": len(points)}
     del probe
-    if not cfg.quant.from_checkpoint:
-        dm.calib_dataloader(cfg.quant.calib.num_samples, cfg.quant.calib.batch_size, seed=cfg.quant.calib.seed)
-    ckpt_meta: dict = {}
+    c = cfg.quant.calib
+    # built now so that too many samples fail before training; used by the calibrate stage below
+    calib_loader = None if cfg.quant.from_checkpoint else dm.calib_dataloader(c.num_samples, c.batch_size,
+                                                                               seed=c.seed)
+    ckpt: dict = {}
     if cfg.quant.from_checkpoint:  # the float model is the one inside the quantized checkpoint
-        fp_model, source, key, ckpt_meta = _float_from_quantized(cfg, model_cfg, task_cfg, dm)
+        ckpt = vitq.quant.read_quantized(cfg.quant.from_checkpoint)
+        fp_model, source, key = _float_from_quantized(cfg, ckpt, probe_cfg, task_cfg, dm)
     else:
         fp_model, source, key = obtain_float_model(model_cfg, task_cfg, dm, cache, cfg.seed, make_trainer)
     log.info("float model: %s", source)
@@ -147,18 +150,16 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     qmodel = copy.deepcopy(fp_model)
     calib_seconds = 0.0
     if cfg.quant.from_checkpoint:
-        vitq.load_quantized(qmodel, cfg.quant.from_checkpoint)
+        vitq.load_quantized(qmodel, ckpt)
         recipe = qmodel.vitq_recipe
         source_q = f"checkpoint {cfg.quant.from_checkpoint}"
     else:
         vitq.quantize(qmodel, recipe)
         source_q = "calibrated"
         if any(p.configured for _, p in vitq.iter_points(qmodel)):
-            c = cfg.quant.calib
-            loader = dm.calib_dataloader(c.num_samples, c.batch_size, seed=c.seed)
             calib_module = ClassificationModule(qmodel, dm.num_classes, prefix="calib")
             start = time.perf_counter()
-            vitq.calibrate(qmodel, lambda m: make_trainer().validate(calib_module, dataloaders=loader,
+            vitq.calibrate(qmodel, lambda m: make_trainer().validate(calib_module, dataloaders=calib_loader,
                                                                       verbose=False))
             calib_seconds = time.perf_counter() - start
 
@@ -172,8 +173,8 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     fp = _float_metrics(make_trainer, fp_model, dm, cache, key)
     quant = _evaluate(make_trainer, qmodel, dm, "quant")
     points = vitq.summary(qmodel)
-    calib_samples = ckpt_meta.get("quant", {}).get("calib", {}).get("num_samples") if ckpt_meta else \
-        int(cfg.quant.calib.num_samples)
+    calib_samples = (ckpt.get("meta") or {}).get("quant", {}).get("calib", {}).get("num_samples") if ckpt \
+        else int(c.num_samples)
     row = results_row(cfg, recipe, fp, quant, calib_seconds, source, integer, calib_samples)
     for lg in loggers:
         lg.log_metrics({**fp, **quant, "quant/delta_top1": row["delta_top1"], "calib/seconds": calib_seconds})
@@ -197,22 +198,22 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     return row
 
 
-def _float_from_quantized(cfg: DictConfig, model_cfg: dict, task_cfg: dict, dm: Any):  # noqa: ANN202
-    """(float model, source, metrics-cache key, checkpoint meta) from a quantized checkpoint."""
+def _float_from_quantized(cfg: DictConfig, ckpt: dict, model_cfg: dict, task_cfg: dict,
+                          dm: Any):  # noqa: ANN202
+    """(float model, source, metrics-cache key) from a quantized checkpoint already read."""
     from .float_model import create_model, float_key
 
     path = cfg.quant.from_checkpoint
-    ckpt = vitq.quant.read_quantized(path)
     meta = ckpt.get("meta") or {}
     for group in ("model", "task"):
         made_with = (meta.get(group) or {}).get("name")
         if made_with is not None and made_with != cfg[group].name:
             raise ValueError(f"{path} was made with {group}={made_with}, this run has {group}={cfg[group].name}: "
                              f"pass {group}={made_with}")
-    model = create_model({**model_cfg, "pretrained": False, "checkpoint": None}, dm.num_classes, dm.in_chans)
+    model = create_model(model_cfg, dm.num_classes, dm.in_chans)  # architecture only (no weights asked)
     model.load_state_dict(vitq.quant.api.float_state_dict(ckpt, model))
     key = float_key(model_cfg, task_cfg, dm.num_classes, dm.in_chans, cfg.seed) + "-ckpt"
-    return model.eval(), f"float weights of {path}", key, meta
+    return model.eval(), f"float weights of {path}", key
 
 
 def _layernorm_ranges(model: torch.nn.Module, dm: Any, cfg: DictConfig, out_dir: Path) -> Path:

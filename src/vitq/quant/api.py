@@ -169,9 +169,10 @@ def read_quantized(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
-def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Rebuild a quantized model from its float architecture and a `save_quantized` file."""
-    ckpt = read_quantized(path)
+def load_quantized(model: nn.Module, path: str | os.PathLike | Mapping[str, Any]) -> nn.Module:
+    """Rebuild a quantized model from its float architecture and a `save_quantized` file (or the dict
+    `read_quantized` returned for it, so a caller that already read the file need not read it again)."""
+    ckpt = path if isinstance(path, Mapping) else read_quantized(path)
     quantize(model, Recipe.from_config(ckpt["recipe"]))
     model.load_state_dict(ckpt["state_dict"], strict=True)
     set_mode(model, "quant")
