@@ -35,8 +35,8 @@ def create_model(model_cfg: Mapping[str, Any], num_classes: int, in_chans: int) 
     if model_cfg.get("checkpoint"):
         pretrained = False  # the local file replaces hub weights
     if pretrained:
-        default_classes = timm.create_model(arch, pretrained=False, **kwargs).num_classes
-        if default_classes != num_classes:
+        default_classes = timm.models.get_pretrained_cfg_value(arch, "num_classes")  # no model built for this
+        if default_classes is not None and default_classes != num_classes:
             log.warning("%s was pretrained with %d classes but the task has %d: the head starts untrained, so "
                         "float accuracy means nothing until it is finetuned", arch, default_classes, num_classes)
     try:
