@@ -1,1 +1,2 @@
-""""""
+"""Built-in tasks; importing this package registers them with vitq.engine.tasks."""
+from . import classification  # noqa: F401  (registration side effects)

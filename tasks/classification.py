@@ -31,10 +31,15 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
+from timm.data import create_transform
+
+from vitq.engine.tasks import EvalModule, Task, register_task
 
 __all__ = [
     "TASKS",
     "ClassificationDataModule",
+    "ClassificationModule",
+    "ClassificationTask",
     "build_datamodule",
     "find_shared_data",
 ]
@@ -431,13 +436,13 @@ def _build_imagefolder(
         if len(mean) != in_chans or len(std) != in_chans:
             raise ValueError(f"data_config mean/std {mean}/{std} do not match {in_chans} input channels")
         gray = [T.Grayscale(1)] if in_chans == 1 else []
-        normalize = [T.ToTensor(), T.Normalize(mean, std)]
+        timm_cfg = {"input_size": (in_chans, size, size), "mean": mean, "std": std, "crop_pct": crop_pct,
+                    "interpolation": interpolation.value, "crop_mode": dc.get("crop_mode", "center")}
+        train_tf = T.Compose([*gray, create_transform(**timm_cfg, is_training=True)])
+        eval_tf = T.Compose([*gray, create_transform(**timm_cfg, is_training=False)])
         scale_size = int(math.floor(size / crop_pct))
-        train_tf = T.Compose(
-            [*gray, T.RandomResizedCrop(size, interpolation=interpolation), T.RandomHorizontalFlip(), *normalize]
-        )
-        eval_tf = T.Compose([*gray, T.Resize(scale_size, interpolation=interpolation), T.CenterCrop(size), *normalize])
-        extra = {"crop_pct": crop_pct, "interpolation": interpolation.value, "resize": scale_size}
+        extra = {"crop_pct": crop_pct, "interpolation": interpolation.value, "resize": scale_size,
+                 "crop_mode": timm_cfg["crop_mode"]}
     return _finish(
         common,
         name=name,
@@ -503,3 +508,136 @@ def build_datamodule(task_cfg: Mapping, data_config: Mapping | None = None) -> C
     if name == "mnist":
         return _build_mnist(common, img_size)
     return _build_imagefolder(common, name, task_cfg.get("root"), img_size, data_config)
+
+
+# --------------------------------------------------------------------------------------------------
+# the task: model construction, training and evaluation modules
+# --------------------------------------------------------------------------------------------------
+def create_model(model_cfg: Mapping[str, Any], num_classes: int, in_chans: int, pretrained: bool) -> torch.nn.Module:
+    """A timm classifier, with hub weights if asked, and a clear error when that fails."""
+    import logging
+
+    import timm
+
+    arch = model_cfg["arch"]
+    if not timm.is_model(arch):
+        raise ValueError(f"model.arch={arch!r} is not a timm model; e.g. deit_small_patch16_224, "
+                         f"vit_base_patch16_224, swin_tiny_patch4_window7_224 (timm.list_models('*vit*'))")
+    kwargs = dict(model_cfg.get("kwargs") or {})
+    if pretrained:
+        default_classes = timm.models.get_pretrained_cfg_value(arch, "num_classes")  # no model built for this
+        if default_classes is not None and default_classes != num_classes:
+            logging.getLogger(__name__).warning(
+                "%s was pretrained with %d classes but the task has %d: the head starts untrained, so float "
+                "accuracy means nothing until it is finetuned", arch, default_classes, num_classes)
+    try:
+        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except Exception as e:  # hub download / cache miss
+        if not pretrained:
+            raise
+        raise RuntimeError(
+            f"could not load pretrained weights for {arch} ({type(e).__name__}: {e}). Without network access "
+            f"the weights must already be in the Hugging Face hub cache ($HF_HOME); otherwise pass "
+            f"model.checkpoint=/path/to/weights.pth or model.pretrained=false"
+        ) from None
+
+
+class ClassificationModule(lightning.LightningModule):
+    """Float training of any image classifier (AdamW, warm-up then cosine), and the calibration forward
+    (`validation_step` runs the model only: observers see the batches, nothing is logged)."""
+
+    def __init__(self, model: torch.nn.Module, lr: float = 1e-3, weight_decay: float = 0.05, epochs: int = 1,
+                 warmup_epochs: int = 0, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.model = model
+        self.lr, self.weight_decay, self.epochs, self.warmup_epochs = lr, weight_decay, epochs, warmup_epochs
+        self.label_smoothing = label_smoothing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self.model(x), y, label_smoothing=self.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):  # noqa: ANN001
+        self.model(batch[0])
+
+    def configure_optimizers(self):  # noqa: ANN201
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warm = int(total * self.warmup_epochs / max(1, self.epochs))
+
+        def schedule(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+        return {"optimizer": opt,
+                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
+
+
+class ClassificationEval(EvalModule):
+    """Top-1 and top-5 correctness of every evaluation image."""
+
+    def outcomes(self, batch) -> dict[str, torch.Tensor]:  # noqa: ANN001
+        x, y = batch
+        logits = self.model(x)
+        k = min(5, logits.shape[-1])
+        top = logits.topk(k, dim=-1).indices
+        hit = top == y[:, None]
+        return {"top1": hit[:, 0], "top5": hit.any(dim=-1)}
+
+
+@register_task(*TASKS)
+class ClassificationTask(Task):
+    """Image classification on any of TASKS; metrics top-1 and top-5 accuracy (%)."""
+
+    metrics = ("top1", "top5")
+    primary = "top1"
+
+    def __init__(self, cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> None:
+        super().__init__(cfg, model_cfg)
+        data_config = None
+        if str(cfg.get("name")).lower() in ("imagenet", "imagefolder"):
+            import timm
+
+            # the architecture with random weights gives the timm data config; the input size is the built
+            # model's, not the pretrained config's
+            probe = create_model(model_cfg, 1000, 3, pretrained=False)
+            data_config = timm.data.resolve_data_config({}, model=probe)
+            size = getattr(getattr(probe, "patch_embed", None), "img_size", None)
+            if size is not None:
+                data_config["input_size"] = (data_config["input_size"][0], *tuple(size))
+        self.dm = build_datamodule(cfg, data_config)
+
+    def create_model(self, pretrained: bool) -> torch.nn.Module:
+        return create_model(self.model_cfg, self.dm.num_classes, self.dm.in_chans, pretrained)
+
+    def identity(self) -> dict[str, Any]:
+        return {"classes": self.dm.num_classes, "chans": self.dm.in_chans}
+
+    def describe(self) -> dict[str, Any]:
+        return self.dm.describe()
+
+    def calib_loader(self, num_samples: int, batch_size: int, seed: int) -> DataLoader:
+        return self.dm.calib_dataloader(num_samples, batch_size, seed=seed)
+
+    def calibration_module(self, model: torch.nn.Module) -> lightning.LightningModule:
+        return ClassificationModule(model)
+
+    def eval_module(self, model: torch.nn.Module, prefix: str) -> EvalModule:
+        return ClassificationEval(model, prefix, self.metrics)
+
+    def test_loader(self) -> DataLoader:
+        return self.dm.test_dataloader()
+
+    def train_loader(self) -> DataLoader:
+        return self.dm.train_dataloader()
+
+    def fit_module(self, model: torch.nn.Module, fit: Mapping[str, Any]) -> lightning.LightningModule:
+        return ClassificationModule(model, lr=float(fit["lr"]), weight_decay=float(fit["weight_decay"]),
+                                    epochs=int(fit["epochs"]), warmup_epochs=int(fit.get("warmup_epochs", 0)),
+                                    label_smoothing=float(fit.get("label_smoothing", 0.0)))

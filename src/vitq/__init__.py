@@ -1,12 +1,26 @@
 """vitq: post-training quantization and quantization-aware finetuning of vision transformers.
 
-    qmodel = vitq.quantize(model, recipe)
-    vitq.calibrate(qmodel, forward_loop)   # forward_loop(model) pushes calibration data through
+    qmodel = vitq.quantize(model, "repq")          # or vitq.recipe("repq", w_bits=4, a_bits=4)
+    vitq.calibrate(qmodel, forward_loop)            # forward_loop(model) pushes calibration data through
     vitq.summary(qmodel)
 """
-from .quant import (Kind, PointSpec, Recipe, calibrate, iter_points, load_quantized, quantize,
-                    save_quantized, set_integer, set_mode, summary)
+from typing import Any, Mapping
+
+from torch import nn
+
+from .quant import (Kind, PointSpec, Recipe, calibrate, iter_points, load_quantized, save_quantized,
+                    set_integer, set_mode, summary)
+from .quant import quantize as _quantize
+from .recipes import recipe, recipes
+from .recipes import recipe as _recipe_named
 
 __version__ = "0.1.0"
-__all__ = ["Kind", "PointSpec", "Recipe", "calibrate", "iter_points", "load_quantized", "quantize",
-           "save_quantized", "set_integer", "set_mode", "summary"]
+
+
+def quantize(model: nn.Module, recipe: "Recipe | Mapping[str, Any] | str", inplace: bool = True) -> nn.Module:
+    """`vitq.quant.quantize`, also taking a built-in recipe's name (`vitq.recipes()`)."""
+    return _quantize(model, _recipe_named(recipe) if isinstance(recipe, str) else recipe, inplace)
+
+
+__all__ = ["Kind", "PointSpec", "Recipe", "calibrate", "iter_points", "load_quantized", "quantize", "recipe",
+           "recipes", "save_quantized", "set_integer", "set_mode", "summary"]

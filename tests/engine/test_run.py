@@ -60,7 +60,7 @@ def test_float_model_and_float_metrics_are_cached(first_run):
     tmp, _, row = first_run
     cached = list((tmp / "cache").glob("vit_mnist-mnist-*.pt"))
     assert len(cached) == 1
-    assert list((tmp / "cache").glob("*.fp-metrics.json"))
+    assert list((tmp / "cache").glob("*.fp-outcomes.json"))
     again = run(tiny_cfg(tmp, "quant=percentile"), tmp / "out2")
     assert "cached" in again["float_source"]
     assert again["fp_top1"] == row["fp_top1"]
@@ -76,7 +76,8 @@ def test_checkpoint_round_trip_reproduces_metrics_exactly(first_run):
 
 def test_every_config_file_composes():
     groups = {g: sorted(p.stem for p in (ROOT / "conf" / g).glob("*.yaml"))
-              for g in ("model", "task", "quant", "trainer", "logger")}
+              for g in ("model", "task", "trainer", "logger")}
+    groups["quant"] = sorted(p.stem for p in (ROOT / "src" / "vitq" / "conf" / "quant").glob("*.yaml"))
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         for group, options in groups.items():
             assert options, group
@@ -104,7 +105,9 @@ def test_every_config_file_composes():
         ("+quant.overrides=[{pattern: 'nope.*', bits: 8}]", "matches no quant point"),
         ("stage=nonsense", "stage="),
         ("stage=test", "quant.from_checkpoint"),
-        ("quant.integer=true", "integer-ready FQ-ViT setting"),
+        ("quant=fqvit quant.scope=matmul quant.integer=true", "integer-ready FQ-ViT setting"),
+        ("quant.method=nonexistent", "unknown method"),
+        ("+trainer.bogus=1", "not a lightning.Trainer argument"),
         ("quant.observer=bogus", "unknown observer"),
         ("quant.calib.num_samples=100000", "num_samples"),
     ],
@@ -115,7 +118,7 @@ def test_bad_config_fails_at_start_with_the_fix(tmp_path, override, message):
         with open_dict(cfg):
             cfg.quant.overrides = [{"pattern": "nope.*", "bits": 8}]
     else:
-        cfg = tiny_cfg(tmp_path, override)
+        cfg = tiny_cfg(tmp_path, *override.split())
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
         run(cfg, out)
@@ -150,7 +153,7 @@ def test_fqvit_integer_run(first_run):
     out = tmp / "out-fqvit"
     got = run(cfg, out)
     assert got["scope"] == "full" and got["attn_bits"] == 4
-    assert got["setting"] == "W8/A8/Attn4-log2 full +PTF integer"
+    assert got["setting"] == "W8/A8/Attn4-log2 full +ptf integer"
     assert got["fp_top1"] == row["fp_top1"]  # same cached float model and metrics
     assert abs(got["delta_top1"]) < 10.0
     assert (out / "layernorm_ranges.png").stat().st_size > 10_000

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitq
-from vitq.models import MODEL_FAMILIES, UnsupportedModelError
+from vitq.models import ADAPTERS, Adapter, UnsupportedModelError
 from vitq.quant import PointSpec, iter_points, read_quantized, set_mode
 from vitq.quant.modules import QuantLinear
 
@@ -247,8 +247,18 @@ class _NoLayers(nn.Module):
         return x * 2
 
 
+class _NoLayersAdapter(Adapter):
+    family, roots = "test-empty", (_NoLayers,)
+
+    def units(self, root):
+        return []
+
+    def norm_pairs(self, root):
+        return []
+
+
 def test_known_family_without_quantizable_layers_raises(monkeypatch):
-    monkeypatch.setitem(MODEL_FAMILIES, _NoLayers, "test-empty")
+    monkeypatch.setattr("vitq.models.registry.ADAPTERS", [*ADAPTERS, _NoLayersAdapter()])
     with pytest.raises(ValueError, match="_NoLayers has no quantizable blocks"):
         vitq.quantize(_NoLayers(), W8A8)
 
@@ -494,7 +504,7 @@ def test_distributed_calibrate_with_empty_loop_names_the_point(distributed_resul
 # FQ-ViT state through the checkpoint, recalibration, operand layout
 # ---------------------------------------------------------------------------------------------------
 
-FQVIT = {"scope": "full", "ptf": True, "lis": True, "weight": {"bits": 8, "symmetric": True, "per_channel": True},
+FQVIT = {"scope": "full", "method": "fqvit", "ptf": True, "lis": True, "weight": {"bits": 8, "symmetric": True, "per_channel": True},
          "activation": {"bits": 8}, "softmax_output": {"bits": 4}}
 
 
@@ -514,15 +524,15 @@ def test_fqvit_checkpoint_round_trip_keeps_ptf_log2_and_integer(data, tmp_path):
 
 def test_recalibration_on_the_same_data_is_identical(float_model, data):
     calib, _ = data
-    q = vitq.quantize(float_model, FQVIT, inplace=False)
+    q = vitq.quantize(float_model, {**FQVIT, "integer": True}, inplace=False)
     vitq.calibrate(q, _loop(calib))
-    vitq.set_integer(q)
+    assert any(getattr(m, "integer", False) for m in q.modules())
     first = {n: p.quantizer.scale.clone() for n, p in iter_points(q) if hasattr(p.quantizer, "scale")}
     vitq.calibrate(q, _loop(calib))  # observers must again see float activations
     second = {n: p.quantizer.scale for n, p in iter_points(q) if hasattr(p.quantizer, "scale")}
     assert first.keys() == second.keys()
     assert all(torch.equal(first[n], second[n]) for n in first)
-    assert any(getattr(m, "integer", False) for m in q.modules())  # integer kernels switched back on
+    assert any(getattr(m, "integer", False) for m in q.modules())  # the method switched them back on
 
 
 def test_per_channel_attention_operands_are_per_head_feature(float_model, data):

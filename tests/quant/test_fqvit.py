@@ -214,13 +214,41 @@ def test_log2_wider_grid_keeps_small_values():
     assert Log2Quantizer(5)(torch.tensor([2.0**-20])).item() == 2.0**-20
 
 
+def _fqvit_code(num: int, den: int, max_code: int) -> int:
+    """FQ-ViT's LIS code by exact rational arithmetic: n = round(num / den) (half to even, as torch.round),
+    k = floor(log2 n), plus one when n >= 1.5 * 2^k; beyond max_code: max_code + 1."""
+    from fractions import Fraction
+
+    n = max(round(Fraction(num, den)), 1)
+    k = n.bit_length() - 1
+    k += 2 * n >= 3 * 2**k
+    return min(k, max_code + 1)
+
+
 def test_log2_codes_from_exact_ratios():
+    """1/x is rounded to an integer before the log round (FQ-ViT: round(sum / exp), then log_round)."""
     q = Log2Quantizer(8)
-    for k in range(0, 20):
-        tie = 1.5 * 2.0**k  # exactly 1.5 * 2^k rounds up
-        below = math.nextafter(tie, 0.0)
-        r = torch.tensor([2.0**k, tie, below], dtype=torch.float64)
-        assert q.codes_from_ratio(r).tolist() == [k, k + 1, k]
+    cases = {1.0: 0, 1.49: 0, 1.5: 1, 2.0: 1, 2.5: 1, 2.51: 2, 3.0: 2, 5.4: 2, 5.5: 3, 6.0: 3}
+    for ratio, code in cases.items():
+        assert q.codes_from_ratio(torch.tensor([ratio], dtype=torch.float64)).item() == code, ratio
+    for k in range(2, 20):  # ties round to even: 1.5 * 2^k - 0.5 goes up to the (even) 1.5 * 2^k
+        tie = 1.5 * 2.0**k
+        r = torch.tensor([2.0**k, tie, tie - 0.5, math.nextafter(tie - 0.5, 0.0)], dtype=torch.float64)
+        assert q.codes_from_ratio(r).tolist() == [k, k + 1, k + 1, k]
+
+
+def test_log2_quantizer_is_fqvit_lis_on_probabilities():
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(4, 3, 50, 50, generator=g) * 4, dim=-1)
+    q = Log2Quantizer(4)
+    codes = q.to_codes(p)
+    n = torch.round(1.0 / p.double())
+    k = torch.floor(torch.log2(n))
+    k = k + (n - 2**k >= 2 ** (k - 1)).double()  # FQ-ViT's log_round, written as its code writes it
+    want = torch.where(k > 15, torch.full_like(k, 16), k)
+    assert torch.equal(codes.double(), want)
+    deq = q(p)
+    assert torch.equal(deq, torch.where(want > 15, torch.zeros_like(p), torch.exp2(-want).float()))
 
 
 def test_log2_straight_through_gradient():
@@ -315,16 +343,17 @@ def test_log_round_codes_match_log2_quantizer_on_random_pairs():
 
 
 def test_log_round_codes_edges_by_hand():
-    nums, dens, want = [], [], []
-    for den in (1, 3, 7, 12345):
+    nums, dens = [], []
+    for den in (1, 2, 3, 7, 12345):
         for j in range(0, 22):
-            nums += [den * 2**j, 3 * den * 2**j, 3 * den * 2**j - 1]
-            dens += [den, 2 * den, 2 * den]
-            # 2^j -> j ; exactly 1.5 * 2^j -> j + 1 ; just below 1.5 * 2^j -> j   (16: beyond 4 bits -> zero)
-            want += [min(j, 16), min(j + 1, 16), min(j, 16)]
+            for num in (den * 2**j, 3 * den * 2**j, 3 * den * 2**j - 1, 3 * den * 2**j - den, 3 * den * 2**j + 1):
+                nums.append(num)
+                dens.append(2 * den if num != den * 2**j else den)
+    want = [_fqvit_code(n, d, 15) for n, d in zip(nums, dens)]
     num, den = torch.tensor(nums), torch.tensor(dens)
     assert log_round_codes(num, den, 15).tolist() == want
     assert Log2Quantizer(4).codes_from_ratio(num.double() / den.double()).long().tolist() == want
+    assert len(set(want)) == 17  # every code 0..15 and the zero code were exercised
     # den = 0 (an exponential that underflowed) -> the zero code
     assert log_round_codes(torch.tensor([5, 1]), torch.tensor([0, 0]), 15).tolist() == [16, 16]
 
@@ -487,6 +516,7 @@ def test_int_layernorm_coarse_output_grid_all_equal():
 
 FQVIT = {
     "name": "fqvit",
+    "method": "fqvit",
     "scope": "full",
     "weight": {"bits": 8, "symmetric": True, "per_channel": True},
     "activation": {"bits": 8},

@@ -127,14 +127,30 @@ def test_omse_keeps_minmax_when_no_outlier():
     assert lo.item() == pytest.approx(-1.0) and hi.item() == pytest.approx(2.0)
 
 
-def test_omse_sample_is_bounded():
-    obs = OMSEObserver(sample_per_batch=100, max_sample=250)
-    for _ in range(5):
-        obs.observe(torch.randn(1000))
-    assert obs.state["sample"].shape == (1, 250)
-    obs = OMSEObserver(sample_per_batch=100)
-    obs.observe(torch.arange(1000.0))
-    assert obs.state["sample"][0, :3].tolist() == [0.0, 10.0, 20.0]  # strided every 1000 // 100
+def test_omse_sample_is_bounded_keeps_whole_tokens_and_spans_batches():
+    obs = OMSEObserver(max_tokens=50)
+    for b in range(5):  # tokens [2, 10, 16]: value = batch index in every channel
+        obs.observe(torch.full((2, 10, 16), float(b)) + torch.arange(16) * 1e-3)
+    sample = obs.state["sample"]
+    assert sample.shape == (16, 50)  # [channels, tokens]: every channel of each kept token
+    assert torch.equal(sample[:, 0] - sample[0, 0], torch.arange(16) * 1e-3)
+    assert set(sample[0].round().tolist()) == {0.0, 1.0, 2.0, 3.0, 4.0}  # not just the last batches
+
+
+def test_omse_scores_every_channel_of_a_wide_tensor():
+    """Review fault 1: a strided sample of the flattened tensor saw only channels sharing the stride's
+    factors (32 of 384 for DeiT-S at batch 32), so an outlier channel outside them was clipped to a
+    tenth of its range. The token sample keeps every channel: the clip must cover the outlier."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 197, 384, generator=g)
+    x[..., 7] *= 40  # one outlier channel (index 7 is not a multiple of 32's factors)
+    obs = OMSEObserver()
+    obs.observe(x)
+    assert obs.state["sample"].shape[0] == 384
+    q = UniformQuantizer(8)
+    lo, hi = obs.range(q)
+    # the old strided sample never contained channel 7 and shrank the range to ~10% of it
+    assert float(hi) > 0.5 * float(x[..., 7].max())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -237,11 +253,22 @@ def test_merge_omse_concatenates_sample():
     left.observe(a)
     right.observe(b)
     left.merge_(right)
-    assert torch.equal(left.state["sample"], torch.cat([a.reshape(1, -1), b.reshape(1, -1)], 1))
+    tokens = torch.cat([a.reshape(-1, 6), b.reshape(-1, 6)]).t()  # under the cap: every token, in order
+    assert torch.equal(left.state["sample"], tokens)
     assert torch.equal(left.state["sample"], full.state["sample"])
-    q = UniformQuantizer(4)
-    for got, want in zip(left.range(q), full.range(q)):
-        assert torch.equal(got, want)
+
+
+def test_merge_trims_sample_to_the_cap_by_key():
+    a, b = torch.randn(1, 40, 4), torch.randn(1, 40, 4)
+    left, right = OMSEObserver(max_tokens=30), OMSEObserver(max_tokens=30)
+    left.observe(a)
+    right.observe(b)
+    keys = torch.cat([left.state["keys"], right.state["keys"]])
+    tokens = torch.cat([left.state["sample"], right.state["sample"]], 1)
+    left.merge_(right)
+    assert left.state["sample"].shape == (4, 30)
+    keep = keys.topk(30, largest=False).indices.sort().values
+    assert torch.equal(left.state["sample"], tokens[:, keep])
 
 
 def test_merge_ema_is_weighted_mean():

@@ -1,15 +1,22 @@
 """Structured schemas for every config group: a wrong key or value fails at start-up, naming the fix."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import os
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..methods import get_method
 from ..quant.recipe import Recipe
 
-STAGES = ("all", "float", "test", "summary")
+# logger configs read `offline: ${vitq.wandb_offline:}`: offline unless the user sets WANDB_MODE=online
+OmegaConf.register_new_resolver("vitq.wandb_offline", lambda: os.environ.get("WANDB_MODE", "offline") != "online",
+                                replace=True)
 
 
 @dataclass
@@ -68,27 +75,44 @@ class QuantConf:
     softmax_input: Optional[dict] = None
     overrides: list = field(default_factory=list)
     from_checkpoint: Optional[str] = None
-    ptf: bool = False  # Power-of-Two Factor quantizer at LayerNorm inputs (FQ-ViT)
-    lis: bool = False  # log2 attention probabilities (FQ-ViT's Log-Int-Softmax)
-    integer: bool = False  # evaluate LayerNorm and softmax with the integer kernels (needs ptf and lis)
+    method: str = "ptq"  # hooks around calibration (vitq/methods/); its switches are further keys
 
 
-@dataclass
-class TrainerConf:
-    accelerator: str = "cpu"
-    devices: Any = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
+def quant_schema(method: str) -> type:
+    """QuantConf plus the named method's switches (each a `quant.<name>` key)."""
+    impl = get_method(method)
+    hints = typing.get_type_hints(impl.Options)
+    extra = [(f.name, hints[f.name], field(default=f.default)) for f in dataclasses.fields(impl.Options)]
+    return dataclasses.make_dataclass(f"QuantConf_{impl.name}", extra, bases=(QuantConf,)) if extra else QuantConf
 
 
-@dataclass
-class LoggerConf:
-    wandb: Optional[dict] = None
-    csv: bool = True
+GROUPS = {"model": ModelConf, "task": TaskConf}
 
 
-GROUPS = {"model": ModelConf, "task": TaskConf, "quant": QuantConf, "trainer": TrainerConf, "logger": LoggerConf}
+def _check_targets(cfg: DictConfig, group: str, hint: str) -> None:
+    """Logger and callback groups: a mapping of names to `_target_` configs (instantiated by Hydra)."""
+    node = cfg.get(group)
+    if node is None:
+        return
+    if not isinstance(node, DictConfig):
+        raise ValueError(f"{group} must be a mapping of name -> {{_target_: ...}} ({hint})")
+    for name, entry in node.items():
+        if entry is not None and (not isinstance(entry, DictConfig) or "_target_" not in entry):
+            raise ValueError(f"{group}.{name} needs a _target_ (a class path), e.g. {hint}")
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    """Every trainer key must be an argument of lightning.Trainer (the config is passed to it as is)."""
+    import lightning as L
+
+    valid = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    managed = {"logger", "callbacks"}  # built from the logger and callbacks groups
+    for key in cfg.trainer:
+        if key == "_target_":
+            continue
+        if key in managed or key not in valid:
+            why = "set by the logger/callbacks groups" if key in managed else "not a lightning.Trainer argument"
+            raise ValueError(f"invalid config trainer.{key}: {why}. Valid keys: {', '.join(sorted(valid - managed))}")
 
 
 def _check_group(cfg: DictConfig, group: str, schema: type) -> None:
@@ -104,18 +128,23 @@ def _check_group(cfg: DictConfig, group: str, schema: type) -> None:
 
 def validate(cfg: DictConfig) -> Recipe:
     """Check every group against its schema and the recipe against the quantizer; return the recipe."""
-    for group, schema in GROUPS.items():
+    from .stages import STAGES
+
+    for group in ("model", "task", "quant", "trainer", "logger"):
         if group not in cfg:
             raise ValueError(f"config group '{group}' is missing; pick one, e.g. {group}=<option>")
+    for group, schema in GROUPS.items():
         _check_group(cfg, group, schema)
-    if cfg.stage not in STAGES:
-        raise ValueError(f"stage={cfg.stage!r} is unknown: choose one of {', '.join(STAGES)}")
+    _check_group(cfg, "quant", quant_schema(str(cfg.quant.get("method") or "ptq")))
+    _check_trainer(cfg)
+    _check_targets(cfg, "logger", "{_target_: lightning.pytorch.loggers.CSVLogger}")
+    _check_targets(cfg, "callbacks", "{_target_: lightning.pytorch.callbacks.LearningRateMonitor}")
+    stages = ("all", "summary", *STAGES)
+    if cfg.stage not in stages:
+        raise ValueError(f"stage={cfg.stage!r} is unknown: choose one of {', '.join(stages)}")
     if cfg.stage == "test" and not cfg.quant.from_checkpoint:
         raise ValueError("stage=test evaluates a saved model: pass quant.from_checkpoint=<run>/quantized.ckpt")
     calib = cfg.quant.calib
     if calib.num_samples < 1 or calib.batch_size < 1:
         raise ValueError("quant.calib.num_samples and quant.calib.batch_size must be at least 1")
-    if cfg.quant.integer and not (cfg.quant.scope == "full" and cfg.quant.ptf and cfg.quant.lis):
-        raise ValueError("quant.integer=true needs the integer-ready FQ-ViT setting: quant.scope=full, "
-                         "quant.ptf=true and quant.lis=true (e.g. quant=fqvit quant.integer=true)")
     return Recipe.from_config(OmegaConf.to_container(cfg.quant, resolve=True))

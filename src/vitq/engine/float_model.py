@@ -1,4 +1,4 @@
-"""The float stage: a timm model from pretrained weights, a local checkpoint, or trained here and cached."""
+"""The float stage: a task's model from pretrained weights, a local checkpoint, or trained here and cached."""
 from __future__ import annotations
 
 import hashlib
@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import lightning as L
-import timm
 import torch
 from torch import nn
 
-from .module import ClassificationModule
+from .tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -23,32 +22,6 @@ def cache_dir(configured: str | None) -> Path:
     path = Path(configured or os.environ.get("VITQ_CACHE_DIR") or Path.home() / ".cache" / "vitq")
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def create_model(model_cfg: Mapping[str, Any], num_classes: int, in_chans: int) -> nn.Module:
-    """Build the architecture (and pretrained weights if asked) with a clear error when that fails."""
-    arch, pretrained = model_cfg["arch"], bool(model_cfg.get("pretrained"))
-    if not timm.is_model(arch):
-        raise ValueError(f"model.arch={arch!r} is not a timm model; e.g. deit_small_patch16_224, "
-                         f"vit_base_patch16_224, swin_tiny_patch4_window7_224 (timm.list_models('*vit*'))")
-    kwargs = dict(model_cfg.get("kwargs") or {})
-    if model_cfg.get("checkpoint"):
-        pretrained = False  # the local file replaces hub weights
-    if pretrained:
-        default_classes = timm.models.get_pretrained_cfg_value(arch, "num_classes")  # no model built for this
-        if default_classes is not None and default_classes != num_classes:
-            log.warning("%s was pretrained with %d classes but the task has %d: the head starts untrained, so "
-                        "float accuracy means nothing until it is finetuned", arch, default_classes, num_classes)
-    try:
-        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
-    except Exception as e:  # hub download / cache miss
-        if not pretrained:
-            raise
-        raise RuntimeError(
-            f"could not load pretrained weights for {arch} ({type(e).__name__}: {e}). Without network access "
-            f"the weights must already be in the Hugging Face hub cache ($HF_HOME); otherwise pass "
-            f"model.checkpoint=/path/to/weights.pth or model.pretrained=false"
-        ) from None
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -81,28 +54,27 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
-def float_key(model_cfg: Mapping, task_cfg: Mapping, num_classes: int, in_chans: int, seed: int) -> str:
+def float_key(model_cfg: Mapping, task_cfg: Mapping, task: Task, seed: int) -> str:
     """Identity of a model trained here: architecture, data and training recipe."""
     ident = {"model": {k: model_cfg[k] for k in ("arch", "kwargs")},
              "task": {**{k: task_cfg.get(k) for k in ("name", "img_size", "train_limit", "batch_size")},
                       "root": str(Path(task_cfg["root"]).resolve()) if task_cfg.get("root") else None},
-             "fit": dict(task_cfg.get("fit") or {}), "classes": num_classes, "chans": in_chans, "seed": seed}
+             "fit": dict(task_cfg.get("fit") or {}), **task.identity(), "seed": seed}
     blob = json.dumps(ident, sort_keys=True, default=str)
     return f"{model_cfg['name']}-{task_cfg['name']}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
 
-def obtain_float_model(
-    model_cfg: Mapping[str, Any], task_cfg: Mapping[str, Any], datamodule: Any, cache: Path, seed: int,
-    make_trainer: Callable[..., L.Trainer],
-) -> tuple[nn.Module, str, str]:
+def obtain_float_model(task: Task, model_cfg: Mapping[str, Any], task_cfg: Mapping[str, Any], cache: Path,
+                       seed: int, make_trainer: Callable[..., L.Trainer]) -> tuple[nn.Module, str, str]:
     """Returns (model, source description, cache key)."""
-    nc, ch = datamodule.num_classes, datamodule.in_chans
-    model = create_model(model_cfg, nc, ch)
-    key = float_key(model_cfg, task_cfg, nc, ch, seed)
-    if model_cfg.get("checkpoint"):
-        load_checkpoint(model, model_cfg["checkpoint"])
-        return model.eval(), f"checkpoint {model_cfg['checkpoint']}", key + "-ckpt"
-    if model_cfg.get("pretrained"):
+    checkpoint = model_cfg.get("checkpoint")
+    pretrained = bool(model_cfg.get("pretrained")) and not checkpoint  # a local file replaces hub weights
+    model = task.create_model(pretrained=pretrained)
+    key = float_key(model_cfg, task_cfg, task, seed)
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+        return model.eval(), f"checkpoint {checkpoint}", key + "-ckpt"
+    if pretrained:
         return model.eval(), "timm pretrained weights", key + "-pretrained"
     fit = dict(task_cfg.get("fit") or {})
     path = cache / f"{key}.pt"
@@ -117,13 +89,10 @@ def obtain_float_model(
     log.info("training the float model %s on %s for %s epochs (cached as %s)",
              model_cfg["name"], task_cfg["name"], fit["epochs"], path)
     L.seed_everything(seed, workers=True)
-    module = ClassificationModule(model, nc, epochs=int(fit["epochs"]), lr=float(fit["lr"]),
-                                  weight_decay=float(fit["weight_decay"]),
-                                  warmup_epochs=int(fit.get("warmup_epochs", 0)),
-                                  label_smoothing=float(fit.get("label_smoothing", 0.0)))
+    module = task.fit_module(model, fit)
     start = time.perf_counter()
     trainer = make_trainer(max_epochs=int(fit["epochs"]))
-    trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+    trainer.fit(module, train_dataloaders=task.train_loader())
     seconds = time.perf_counter() - start
     if not trainer.is_global_zero:  # under DDP every rank holds the same weights; one writes the cache
         return model.eval(), f"trained here in {seconds:.0f} s", key

@@ -1,5 +1,7 @@
 """Model adapters: importing this package registers every known family."""
 from . import swin, vit  # noqa: F401  (registration side effects)
-from .registry import MODEL_FAMILIES, MODULE_TWINS, UnsupportedModelError, family_of, rewrite
+from .registry import (ADAPTERS, Adapter, NormPair, UnsupportedModelError, adapter_for, family_of, find_roots,
+                       norm_pairs, register_adapter, rewrite, units)
 
-__all__ = ["MODEL_FAMILIES", "MODULE_TWINS", "UnsupportedModelError", "family_of", "rewrite"]
+__all__ = ["ADAPTERS", "Adapter", "NormPair", "UnsupportedModelError", "adapter_for", "family_of", "find_roots",
+           "norm_pairs", "register_adapter", "rewrite", "units"]

@@ -1,54 +1,133 @@
-"""Registries: float module class -> quantizable twin, float model class -> adapter family.
+"""Adapters: one object per model family, applied wherever that family appears inside a model.
 
-Adapters (one file per model family) register the classes they know; `rewrite` walks the model once
-and converts every module whose exact class has a twin.
+An adapter names the float classes of its family (`roots`), the quantizable twins of its modules, its
+ordered reconstruction units, and its LayerNorm -> consumer pairs. `rewrite` finds every outermost
+submodule that is a root of some adapter (the model itself, or e.g. a detector's backbone), converts the
+modules under it in place, and wires each LayerNorm to the input quantizer of the layer it feeds.
+The layout of each point (its channel axis) is set by the twin that creates it.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
 
 from torch import nn
 
 from ..quant.modules import QuantConv2d, QuantLayerNorm, QuantLinear
 
-MODULE_TWINS: dict[type[nn.Module], type] = {
+BASE_TWINS: dict[type[nn.Module], type] = {
     nn.Linear: QuantLinear,
     nn.Conv2d: QuantConv2d,
     nn.LayerNorm: QuantLayerNorm,
 }
-MODEL_FAMILIES: dict[type[nn.Module], str] = {}
 
 
 class UnsupportedModelError(TypeError):
     pass
 
 
-def register_twin(float_cls: type[nn.Module], twin: type) -> None:
-    MODULE_TWINS[float_cls] = twin
+@dataclass(frozen=True)
+class NormPair:
+    """A LayerNorm and the Linear its output feeds (and nothing else)."""
+
+    norm_name: str
+    norm: nn.Module
+    consumer_name: str
+    consumer: nn.Module
 
 
-def register_family(model_cls: type[nn.Module], family: str) -> None:
-    MODEL_FAMILIES[model_cls] = family
+class Adapter:
+    """One model family. Subclasses set `family`, `roots`, `twins` and implement the two listings."""
+
+    family: str = "?"
+    roots: tuple[type[nn.Module], ...] = ()
+    twins: dict[type[nn.Module], type] = {}
+
+    def units(self, root: nn.Module) -> list[str]:
+        """Names (relative to root) of the ordered reconstruction units: embedding, blocks, head."""
+        raise NotImplementedError
+
+    def norm_pairs(self, root: nn.Module) -> list[tuple[str, str]]:
+        """(LayerNorm name, consumer Linear name) relative to root, for every LayerNorm that feeds exactly
+        one Linear (used by reparameterization and the integer LayerNorm)."""
+        raise NotImplementedError
+
+    def twin_for(self, module: nn.Module) -> type | None:
+        cls = type(module)
+        return self.twins.get(cls) or BASE_TWINS.get(cls)
+
+
+ADAPTERS: list[Adapter] = []
+
+
+def register_adapter(adapter: Adapter) -> Adapter:
+    ADAPTERS.append(adapter)
+    return adapter
+
+
+def adapter_for(module: nn.Module) -> Adapter | None:
+    for adapter in ADAPTERS:
+        if isinstance(module, adapter.roots):
+            return adapter
+    return None
+
+
+def find_roots(model: nn.Module) -> list[tuple[str, nn.Module, Adapter]]:
+    """Every outermost submodule some adapter handles, as (name, module, adapter), in model order."""
+    found: list[tuple[str, nn.Module, Adapter]] = []
+    for name, module in model.named_modules():
+        if any(p == "" or name == p or name.startswith(p + ".") for p, _, _ in found):
+            continue  # inside a root already found
+        adapter = adapter_for(module)
+        if adapter is not None:
+            found.append((name, module, adapter))
+    return found
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def rewrite(model: nn.Module) -> list[str]:
+    """Convert every module of every adapted family in place; returns the families found."""
+    roots = find_roots(model)
+    if not roots:
+        known = ", ".join(sorted(f"{c.__module__}.{c.__name__}" for a in ADAPTERS for c in a.roots))
+        raise UnsupportedModelError(
+            f"vitq has no adapter for {type(model).__module__}.{type(model).__name__} or any of its submodules. "
+            f"Known model classes: {known}. Add one in src/vitq/models/ (see docs/adding.md)."
+        )
+    for _, root, adapter in roots:
+        for module in list(root.modules()):
+            twin = adapter.twin_for(module)
+            if twin is not None:
+                twin.convert(module)
+        for module in root.modules():  # twins that wire themselves to their (now converted) children
+            hook = getattr(module, "after_rewrite", None)
+            if callable(hook):
+                hook()
+        for norm_name, consumer_name in adapter.norm_pairs(root):
+            root.get_submodule(norm_name).feeds(root.get_submodule(consumer_name).input_quantizer)
+    return [adapter.family for _, _, adapter in roots]
+
+
+def norm_pairs(model: nn.Module) -> Iterator[NormPair]:
+    """Every adapter's LayerNorm -> consumer pairs, with names relative to `model`."""
+    for prefix, root, adapter in find_roots(model):
+        for norm_name, consumer_name in adapter.norm_pairs(root):
+            yield NormPair(_join(prefix, norm_name), root.get_submodule(norm_name),
+                           _join(prefix, consumer_name), root.get_submodule(consumer_name))
+
+
+def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every adapter's reconstruction units in model order, with names relative to `model`."""
+    return [(_join(prefix, name), root.get_submodule(name))
+            for prefix, root, adapter in find_roots(model) for name in adapter.units(root)]
 
 
 def family_of(model: nn.Module) -> str:
-    for cls in type(model).__mro__:
-        if cls in MODEL_FAMILIES:
-            return MODEL_FAMILIES[cls]
-    known = ", ".join(sorted(f"{c.__module__}.{c.__name__}" for c in MODEL_FAMILIES))
-    raise UnsupportedModelError(
-        f"vitq has no adapter for {type(model).__module__}.{type(model).__name__}. "
-        f"Known model classes: {known}. Add one in src/vitq/models/ (see docs/adding.md)."
-    )
-
-
-def rewrite(model: nn.Module) -> str:
-    """Convert every known module in place; returns the model family."""
-    family = family_of(model)
-    for module in list(model.modules()):
-        twin = MODULE_TWINS.get(type(module))
-        if twin is not None:
-            twin.convert(module)
-    for module in model.modules():  # twins that wire themselves to their (now converted) children
-        hook = getattr(module, "after_rewrite", None)
-        if callable(hook):
-            hook()
-    return family
+    """The family of the first adapted (sub)module; raises UnsupportedModelError if there is none."""
+    roots = find_roots(model)
+    if not roots:
+        rewrite(model)  # raises the explanatory error
+    return roots[0][2].family

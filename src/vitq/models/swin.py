@@ -5,7 +5,7 @@ import torch
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, WindowAttention
 
 from ..quant.modules import QuantMatMul, QuantSoftmax, Twin
-from .registry import register_family, register_twin
+from .registry import Adapter, register_adapter
 
 
 class QuantWindowAttention(Twin, WindowAttention):
@@ -39,10 +39,6 @@ class QuantWindowAttention(Twin, WindowAttention):
 class QuantSwinBlock(Twin, SwinTransformerBlock):
     """Swin block whose residual stream is quantized where it enters each LayerNorm."""
 
-    def after_rewrite(self) -> None:
-        self.norm1.feeds(self.attn.qkv.input_quantizer)
-        self.norm2.feeds(self.mlp.fc1.input_quantizer)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         x = self.norm1.input_quantizer(x)
@@ -55,11 +51,30 @@ class QuantSwinBlock(Twin, SwinTransformerBlock):
 class QuantPatchMerging(Twin, PatchMerging):
     """PatchMerging whose LayerNorm (over four concatenated channel groups) feeds the reduction layer."""
 
-    def after_rewrite(self) -> None:
-        self.norm.feeds(self.reduction.input_quantizer)
+
+class SwinAdapter(Adapter):
+    family = "swin"
+    roots = (SwinTransformer,)
+    twins = {WindowAttention: QuantWindowAttention, PatchMerging: QuantPatchMerging,
+             SwinTransformerBlock: QuantSwinBlock}
+
+    def units(self, root: SwinTransformer) -> list[str]:
+        names = ["patch_embed"]
+        for i, stage in enumerate(root.layers):
+            if isinstance(stage.downsample, PatchMerging):
+                names.append(f"layers.{i}.downsample")
+            names += [f"layers.{i}.blocks.{j}" for j in range(len(stage.blocks))]
+        return [*names, "head"]
+
+    def norm_pairs(self, root: SwinTransformer) -> list[tuple[str, str]]:
+        pairs = []
+        for i, stage in enumerate(root.layers):
+            if isinstance(stage.downsample, PatchMerging):
+                pairs.append((f"layers.{i}.downsample.norm", f"layers.{i}.downsample.reduction"))
+            for j in range(len(stage.blocks)):
+                b = f"layers.{i}.blocks.{j}"
+                pairs += [(f"{b}.norm1", f"{b}.attn.qkv"), (f"{b}.norm2", f"{b}.mlp.fc1")]
+        return pairs
 
 
-register_twin(WindowAttention, QuantWindowAttention)
-register_twin(PatchMerging, QuantPatchMerging)
-register_twin(SwinTransformerBlock, QuantSwinBlock)
-register_family(SwinTransformer, "swin")
+register_adapter(SwinAdapter())

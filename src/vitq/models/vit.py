@@ -6,7 +6,7 @@ from timm.layers import Attention, LayerNorm as TimmLayerNorm
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..quant.modules import QuantLayerNorm, QuantMatMul, QuantSoftmax, Twin
-from .registry import register_family, register_twin
+from .registry import Adapter, register_adapter
 
 
 def additive_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -52,10 +52,6 @@ class QuantBlock(Twin, Block):
     """Pre-norm block whose residual stream is quantized where it enters each LayerNorm (FQ-ViT's
     residual sums); with norm_input points off it computes exactly the float block."""
 
-    def after_rewrite(self) -> None:
-        self.norm1.feeds(self.attn.qkv.input_quantizer)
-        self.norm2.feeds(self.mlp.fc1.input_quantizer)
-
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
         x = self.norm1.input_quantizer(x)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1.normalize(x), attn_mask=attn_mask,
@@ -64,7 +60,20 @@ class QuantBlock(Twin, Block):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2.normalize(x))))
 
 
-register_twin(Attention, QuantAttention)
-register_twin(Block, QuantBlock)
-register_twin(TimmLayerNorm, QuantLayerNorm)
-register_family(VisionTransformer, "vit")
+class ViTAdapter(Adapter):
+    family = "vit"
+    roots = (VisionTransformer,)
+    twins = {Attention: QuantAttention, Block: QuantBlock, TimmLayerNorm: QuantLayerNorm}
+
+    def units(self, root: VisionTransformer) -> list[str]:
+        return ["patch_embed", *(f"blocks.{i}" for i in range(len(root.blocks))), "head"]
+
+    def norm_pairs(self, root: VisionTransformer) -> list[tuple[str, str]]:
+        pairs = []
+        for i, block in enumerate(root.blocks):
+            if isinstance(block, Block):
+                pairs += [(f"blocks.{i}.norm1", f"blocks.{i}.attn.qkv"), (f"blocks.{i}.norm2", f"blocks.{i}.mlp.fc1")]
+        return pairs
+
+
+register_adapter(ViTAdapter())

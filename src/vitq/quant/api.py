@@ -28,13 +28,21 @@ def iter_points(model: nn.Module) -> Iterator[tuple[str, QuantPoint]]:
 
 
 def quantize(model: nn.Module, recipe: Recipe | Mapping[str, Any], inplace: bool = True) -> nn.Module:
-    """Rewrite a float model into quantizable modules and place the recipe's quantizers.
+    """Rewrite a float model into quantizable modules, place the recipe's quantizers, and let the
+    recipe's method prepare them (`Method.prepare`).
 
     Points start in `off` mode: the model computes exactly what the float model did until `calibrate`.
     """
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_config(recipe)
+    model = place(model, recipe, inplace)
+    recipe.method_impl().prepare(model)
+    return model
+
+
+def place(model: nn.Module, recipe: Recipe, inplace: bool = True) -> nn.Module:
+    """Rewrite the model and configure every point from the recipe as written (no method hook)."""
     from ..models import rewrite  # adapters import timm; keep `vitq.quant` importable without it
 
-    recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_config(recipe)
     if not inplace:
         model = copy.deepcopy(model)
     rewrite(model)
@@ -62,14 +70,19 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
 
     Activation observers see float activations (every point passes through while observing). Under
     torch.distributed, observer states are merged across ranks first, so all ranks end identical.
+    The recipe's method hooks run after observing and after freezing (searches, reparameterization).
     """
+    recipe = getattr(model, "vitq_recipe", None)
+    if recipe is None:
+        raise ValueError("model was not made by vitq.quantize (it has no recipe): call vitq.quantize first")
+    method = recipe.method_impl()
     points = [(n, p) for n, p in iter_points(model) if p.configured]
     if not points:
         raise ValueError("nothing to calibrate: the recipe enables no quant point (is it fp32?)")
     set_mode(model, "off")  # observers see float activations, also when recalibrating
-    integer = [m for m in model.modules() if getattr(m, "integer", False)]
-    for m in integer:
-        m.integer = False
+    for m in model.modules():
+        if getattr(m, "integer", False):
+            m.integer = False
     points = [(n, p) for n, p in points if p.observer is not None]  # fixed grids need no data
     for _, p in points:
         p.observer.reset()
@@ -82,6 +95,7 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
         for module in model.modules():
             if isinstance(module, _QuantWeight) and module.weight_quantizer.configured:
                 module.weight_quantizer.observer.observe(module.weight)
+        method.after_observe(model)
         for name, p in points:
             if p.observer.empty:
                 raise RuntimeError(f"quant point {name}: saw no data during calibration; check that the "
@@ -89,34 +103,52 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
             if sync and p.kind != Kind.WEIGHT:
                 p.observer.sync_()
             p.freeze()
+        set_mode(model, "quant")
+        method.after_freeze(model)
     except BaseException:
         set_mode(model, "off")
         raise
     finally:
         model.train(was_training)
-    set_mode(model, "quant")
-    for m in integer:
-        m.integer = m.can_run_integer()
     return model
 
 
+@torch.no_grad()
+def refit_weight(module: nn.Module) -> None:
+    """Calibrate a layer's weight quantizer again after its weight changed (e.g. a reparameterization)."""
+    point = module.weight_quantizer
+    if point.configured and point.observer is not None:
+        point.observer.reset()
+        point.observer.observe(module.weight)
+        point.freeze()
+
+
 def set_integer(model: nn.Module, enabled: bool = True) -> int:
-    """Run LayerNorms and softmaxes through the integer kernels (FQ-ViT); returns how many modules switched.
+    """Run LayerNorms and softmaxes through the integer kernels; returns how many modules switched.
 
     Needs PTF at the LayerNorm inputs with a per-tensor uniform quantizer on the layer each feeds, and a
-    uniform score quantizer with log2 probabilities at each softmax (`quant=fqvit`).
+    uniform score quantizer with log2 probabilities at each softmax (`quant=fqvit`). Every kernel's
+    calibrated grid is checked first: one the integer arithmetic cannot represent fails here, named,
+    instead of at the first evaluation batch.
     """
     from .modules import QuantLayerNorm, QuantSoftmax
 
-    switched = 0
+    ready = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, (QuantLayerNorm, QuantSoftmax)) and m.can_run_integer()]
+    if enabled:
+        if not ready:
+            raise ValueError("no LayerNorm or softmax can run integer-only: that needs a calibrated model with "
+                             "PTF LayerNorm inputs and log2 attention probabilities (quant=fqvit, ptf and lis on)")
+        problems = [f"{n}: {msg}" for n, m in ready if (msg := m.integer_problem()) is not None]
+        if problems:
+            raise ValueError("the integer kernels cannot run this calibrated model:\n  " + "\n  ".join(problems[:5])
+                             + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""))
     for module in model.modules():
         if isinstance(module, (QuantLayerNorm, QuantSoftmax)):
-            module.integer = bool(enabled) and module.can_run_integer()
-            switched += module.integer
-    if enabled and not switched:
-        raise ValueError("no LayerNorm or softmax can run integer-only: that needs a calibrated model with "
-                         "PTF LayerNorm inputs and log2 attention probabilities (quant=fqvit, ptf and lis on)")
-    return switched
+            module.integer = False
+    for _, module in ready:
+        module.integer = bool(enabled)
+    return len(ready) if enabled else 0
 
 
 def summary(model: nn.Module) -> list[dict[str, Any]]:
@@ -128,11 +160,13 @@ def summary(model: nn.Module) -> list[dict[str, Any]]:
             q, s = p.quantizer, p.spec
             scale = getattr(q, "scale", None)
             row.update(bits=q.bits, granularity=s.granularity if s.quantizer == "uniform" else s.quantizer,
+                       channel_axis=p.channel_axis,
                        symmetric=s.symmetric, signed=s.signed, observer=s.observer if p.observer else None,
                        scale_min=None if scale is None else float(scale.min()),
                        scale_max=None if scale is None else float(scale.max()))
         else:
-            row.update(bits=None, granularity="float", symmetric=None, signed=None, observer=None,
+            row.update(bits=None, granularity="float", channel_axis=p.channel_axis, symmetric=None, signed=None,
+                       observer=None,
                        scale_min=None, scale_max=None)
         rows.append(row)
     return rows
@@ -171,14 +205,25 @@ def read_quantized(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_quantized(model: nn.Module, path: str | os.PathLike | Mapping[str, Any]) -> nn.Module:
     """Rebuild a quantized model from its float architecture and a `save_quantized` file (or the dict
-    `read_quantized` returned for it, so a caller that already read the file need not read it again)."""
+    `read_quantized` returned for it, so a caller that already read the file need not read it again).
+
+    The stored recipe describes the final model (after any reparameterization), so points are placed
+    from it without the method's `prepare` hook; parameters a method added (a folded bias) are created.
+    """
     ckpt = path if isinstance(path, Mapping) else read_quantized(path)
-    quantize(model, Recipe.from_config(ckpt["recipe"]))
-    model.load_state_dict(ckpt["state_dict"], strict=True)
+    recipe = Recipe.from_config(ckpt["recipe"])
+    place(model, recipe)
+    state = ckpt["state_dict"]
+    for name, module in model.named_modules():
+        if isinstance(module, _QuantWeight) and module.bias is None and f"{name}.bias" in state:
+            module.bias = nn.Parameter(torch.zeros(module.out_channels if hasattr(module, "out_channels")
+                                                   else module.out_features))
+    model.load_state_dict(state, strict=True)
     set_mode(model, "quant")
     modules = dict(model.named_modules())
     for name in ckpt.get("integer", []):  # modules that ran the integer kernels when saved
         modules[name].integer = modules[name].can_run_integer()
+    recipe.method_impl().after_load(model)
     return model
 
 

@@ -98,17 +98,21 @@ def int_exp(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def log_round_codes(num: torch.Tensor, den: torch.Tensor, max_code: int) -> torch.Tensor:
-    """Codes k of 2^-k for p = den / num: k = floor(log2(num / den)), plus one when num / den is at least
-    1.5 * 2^k (FQ-ViT's log round). Codes beyond max_code become max_code + 1 (dequantized to 0)."""
+    """Codes k of 2^-k for p = den / num, as FQ-ViT defines LIS: n = round(num / den) (half to even), then
+    k = floor(log2 n), plus one when n >= 1.5 * 2^floor(log2 n). Codes beyond max_code (and den <= 0)
+    become max_code + 1 (dequantized to 0). Integer arithmetic throughout."""
     num, den = num.long(), den.long()
     zero = den <= 0
     den = den.clamp_min(1)
-    k = torch.zeros_like(num)
-    for bit in (16, 8, 4, 2, 1):  # floor(log2(num / den)), capped at 31 (far beyond any code)
-        step = (den << (k + bit)) <= num
+    q = torch.div(num, den, rounding_mode="floor")
+    twice_rem = 2 * (num - q * den)
+    n = q + ((twice_rem > den) | ((twice_rem == den) & (q % 2 == 1))).long()
+    n = n.clamp_min(1)
+    k = torch.zeros_like(n)
+    for bit in (16, 8, 4, 2, 1):  # floor(log2 n), capped at 31 (far beyond any code)
+        step = (1 << (k + bit)) <= n
         k = torch.where(step, k + bit, k)
-    up = 2 * num >= 3 * (den << k)
-    k = k + up.long()
+    k = k + (2 * n >= 3 * (1 << k)).long()
     return torch.where(zero | (k > max_code), torch.full_like(k, max_code + 1), k)
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .integer import int_layernorm, int_softmax_log2
+from .integer import exp_constants, int_layernorm, int_softmax_log2, ln_std_bits, LN_FRACTION_BITS
 from .points import Kind, QuantPoint
 
 
@@ -32,11 +32,12 @@ class _QuantWeight(Twin):
     """Shared by QuantLinear and QuantConv2d: quantized input and weight, cached weight at inference."""
 
     weight: nn.Parameter
+    act_channel_axis = -1  # channel of the input/output layout: tokens [B, T, C]
 
     def _add_points(self) -> None:
-        self.input_quantizer = QuantPoint(Kind.LINEAR_INPUT)
-        self.weight_quantizer = QuantPoint(Kind.WEIGHT)
-        self.output_quantizer: QuantPoint | None = QuantPoint(Kind.LINEAR_OUTPUT)
+        self.input_quantizer = QuantPoint(Kind.LINEAR_INPUT, self.act_channel_axis)
+        self.weight_quantizer = QuantPoint(Kind.WEIGHT, 0)
+        self.output_quantizer: QuantPoint | None = QuantPoint(Kind.LINEAR_OUTPUT, self.act_channel_axis)
         self._wcache: tuple[tuple, torch.Tensor] | None = None
 
     def _output(self, y: torch.Tensor) -> torch.Tensor:
@@ -70,6 +71,8 @@ class QuantLinear(_QuantWeight, nn.Linear):
 
 
 class QuantConv2d(_QuantWeight, nn.Conv2d):
+    act_channel_axis = 1  # feature maps [B, C, H, W]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._output(self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias))
 
@@ -95,6 +98,19 @@ class QuantLayerNorm(Twin, nn.LayerNorm):
         return (inp.mode == "quant" and inp.spec is not None and inp.spec.quantizer == "ptf"
                 and out is not None and out.mode == "quant" and out.spec.quantizer == "uniform"
                 and not out.spec.per_channel and self.weight is not None)
+
+    def integer_problem(self) -> str | None:
+        """Why the integer kernel cannot represent this calibrated LayerNorm (None: it can)."""
+        ptf, out = self.input_quantizer.quantizer, self.out_point.quantizer
+        x_max = int(max(ptf.qmax - float(ptf.zero_point.max()), float(ptf.zero_point.max()) - ptf.qmin)) \
+            << int(ptf.alpha.max())
+        g_max = int(torch.round(self.weight.detach().double().abs().max() / float(out.scale)
+                                * (1 << LN_FRACTION_BITS)))
+        try:
+            ln_std_bits(self.normalized_shape[-1], x_max, g_max)
+        except OverflowError as e:
+            return str(e)
+        return None
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """LayerNorm of an input that is already quantized (a block quantizes its residual stream)."""
@@ -150,6 +166,15 @@ class QuantSoftmax(nn.Module):
         inp, out = self.input_quantizer, self.output_quantizer
         return (self.dim in (-1,) and inp.mode == "quant" and inp.spec.quantizer == "uniform"
                 and not inp.spec.per_channel and out.mode == "quant" and out.spec.quantizer == "log2")
+
+    def integer_problem(self) -> str | None:
+        """Why the integer softmax cannot represent this calibrated score grid (None: it can)."""
+        try:
+            exp_constants(float(self.input_quantizer.quantizer.scale))
+        except ValueError as e:
+            return (f"{e}: the score grid is too coarse for i-exp; use more activation bits (quant.a_bits) "
+                    f"or keep quant.integer=false")
+        return None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.integer:  # i-exp and log2 codes on the score grid (FQ-ViT's integer LIS)

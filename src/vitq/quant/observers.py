@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .quantizers import UniformQuantizer
+from .quantizers import Grid, UniformQuantizer
 
 Reduce = str  # "min" | "max" | "sum" | "mean" | "cat"
 
@@ -30,8 +30,9 @@ class Observer:
 
     reductions: dict[str, Reduce] = {}
 
-    def __init__(self, axis: int | None = None) -> None:
-        self.axis = axis
+    def __init__(self, axis: int | None = None, channel_axis: int = -1) -> None:
+        self.axis = axis  # per-channel axis, None per tensor
+        self.channel_axis = channel_axis if axis is None else axis  # the layout's channel (token sampling)
         self.state: dict[str, torch.Tensor] = {}
         self.merged = 1  # how many observers were folded in (for "mean" entries)
 
@@ -48,10 +49,10 @@ class Observer:
     def _update(self, x: torch.Tensor) -> None:  # x: [C, N]
         raise NotImplementedError
 
-    def range(self, quantizer: UniformQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
+    def range(self, quantizer: Grid) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def fit(self, quantizer: UniformQuantizer) -> None:
+    def fit(self, quantizer: Grid) -> None:
         """Set the quantizer's parameters from the statistics (most observers: through a range)."""
         quantizer.set_range(*self.range(quantizer))
 
@@ -73,7 +74,11 @@ class Observer:
                 "cat": lambda: torch.cat([a, b], dim=-1),
             }[how]()
         self.merged += other.merged
+        self._after_merge()
         return self
+
+    def _after_merge(self) -> None:
+        """Restore invariants a plain merge of the entries breaks (e.g. a sample's size cap)."""
 
     def sync_(self, group=None) -> "Observer":  # noqa: ANN001
         """Merge state across all ranks of a process group (no-op outside torch.distributed)."""
@@ -99,6 +104,7 @@ class Observer:
                 dist.all_reduce(t, op=op, group=group)
                 self.state[key] = t / world if how == "mean" else t
         self.merged *= world
+        self._after_merge()
         return self
 
 
@@ -126,7 +132,7 @@ class MinMaxObserver(Observer):
             self.state["min"] = torch.minimum(self.state["min"], lo)
             self.state["max"] = torch.maximum(self.state["max"], hi)
 
-    def range(self, quantizer: UniformQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
+    def range(self, quantizer: Grid) -> tuple[torch.Tensor, torch.Tensor]:
         return self.state["min"], self.state["max"]
 
 
@@ -135,8 +141,8 @@ class EMAObserver(Observer):
 
     reductions = {"min": "mean", "max": "mean"}
 
-    def __init__(self, axis: int | None = None, momentum: float = 0.01) -> None:
-        super().__init__(axis)
+    def __init__(self, axis: int | None = None, channel_axis: int = -1, momentum: float = 0.01) -> None:
+        super().__init__(axis, channel_axis)
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"EMA momentum must be in (0, 1], got {momentum}")
         self.momentum = momentum
@@ -150,7 +156,7 @@ class EMAObserver(Observer):
         self.state["min"] = (1 - m) * self.state["min"] + m * lo
         self.state["max"] = (1 - m) * self.state["max"] + m * hi
 
-    def range(self, quantizer: UniformQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
+    def range(self, quantizer: Grid) -> tuple[torch.Tensor, torch.Tensor]:
         return self.state["min"], self.state["max"]
 
 
@@ -169,8 +175,8 @@ class PercentileObserver(Observer):
 
     reductions = {"lo_sum": "sum", "hi_sum": "sum", "count": "sum"}
 
-    def __init__(self, axis: int | None = None, alpha: float = 0.99999) -> None:
-        super().__init__(axis)
+    def __init__(self, axis: int | None = None, channel_axis: int = -1, alpha: float = 0.99999) -> None:
+        super().__init__(axis, channel_axis)
         if not 0.5 < alpha <= 1.0:
             raise ValueError(f"percentile alpha must be in (0.5, 1], got {alpha}")
         self.alpha = alpha
@@ -185,42 +191,83 @@ class PercentileObserver(Observer):
             self.state["hi_sum"] = self.state["hi_sum"] + hi
             self.state["count"] = self.state["count"] + one
 
-    def range(self, quantizer: UniformQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
+    def range(self, quantizer: Grid) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.state["count"]
         return self.state["lo_sum"] / c, self.state["hi_sum"] / c
 
 
-class OMSEObserver(Observer):
-    """Shrink [min, max] by i% (i = 0..steps-1) and keep the clip with the lowest L2 error.
-
-    The error is measured on a bounded sample of the observed values (strided, about
-    `sample_per_batch` per channel and batch, the most recent `max_sample` kept); the sample is
-    concatenated across processes, so every rank searches on the same data.
+class TokenSampleMixin:
+    """A uniform random sample of up to `max_tokens` token vectors (one value per channel of the layout)
+    from everything observed, kept as state `sample` [C, T] with random keys `keys` [T] (a reservoir:
+    the tokens with the smallest keys). Every channel of a kept token is kept, so a search scores all
+    channels, and the sample spans the whole calibration set, not its last batches. Merging
+    concatenates and keeps the smallest keys again, so a merged sample is a uniform sample of the union.
     """
 
-    reductions = {"min": "min", "max": "max", "sample": "cat"}
+    max_tokens: int
+    state: dict[str, torch.Tensor]
+    channel_axis: int
 
-    def __init__(
-        self, axis: int | None = None, steps: int = 90, sample_per_batch: int = 65536, max_sample: int = 262144
-    ) -> None:
-        super().__init__(axis)
-        self.steps, self.sample_per_batch, self.max_sample = steps, sample_per_batch, max_sample
+    def _reset_sample(self) -> None:
+        self._batches = 0  # seeds the keys of each batch: the same data gives the same sample
 
-    def _update(self, x: torch.Tensor) -> None:
-        stride = max(1, x.shape[1] // self.sample_per_batch)
-        sample = x[:, ::stride].clone()  # never a view of the caller's tensor
-        lo, hi = x.amin(dim=1), x.amax(dim=1)
+    def _add_tokens(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        ch = self.channel_axis % x.dim()
+        tokens = x.movedim(ch, -1).reshape(-1, x.shape[ch])  # a view when channels are last
+        self._batches = getattr(self, "_batches", 0) + 1
+        keys = torch.rand(tokens.shape[0], generator=torch.Generator().manual_seed(self._batches)).to(tokens.device)
+        old_keys = self.state.get("keys")
+        old = 0 if old_keys is None else old_keys.numel()
+        all_keys = keys if old_keys is None else torch.cat([old_keys, keys])
+        keep = all_keys.topk(min(self.max_tokens, all_keys.numel()), largest=False).indices.sort().values
+        new = tokens[keep[keep >= old] - old].t().float()  # only the kept tokens are copied
+        self.state["sample"] = new if old_keys is None else torch.cat([self.state["sample"][:, keep[keep < old]], new], 1)
+        self.state["keys"] = all_keys[keep]
+
+    def _trim_sample(self) -> None:
+        keys = self.state.get("keys")
+        if keys is not None and keys.numel() > self.max_tokens:
+            keep = keys.topk(self.max_tokens, largest=False).indices.sort().values
+            self.state["sample"], self.state["keys"] = self.state["sample"][:, keep], keys[keep]
+
+    def _values(self, per_channel: bool) -> torch.Tensor:
+        """The sample as [C, T] (per channel) or [1, C T] (per tensor)."""
+        x = self.state["sample"]
+        return x if per_channel else x.reshape(1, -1)
+
+
+class OMSEObserver(TokenSampleMixin, Observer):
+    """Shrink [min, max] by i% (i = 0..steps-1) and keep the clip with the lowest L2 error, scored on the
+    point's own grid (`quantizer.probe()`), over a token sample that spans the calibration set."""
+
+    reductions = {"min": "min", "max": "max", "sample": "cat", "keys": "cat"}
+
+    def __init__(self, axis: int | None = None, channel_axis: int = -1, steps: int = 90,
+                 max_tokens: int = 2048) -> None:
+        super().__init__(axis, channel_axis)
+        self.steps, self.max_tokens = steps, max_tokens
+
+    def reset(self) -> None:
+        super().reset()
+        self._reset_sample()
+
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = _amin_amax(x, self.axis)
         if self.empty:
-            self.state = {"min": lo, "max": hi, "sample": sample}
-            return
-        self.state["min"] = torch.minimum(self.state["min"], lo)
-        self.state["max"] = torch.maximum(self.state["max"], hi)
-        self.state["sample"] = torch.cat([self.state["sample"], sample], 1)[:, -self.max_sample :]
+            self.state = {"min": lo, "max": hi}
+        else:
+            self.state["min"] = torch.minimum(self.state["min"], lo)
+            self.state["max"] = torch.maximum(self.state["max"], hi)
+        self._add_tokens(x)
+
+    def _after_merge(self) -> None:
+        self._trim_sample()
 
     @torch.no_grad()
-    def range(self, quantizer: UniformQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi, x = self.state["min"], self.state["max"], self.state["sample"]
-        probe = _probe_quantizer(quantizer)
+    def range(self, quantizer: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi, x = self.state["min"], self.state["max"], self._values(self.axis is not None)
+        probe = quantizer.probe()
         best_err = torch.full_like(lo, float("inf"))
         best_lo, best_hi = lo.clone(), hi.clone()
         for i in range(self.steps):
@@ -234,39 +281,75 @@ class OMSEObserver(Observer):
         return best_lo, best_hi
 
 
-def _probe_quantizer(quantizer: UniformQuantizer) -> UniformQuantizer:
-    """A copy of the quantizer's grid laid out as [C, N] (channel axis 0) for search observers."""
-    return UniformQuantizer(
-        quantizer.bits, quantizer.symmetric, quantizer.signed, axis=0 if quantizer.per_channel else None
-    )
+class QuantileObserver(TokenSampleMixin, Observer):
+    """Clip at the candidate quantile pair (1 - p, p) with the lowest L2 error on the point's own grid
+    (RepQ-ViT's search: p in {0.999, 0.9999, 0.99999}), per tensor or per channel, over a token sample
+    that spans the calibration set."""
+
+    reductions = {"sample": "cat", "keys": "cat"}
+
+    def __init__(self, axis: int | None = None, channel_axis: int = -1,
+                 quantiles: tuple[float, ...] = (0.999, 0.9999, 0.99999), max_tokens: int = 4096) -> None:
+        super().__init__(axis, channel_axis)
+        quantiles = tuple(float(q) for q in quantiles)
+        if not quantiles or not all(0.5 < q <= 1.0 for q in quantiles):
+            raise ValueError(f"quantile candidates must be in (0.5, 1], got {quantiles}")
+        self.quantiles, self.max_tokens = quantiles, max_tokens
+
+    def reset(self) -> None:
+        super().reset()
+        self._reset_sample()
+
+    def observe(self, x: torch.Tensor) -> None:
+        self._add_tokens(x)
+
+    def _after_merge(self) -> None:
+        self._trim_sample()
+
+    @torch.no_grad()
+    def range(self, quantizer: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self._values(self.axis is not None)
+        probe = quantizer.probe()
+        best = None
+        for q in self.quantiles:
+            lo, hi = _kth_quantile(x, 1.0 - q), _kth_quantile(x, q)
+            probe.set_range(lo, hi)
+            err = (probe(x) - x).pow(2).sum(dim=1)
+            if best is None:
+                best = [err, lo, hi]
+                continue
+            better = err < best[0]
+            best = [torch.where(better, err, best[0]), torch.where(better, lo, best[1]),
+                    torch.where(better, hi, best[2])]
+        return best[1], best[2]
 
 
-class PTFObserver(Observer):
+class PTFObserver(TokenSampleMixin, Observer):
     """FQ-ViT's Power-of-Two Factor: the layer-wise range comes from an inner calibrator (minmax, ema,
     percentile or omse); each channel then takes the factor 2^alpha (alpha in 0..K) with the lowest L2
-    error on a bounded sample of recent tokens (FQ-ViT searches on the last batch)."""
+    error on a token sample spanning the calibration set (FQ-ViT searches on its last batch)."""
 
-    reductions = {"sample": "cat"}
+    reductions = {"sample": "cat", "keys": "cat"}
 
-    def __init__(self, axis: int | None = -1, calibrator: str = "minmax", max_tokens: int = 2048,
+    def __init__(self, axis: int | None = -1, calibrator: str = "minmax", max_tokens: int = 4096,
                  **calibrator_args) -> None:  # noqa: ANN003
         super().__init__(-1 if axis is None else axis)
         if calibrator == "ptf":
             raise ValueError("PTF needs a layer-wise calibrator: minmax, ema, percentile or omse")
-        self.inner = make_observer(calibrator, axis=None, **calibrator_args)
+        self.inner = make_observer(calibrator, axis=None, channel_axis=self.axis, **calibrator_args)
         self.max_tokens = max_tokens
 
     def reset(self) -> None:
         super().reset()
         self.inner.reset()
+        self._reset_sample()
 
     def observe(self, x: torch.Tensor) -> None:
         self.inner.observe(x)
-        x = x.detach()
-        tokens = x.movedim(self.axis, -1).reshape(-1, x.shape[self.axis])  # a view when channels are last
-        sample = tokens[-self.max_tokens :].t().float().clone()  # [C, T]: only the tokens kept are copied
-        old = self.state.get("sample")
-        self.state["sample"] = sample if old is None else torch.cat([old, sample], 1)[:, -self.max_tokens :]
+        self._add_tokens(x)
+
+    def _after_merge(self) -> None:
+        self._trim_sample()
 
     def merge_(self, other: "Observer") -> "Observer":
         self.inner.merge_(other.inner)  # type: ignore[attr-defined]
@@ -295,13 +378,14 @@ OBSERVERS: dict[str, Callable[..., Observer]] = {
     "ema": EMAObserver,
     "percentile": PercentileObserver,
     "omse": OMSEObserver,
+    "quantile": QuantileObserver,
 }
 
 
-def make_observer(name: str, axis: int | None = None, **kwargs) -> Observer:  # noqa: ANN003
+def make_observer(name: str, axis: int | None = None, channel_axis: int = -1, **kwargs) -> Observer:  # noqa: ANN003
     if name not in OBSERVERS:
         raise ValueError(f"unknown observer {name!r}: choose one of {sorted(OBSERVERS)}")
-    return OBSERVERS[name](axis=axis, **kwargs)
+    return OBSERVERS[name](axis=axis, channel_axis=channel_axis, **kwargs)
 
 
 def register_observer(name: str, factory: Callable[..., Observer]) -> None:

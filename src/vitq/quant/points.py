@@ -11,10 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .observers import Observer, PTFObserver, make_observer
-from .quantizers import Log2Quantizer, PTFQuantizer, UniformQuantizer, check_bits
-
-QUANTIZERS = ("uniform", "ptf", "log2")
+from .observers import Observer, make_observer
+from .quantizers import Grid, check_bits, get_grid
 
 
 class Kind:
@@ -47,19 +45,18 @@ class PointSpec:
     symmetric: bool = False
     signed: bool | None = None
     per_channel: bool = False
-    axis: int | None = None  # channel axis when per_channel; default 0 for weights, -1 for activations
+    axis: int | None = None  # per-channel axis; default: the point's layout channel (set by the adapter)
     observer: str = "minmax"
     observer_args: dict = field(default_factory=dict)
     learnable: bool = False
     enable: bool = True
-    quantizer: str = "uniform"  # uniform | ptf (LayerNorm inputs) | log2 (attention probabilities)
+    quantizer: str = "uniform"  # a registered grid: uniform | ptf | log2 | log_sqrt2 (see GRIDS)
     max_factor: int = 3  # PTF: channel factors 2^0 .. 2^K
 
     def __post_init__(self) -> None:
         check_bits(self.bits, "quant point")
-        if self.quantizer not in QUANTIZERS:
-            raise ValueError(f"unknown quantizer {self.quantizer!r}: choose one of {QUANTIZERS}")
-        if self.quantizer != "log2":  # build the observer once now, so a bad name or argument fails early
+        grid = get_grid(self.quantizer)
+        if grid.observed:  # build the observer once now, so a bad name or argument fails early
             try:
                 make_observer(self.observer, axis=None, **dict(self.observer_args))
             except TypeError as e:
@@ -74,20 +71,24 @@ class QuantPoint(nn.Module):
     """One tensor's fake quantizer with an attached observer.
 
     Modes: `off` (pass-through), `observe` (pass the float value, update the observer) and `quant`.
+    `channel_axis` is the true channel of the tensor's layout, set by the twin that owns the point:
+    -1 for tokens [B, T, C] and attention operands [B, heads, T, d], 1 for convolution maps [B, C, H, W],
+    0 for weights (output channels).
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, channel_axis: int | None = None) -> None:
         super().__init__()
         if kind not in Kind.ALL:
             raise ValueError(f"unknown quant point kind {kind!r}; known kinds: {Kind.ALL}")
         self.kind = kind
+        self.channel_axis = (0 if kind == Kind.WEIGHT else -1) if channel_axis is None else channel_axis
         self.spec: PointSpec | None = None
-        self.quantizer: UniformQuantizer | None = None
+        self.quantizer: Grid | None = None
         self.observer: Observer | None = None
         self.mode = "off"
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, mode={self.mode}"
+        return f"kind={self.kind}, channel_axis={self.channel_axis}, mode={self.mode}"
 
     @property
     def configured(self) -> bool:
@@ -99,19 +100,10 @@ class QuantPoint(nn.Module):
         if spec is None or not spec.enable:
             self.spec, self.quantizer, self.observer = spec, None, None
             return
-        axis = spec.axis if spec.axis is not None else (0 if self.kind == Kind.WEIGHT else -1)
-        axis = axis if spec.per_channel else None
+        axis = (self.channel_axis if spec.axis is None else spec.axis) if spec.per_channel else None
         self.spec = spec
-        args = dict(spec.observer_args)
-        if spec.quantizer == "ptf":
-            channel = spec.axis if spec.axis is not None else -1
-            self.quantizer = PTFQuantizer(spec.bits, spec.max_factor, axis=channel)
-            self.observer = PTFObserver(channel, calibrator=spec.observer, **args)
-        elif spec.quantizer == "log2":
-            self.quantizer, self.observer = Log2Quantizer(spec.bits), None  # fixed grid: nothing to observe
-        else:
-            self.quantizer = UniformQuantizer(spec.bits, spec.symmetric, spec.signed, axis, spec.learnable)
-            self.observer = make_observer(spec.observer, axis=axis, **args)
+        self.quantizer = get_grid(spec.quantizer).from_spec(spec, axis, self.channel_axis)
+        self.observer = self.quantizer.make_observer(spec, axis, self.channel_axis)
 
     def set_mode(self, mode: str) -> None:
         if mode not in ("off", "observe", "quant"):

@@ -1,15 +1,41 @@
-"""Uniform fake quantizer: the arithmetic that stands at every quant point.
+"""Quantizer grids: one class each, in a registry recipes name (`quantizer: uniform | ptf | log2 | log_sqrt2`).
 
-A quantizer owns its integer grid (bits, signedness) and its parameters (scale, zero point), and knows
-how to derive them from a real-valued range. Observers decide the range; quantizers never look at data.
+A grid owns its integer codes (bits, signedness) and its parameters, and knows how to derive them from
+a real-valued range. Observers decide the range; grids never look at data. Each grid exposes:
+- `forward`: fake quantization, straight-through in training;
+- `probe()`: a copy laid out channels-first (`[C, N]`) that search calibrators (OMSE, quantile) score
+  candidate ranges with, so a search always scores the point's real grid;
+- `export_params()`: what an exporter needs to write the point as integer arithmetic.
+Adding a grid is one class here plus `@register_grid`, nothing else.
 """
 from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
 MIN_BITS, MAX_BITS = 2, 16
 _EPS = 1e-8
+
+GRIDS: dict[str, type["Grid"]] = {}
+
+
+def register_grid(name: str) -> Callable[[type["Grid"]], type["Grid"]]:
+    """Class decorator: make a grid available to recipes as `quantizer: <name>`."""
+    def add(cls: type[Grid]) -> type[Grid]:
+        cls.grid_name = name
+        GRIDS[name] = cls
+        return cls
+    return add
+
+
+def get_grid(name: str) -> type["Grid"]:
+    if name not in GRIDS:
+        raise ValueError(f"unknown quantizer {name!r}: choose one of {sorted(GRIDS)}")
+    return GRIDS[name]
 
 
 def check_bits(bits: int, where: str = "quantizer") -> int:
@@ -27,7 +53,38 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(x) - x).detach() + x
 
 
-class UniformQuantizer(nn.Module):
+class Grid(nn.Module):
+    """Base of every registered quantizer grid."""
+
+    grid_name: ClassVar[str] = "?"
+    kinds: ClassVar[frozenset[str] | None] = None  # kinds of point this grid may stand at (None: any)
+    observed: ClassVar[bool] = True  # False: a fixed grid that needs no calibration data
+    bits: int
+
+    @classmethod
+    def from_spec(cls, spec: Any, axis: int | None, channel_axis: int) -> "Grid":
+        """Build from a PointSpec; `axis` is the per-channel axis (None: per tensor), `channel_axis` the
+        layout's channel axis (needed by grids that are per channel by construction)."""
+        raise NotImplementedError
+
+    def make_observer(self, spec: Any, axis: int | None, channel_axis: int):  # noqa: ANN201
+        from .observers import make_observer
+
+        return make_observer(spec.observer, axis=axis, channel_axis=channel_axis, **dict(spec.observer_args))
+
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def probe(self) -> "Grid":
+        """A copy of this grid laid out as [C, N] (per-channel axis 0), for search calibrators."""
+        raise NotImplementedError
+
+    def export_params(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+@register_grid("uniform")
+class UniformQuantizer(Grid):
     """Affine uniform quantizer, per-tensor or per-channel, with straight-through rounding.
 
     symmetric=True keeps the zero point at 0 (signed grid [-2^(b-1), 2^(b-1)-1] or, with signed=False,
@@ -69,6 +126,17 @@ class UniformQuantizer(nn.Module):
         gran = f"per-channel(axis={self.axis})" if self.per_channel else "per-tensor"
         sym = "symmetric" if self.symmetric else "asymmetric"
         return f"bits={self.bits}, {grid}, {sym}, {gran}" + (", learnable" if self.learnable else "")
+
+    @classmethod
+    def from_spec(cls, spec, axis: int | None, channel_axis: int) -> "UniformQuantizer":  # noqa: ANN001
+        return cls(spec.bits, spec.symmetric, spec.signed, axis, spec.learnable)
+
+    def probe(self) -> "UniformQuantizer":
+        return UniformQuantizer(self.bits, self.symmetric, self.signed, axis=0 if self.per_channel else None)
+
+    def export_params(self) -> dict:
+        return {"grid": "uniform", "scale": self.scale.detach().clone(), "zero_point": self.zero_point.detach().clone(),
+                "qmin": self.qmin, "qmax": self.qmax, "axis": self.axis}
 
     @torch.no_grad()
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
@@ -160,6 +228,7 @@ class UniformQuantizer(nn.Module):
         return (q - zp) * scale
 
 
+@register_grid("ptf")
 class PTFQuantizer(UniformQuantizer):
     """Power-of-Two Factor (FQ-ViT) for LayerNorm inputs: one layer-wise scale s and zero point, and
     per-channel factors alpha_c in {0..K}; channel c is quantized with scale s * 2^alpha_c.
@@ -167,6 +236,8 @@ class PTFQuantizer(UniformQuantizer):
     The grid is unsigned asymmetric; `scale`/`zero_point` hold the effective per-channel values (so
     the fused per-channel kernel does the work) and `base_scale`/`alpha` the integer-friendly form.
     """
+
+    kinds = frozenset({"norm_input"})
 
     def __init__(self, bits: int = 8, max_factor: int = 3, axis: int = -1) -> None:
         super().__init__(bits, symmetric=False, signed=False, axis=axis)
@@ -176,8 +247,21 @@ class PTFQuantizer(UniformQuantizer):
         self.register_buffer("base_scale", torch.ones(1))
         self.register_buffer("alpha", torch.zeros(1))
 
+    @classmethod
+    def from_spec(cls, spec, axis: int | None, channel_axis: int) -> "PTFQuantizer":  # noqa: ANN001
+        return cls(spec.bits, spec.max_factor, axis=channel_axis if spec.axis is None else spec.axis)
+
+    def make_observer(self, spec, axis: int | None, channel_axis: int):  # noqa: ANN001, ANN201
+        from .observers import PTFObserver
+
+        return PTFObserver(self.axis, calibrator=spec.observer, **dict(spec.observer_args))
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, PTF K={self.max_factor}, channel axis={self.axis}"
+
+    def export_params(self) -> dict:
+        return {**super().export_params(), "grid": "ptf", "base_scale": self.base_scale.detach().clone(),
+                "alpha": self.alpha.detach().clone()}
 
     @torch.no_grad()
     def base_grid(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,28 +287,52 @@ class PTFQuantizer(UniformQuantizer):
         self.set_params(self.base_scale * 2**self.alpha, zero_point.reshape(1).expand_as(alpha))
 
 
-class Log2Quantizer(nn.Module):
-    """Log2 quantizer for attention probabilities (FQ-ViT's LIS): x -> 2^-q with q in [0, 2^b - 1];
-    values below the grid dequantize to 0.
+def log_round(n: torch.Tensor) -> torch.Tensor:
+    """FQ-ViT's log round of n >= 1: k = floor(log2 n), plus one when n >= 1.5 * 2^k (float tensors;
+    exact, through frexp: n = m 2^e with m in [0.5, 1))."""
+    mantissa, exponent = torch.frexp(n)
+    return (exponent - 1 + (mantissa >= 0.75).to(exponent.dtype)).to(n.dtype)
 
-    q rounds 1/x to the nearest power of two (q = floor(log2(1/x)), plus one when 1/x >= 1.5 * 2^q):
-    the log-round of FQ-ViT's integer softmax, so simulation and integer kernel give identical codes
-    for identical probabilities.
+
+@register_grid("log2")
+class Log2Quantizer(Grid):
+    """Log2 quantizer for attention probabilities (FQ-ViT's LIS): x -> 2^-q with q in [0, 2^b - 1];
+    codes beyond the grid dequantize to 0.
+
+    As FQ-ViT defines it, 1/x is first rounded to an integer n, then q = log_round(n) (floor(log2 n),
+    plus one when n >= 1.5 * 2^floor(log2 n)). The integer softmax computes the same n as the rounded
+    integer ratio row-sum / exp, so the simulation here is the float twin of the integer kernel.
     """
+
+    kinds = frozenset({"softmax_output"})
+    observed = False
 
     def __init__(self, bits: int = 4) -> None:
         super().__init__()
         self.bits = check_bits(bits)
         self.qmax = 2**bits - 1
 
+    @classmethod
+    def from_spec(cls, spec, axis: int | None, channel_axis: int) -> "Log2Quantizer":  # noqa: ANN001
+        return cls(spec.bits)
+
+    def make_observer(self, spec, axis: int | None, channel_axis: int) -> None:  # noqa: ANN001
+        return None  # fixed grid
+
+    def probe(self) -> "Log2Quantizer":
+        return Log2Quantizer(self.bits)
+
+    def export_params(self) -> dict:
+        return {"grid": "log2", "bits": self.bits, "qmax": self.qmax}
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, log2"
 
     def codes_from_ratio(self, ratio: torch.Tensor) -> torch.Tensor:
-        """Codes for 1/x given directly (exact for ratios of integers in float64)."""
-        mantissa, exponent = torch.frexp(ratio)  # ratio = m 2^e, m in [0.5, 1)
-        q = (exponent - 1 + (mantissa >= 0.75).to(exponent.dtype)).to(ratio.dtype)
-        return torch.where(torch.isfinite(ratio), q, torch.full_like(q, self.qmax + 1)).clamp(0, self.qmax + 1)
+        """Codes for 1/x given directly: the ratio is rounded to an integer first (half to even)."""
+        n = torch.round(ratio)
+        q = log_round(n.clamp_min(1.0))
+        return torch.where(torch.isfinite(n), q, torch.full_like(q, self.qmax + 1)).clamp(0, self.qmax + 1)
 
     def to_codes(self, x: torch.Tensor) -> torch.Tensor:
         """Codes 0..2^b-1, or 2^b for values that dequantize to zero."""
@@ -238,12 +346,76 @@ class Log2Quantizer(nn.Module):
             deq = self.from_codes(self.to_codes(x.detach()))
             return x + (deq - x).detach()  # straight-through
         # inference: the same codes with fewer passes over the attention tensor
-        mantissa, exponent = torch.frexp(torch.reciprocal(x))
+        n = torch.reciprocal(x).round_()
+        mantissa, exponent = torch.frexp(n)
         code = exponent.sub_(1).add_(mantissa >= 0.75).clamp_(0, self.qmax)
         out = torch.exp2(code.neg_().to(x.dtype))
         return out.masked_fill_(x <= self.zero_below, 0.0)
 
     @property
     def zero_below(self) -> float:
-        """x at or below this dequantizes to 0 (1/x >= 1.5 * 2^qmax gives a code beyond the grid)."""
-        return max(2.0 ** -self.qmax / 1.5, 2.0**-128)  # below 2^-128, 1/x overflows float32
+        """x at or below this dequantizes to 0: round(1/x) >= 1.5 * 2^qmax gives a code beyond the grid,
+        i.e. 1/x >= 1.5 * 2^qmax - 0.5 (a tie rounds to the even integer 1.5 * 2^qmax for qmax >= 1)."""
+        return max(1.0 / (1.5 * 2.0**self.qmax - 0.5), 2.0**-128)  # below 2^-128, 1/x overflows float32
+
+
+@register_grid("log_sqrt2")
+class LogSqrt2Quantizer(Grid):
+    """Base-sqrt(2) log quantizer for attention probabilities (RepQ-ViT): q = clamp(round(-2 log2(x/D)),
+    0, 2^b - 1), dequantized as D 2^(-q/2); raw codes at or beyond 2^b dequantize to 0.
+
+    D (`scale`) comes from a calibrator: `set_range(lo, hi)` takes D = hi, so a quantile search over
+    candidate clips scores this grid directly.
+    """
+
+    kinds = frozenset({"softmax_output"})
+
+    def __init__(self, bits: int = 4) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.qmax = 2**bits - 1
+        self.register_buffer("scale", torch.ones(1))
+
+    @classmethod
+    def from_spec(cls, spec, axis: int | None, channel_axis: int) -> "LogSqrt2Quantizer":  # noqa: ANN001
+        if axis is not None:
+            raise ValueError("the log_sqrt2 quantizer is per tensor: set per_channel: false")
+        return cls(spec.bits)
+
+    def make_observer(self, spec, axis: int | None, channel_axis: int):  # noqa: ANN001, ANN201
+        return super().make_observer(spec, None, channel_axis)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, log-sqrt2"
+
+    def probe(self) -> "LogSqrt2Quantizer":
+        return LogSqrt2Quantizer(self.bits)
+
+    def export_params(self) -> dict:
+        return {"grid": "log_sqrt2", "bits": self.bits, "scale": self.scale.detach().clone()}
+
+    @torch.no_grad()
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        hi = torch.as_tensor(hi, dtype=torch.float32).reshape(-1).max()
+        self.scale = hi.clamp_min(_EPS).reshape(1).to(self.scale.device)
+
+    def to_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes 0..2^b-1, or 2^b for values that dequantize to zero (x <= 0 included)."""
+        raw = torch.round(-2.0 * torch.log2(x / self.scale))
+        raw = torch.nan_to_num(raw, nan=float(self.qmax + 1), posinf=float(self.qmax + 1))
+        return torch.where(raw > self.qmax, torch.full_like(raw, self.qmax + 1), raw.clamp_min(0))
+
+    def from_codes(self, q: torch.Tensor) -> torch.Tensor:
+        return torch.where(q > self.qmax, torch.zeros_like(q), self.scale * torch.exp2(-0.5 * q))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            return self.forward(x.float()).to(x.dtype)
+        deq = self.from_codes(self.to_codes(x.detach()))
+        if torch.is_grad_enabled() and x.requires_grad:
+            return x + (deq - x).detach()  # straight-through
+        return deq
+
+
+__all__ = ["GRIDS", "Grid", "Log2Quantizer", "LogSqrt2Quantizer", "MAX_BITS", "MIN_BITS", "PTFQuantizer",
+           "UniformQuantizer", "check_bits", "get_grid", "log_round", "register_grid", "round_ste"]

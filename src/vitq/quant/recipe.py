@@ -16,6 +16,7 @@ from fnmatch import fnmatchcase
 from typing import Any, Mapping
 
 from .points import SCOPES, Kind, PointSpec
+from .quantizers import get_grid
 
 _SPEC_FIELDS = {f.name for f in dataclasses.fields(PointSpec)}
 # per-kind sections; "activation" is the default for every non-weight kind
@@ -51,14 +52,24 @@ class Recipe:
     scope: str = "matmul"
     specs: dict[str, PointSpec] = field(default_factory=dict)
     overrides: list[Override] = field(default_factory=list)
+    method: str = "ptq"  # a registered method (vitq.methods): its hooks run around calibration
+    options: dict = field(default_factory=dict)  # the method's switches
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
             raise ValueError(f"unknown scope {self.scope!r}: choose one of {sorted(SCOPES)}")
+        self.method_impl()  # an unknown method or option fails here
+
+    def method_impl(self):  # noqa: ANN201
+        """The method object (hooks) this recipe names."""
+        from ..methods import get_method  # methods build on vitq.quant; import on use
+
+        return get_method(self.method)(self.options)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "Recipe":
-        """Build from a plain mapping (a `conf/quant/*.yaml` group); extra keys are ignored."""
+        """Build from a plain mapping (a recipe YAML as Hydra composes it, or a dict). Keys the recipe
+        does not read (w_bits, a_bits, calib, ...) are ignored; the method's switches are read by name."""
         specs: dict[str, PointSpec] = {}
         for section in ("weight", "activation", *[k for k in Kind.ALL if k != Kind.WEIGHT]):
             if cfg.get(section) is None:
@@ -72,11 +83,13 @@ class Recipe:
                     spec = _spec(dict(cfg[section]), f"quant.{section}")  # validates the keys either way
                     if cfg[section].get("bits") is not None:
                         specs[kind] = spec
-        # FQ-ViT's switches, usable with any calibrator: PTF at LayerNorm inputs, log2 (LIS) probabilities
-        if cfg.get("ptf") and Kind.NORM_INPUT in specs:
-            specs[Kind.NORM_INPUT] = dataclasses.replace(specs[Kind.NORM_INPUT], quantizer="ptf")
-        if cfg.get("lis") and Kind.SOFTMAX_OUTPUT in specs:
-            specs[Kind.SOFTMAX_OUTPUT] = dataclasses.replace(specs[Kind.SOFTMAX_OUTPUT], quantizer="log2")
+        from ..methods import get_method
+
+        method = str(cfg.get("method") or "ptq")
+        impl = get_method(method)
+        options = {k: cfg[k] for k in impl.option_names() if k in cfg}
+        scope = str(cfg.get("scope", "matmul"))
+        specs = impl(options).specs(specs, scope)
         overrides = []
         for i, entry in enumerate(cfg.get("overrides") or []):
             entry = dict(entry)
@@ -88,13 +101,15 @@ class Recipe:
             pattern = entry.pop("pattern")
             _spec(entry, f"quant.overrides[{i}] ({pattern})")  # validate keys and bits now
             overrides.append(Override(pattern, kind, entry))
-        return cls(name=str(cfg.get("name", "custom")), scope=str(cfg.get("scope", "matmul")),
-                   specs=specs, overrides=overrides)
+        return cls(name=str(cfg.get("name", "custom")), scope=scope, specs=specs, overrides=overrides,
+                   method=method, options=impl(options).option_dict())
 
     def to_config(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "scope": self.scope,
+            "method": self.method,
+            **self.options,
             **{k: dataclasses.asdict(s) for k, s in self.specs.items()},
             "overrides": [{"pattern": o.pattern, **({"kind": o.kind} if o.kind else {}), **o.values}
                           for o in self.overrides],
@@ -111,9 +126,10 @@ class Recipe:
             spec = _spec(o.values, f"override {o.pattern!r}", spec or self.specs.get(kind) or PointSpec())
         if spec is None or not spec.enable:
             return None
-        only = {"log2": Kind.SOFTMAX_OUTPUT, "ptf": Kind.NORM_INPUT}.get(spec.quantizer)
-        if only is not None and kind != only:
-            raise ValueError(f"{name}: the {spec.quantizer} quantizer stands only at {only} points, not {kind}")
+        only = get_grid(spec.quantizer).kinds
+        if only is not None and kind not in only:
+            raise ValueError(f"{name}: the {spec.quantizer} quantizer stands only at {', '.join(sorted(only))} "
+                             f"points, not {kind}")
         return spec
 
     def check_patterns(self, names: list[str], kinds: list[str]) -> None:
@@ -129,13 +145,13 @@ class Recipe:
                 )
 
     def describe(self) -> str:
-        """One line for result tables: scope and bit widths."""
+        """One line for result tables: bit widths, scope and every grid other than uniform."""
         w = self.specs.get(Kind.WEIGHT)
         a = self.specs.get(Kind.LINEAR_INPUT)
         s = self.specs.get(Kind.SOFTMAX_OUTPUT)
         parts = [f"W{w.bits}" if w else "Wfp", f"A{a.bits}" if a else "Afp"]
         if s and a and (s.bits != a.bits or s.quantizer != "uniform"):
-            parts.append(f"Attn{s.bits}" + ("-log2" if s.quantizer == "log2" else ""))
-        n = self.specs.get(Kind.NORM_INPUT)
-        extra = " +PTF" if n and n.quantizer == "ptf" and self.scope == "full" else ""
-        return "/".join(parts) + f" {self.scope}{extra}"
+            parts.append(f"Attn{s.bits}" + ("" if s.quantizer == "uniform" else f"-{s.quantizer}"))
+        grids = sorted({f"+{sp.quantizer}" for k, sp in self.specs.items()
+                        if sp.quantizer != "uniform" and k in SCOPES[self.scope] and k != Kind.SOFTMAX_OUTPUT})
+        return " ".join(["/".join(parts), self.scope, *grids])

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+import torch
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
 from ..quant.points import Kind
 from ..quant.recipe import Recipe
+from .ci import paired_bootstrap
 
 
 def _bits(recipe: Recipe, kind: str) -> int | None:
@@ -15,27 +18,49 @@ def _bits(recipe: Recipe, kind: str) -> int | None:
     return spec.bits if spec is not None and spec.enable else None
 
 
-def results_row(cfg: Any, recipe: Recipe, fp: dict, quant: dict, calib_seconds: float, source: str,
-                integer: bool = False, calib_samples: int | None = None) -> dict:
-    """One comparable row: the scope and bit widths travel with every number."""
-    return {
-        "model": cfg.model.name, "task": cfg.task.name, "recipe": recipe.name, "scope": recipe.scope,
+def unit_bits(model: nn.Module, unit: str | None) -> str:
+    """'W8A8'-style bits of the first weighted layer inside a unit (patch embedding, head), 'fp' if float."""
+    if unit is None:
+        return "-"
+    from ..quant.api import iter_points
+
+    found: dict[str, int | None] = {}
+    for name, p in iter_points(model.get_submodule(unit)):
+        key = "W" if p.kind == Kind.WEIGHT else "A" if p.kind == Kind.LINEAR_INPUT else None
+        if key and key not in found:
+            found[key] = p.quantizer.bits if p.configured and p.mode == "quant" else None
+    return "".join(f"{k}{found.get(k) or 'fp'}" for k in ("W", "A"))
+
+
+def results_row(cfg: Any, recipe: Recipe, metrics: tuple[str, ...], fp: dict[str, torch.Tensor],
+                quant: dict[str, torch.Tensor], model: nn.Module, **info: Any) -> dict:
+    """One comparable row: scope, bits and protocol details travel with every number, and each delta
+    carries its paired 95% bootstrap interval over the evaluation samples."""
+    from ..models import units
+
+    names = [n for n, _ in units(model)]
+    row: dict[str, Any] = {
+        "model": cfg.model.name, "task": cfg.task.name, "recipe": recipe.name, "method": recipe.method,
+        "scope": recipe.scope, "setting": recipe.describe(),
         "w_bits": _bits(recipe, Kind.WEIGHT), "a_bits": _bits(recipe, Kind.LINEAR_INPUT),
         "attn_bits": _bits(recipe, Kind.SOFTMAX_OUTPUT),
+        "patch_embed_bits": unit_bits(model, names[0] if names else None),
+        "head_bits": unit_bits(model, names[-1] if names else None),
         "observer": getattr(recipe.specs.get(Kind.LINEAR_INPUT), "observer", None),
-        "setting": recipe.describe() + (" integer" if integer else ""),
-        "calib_samples": calib_samples,
-        "fp_top1": 100 * fp["fp/top1"], "fp_top5": 100 * fp["fp/top5"],
-        "quant_top1": 100 * quant["quant/top1"], "quant_top5": 100 * quant["quant/top5"],
-        "delta_top1": 100 * (quant["quant/top1"] - fp["fp/top1"]),
-        "calib_seconds": round(calib_seconds, 2), "float_source": source,
+        "eval_samples": int(next(iter(fp.values())).numel()) if fp else 0,
     }
+    for m in metrics:
+        delta, low, high = paired_bootstrap(fp[m], quant[m])
+        row.update({f"fp_{m}": 100.0 * float(fp[m].double().mean()), f"quant_{m}": 100.0 * float(quant[m].double().mean()),
+                    f"delta_{m}": delta, f"delta_{m}_ci": [low, high]})
+    row.update(info)
+    return row
 
 
 def _console() -> Console:
     """Wide enough for the result table even when output is a file or a CI log."""
     console = Console()
-    return console if console.is_terminal else Console(width=180)
+    return console if console.is_terminal else Console(width=200)
 
 
 def _fmt(v: Any) -> str:
@@ -44,23 +69,35 @@ def _fmt(v: Any) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
-def print_results(rows: Iterable[dict], console: Console | None = None) -> None:
-    table = Table(title="float vs quantized (top-1 / top-5, %)")
-    cols = ["model", "task", "recipe", "setting", "observer", "fp_top1", "quant_top1", "delta_top1", "fp_top5",
-            "quant_top5"]
+def format_delta(row: dict, metric: str) -> str:
+    low, high = row[f"delta_{metric}_ci"]
+    return f"{row[f'delta_{metric}']:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
+def print_results(rows: Iterable[dict], metrics: tuple[str, ...], console: Console | None = None) -> None:
+    rows = list(rows)
+    table = Table(title="float vs quantized (%; delta with paired 95% bootstrap interval)")
+    cols = ["model", "task", "recipe", "setting", "calib imgs", "embed/head"]
     for c in cols:
-        table.add_column(c, justify="right" if c.endswith(("bits", "top1", "top5")) else "left")
+        table.add_column(c)
+    for m in metrics:
+        for c in (f"fp {m}", f"quant {m}", f"delta {m} [95% CI]"):
+            table.add_column(c, justify="right")
     for r in rows:
-        table.add_row(*[_fmt(r.get(c)) for c in cols])
+        cells = [r["model"], r["task"], r["recipe"], r["setting"], _fmt(r.get("calib_samples")),
+                 f"{r['patch_embed_bits']}/{r['head_bits']}"]
+        for m in metrics:
+            cells += [_fmt(r[f"fp_{m}"]), _fmt(r[f"quant_{m}"]), format_delta(r, m)]
+        table.add_row(*cells)
     (console or _console()).print(table)
 
 
 def print_points(points: list[dict], console: Console | None = None) -> None:
     table = Table(title=f"{len(points)} quant points")
-    for c in ("name", "kind", "mode", "bits", "granularity", "observer", "scale_min", "scale_max"):
+    for c in ("name", "kind", "mode", "bits", "granularity", "channel_axis", "observer", "scale_min", "scale_max"):
         table.add_column(c)
     for p in points:
-        table.add_row(p["name"], p["kind"], p["mode"], _fmt(p["bits"]), p["granularity"], _fmt(p["observer"]),
-                      "" if p["scale_min"] is None else f"{p['scale_min']:.3g}",
+        table.add_row(p["name"], p["kind"], p["mode"], _fmt(p["bits"]), p["granularity"], str(p["channel_axis"]),
+                      _fmt(p["observer"]), "" if p["scale_min"] is None else f"{p['scale_min']:.3g}",
                       "" if p["scale_max"] is None else f"{p['scale_max']:.3g}")
     (console or _console()).print(table)

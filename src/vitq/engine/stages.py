@@ -1,0 +1,175 @@
+"""The stage pipeline: named stages over one run context.
+
+A run is `float` -> the stages its method names (`calibrate` for every method today; later methods add
+e.g. `reconstruct`, `finetune`) -> `test`. A quantized checkpoint replaces the middle with `load`.
+Stages register here by name; `stage=<name>` stops the run after that stage.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+import vitq
+
+from ..methods import Method
+from ..quant.recipe import Recipe
+from ..report.table import print_results, results_row
+from .float_model import float_key, obtain_float_model
+from .tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """Everything the stages share."""
+
+    cfg: DictConfig
+    out_dir: Path
+    task: Task
+    recipe: Recipe
+    method: Method
+    make_trainer: Callable[..., L.Trainer]
+    loggers: list[Logger]
+    cache: Path
+    model_cfg: dict
+    task_cfg: dict
+    fp_model: torch.nn.Module | None = None
+    qmodel: torch.nn.Module | None = None
+    float_source: str = ""
+    float_key: str = ""
+    checkpoint: dict | None = None  # a quantized checkpoint read at start-up (quant.from_checkpoint)
+    calib_loader: Any = None
+    timings: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # extra columns of the result row
+    artifacts: dict[str, Any] = field(default_factory=dict)  # files to write at the end (name -> writer)
+    row: dict | None = None
+
+
+Stage = Callable[[RunContext], None]
+STAGES: dict[str, Stage] = {}
+
+
+def register_stage(name: str) -> Callable[[Stage], Stage]:
+    def add(fn: Stage) -> Stage:
+        STAGES[name] = fn
+        return fn
+    return add
+
+
+def pipeline(ctx: RunContext) -> list[str]:
+    middle = ["load"] if ctx.checkpoint is not None else list(ctx.method.stages)
+    unknown = [s for s in middle if s not in STAGES]
+    if unknown:
+        raise ValueError(f"method {ctx.method.name!r} needs stage(s) {unknown} that are not registered; "
+                         f"known stages: {', '.join(STAGES)}")
+    return ["float", *middle, "test"]
+
+
+@register_stage("float")
+def float_stage(ctx: RunContext) -> None:
+    start = time.perf_counter()
+    if ctx.checkpoint is not None:  # the float model is the one inside the quantized checkpoint
+        path = ctx.cfg.quant.from_checkpoint
+        meta = ctx.checkpoint.get("meta") or {}
+        for group in ("model", "task"):
+            made_with = (meta.get(group) or {}).get("name")
+            if made_with is not None and made_with != ctx.cfg[group].name:
+                raise ValueError(f"{path} was made with {group}={made_with}, this run has {group}="
+                                 f"{ctx.cfg[group].name}: pass {group}={made_with}")
+        model = ctx.task.create_model(pretrained=False)  # architecture only
+        model.load_state_dict(vitq.quant.api.float_state_dict(ctx.checkpoint, model))
+        ctx.fp_model, ctx.float_source = model.eval(), f"float weights of {path}"
+        ctx.float_key = float_key(ctx.model_cfg, ctx.task_cfg, ctx.task, ctx.cfg.seed) + "-ckpt"
+    else:
+        ctx.fp_model, ctx.float_source, ctx.float_key = obtain_float_model(
+            ctx.task, ctx.model_cfg, ctx.task_cfg, ctx.cache, ctx.cfg.seed, ctx.make_trainer)
+    ctx.timings["float"] = time.perf_counter() - start
+    log.info("float model: %s", ctx.float_source)
+
+
+@register_stage("calibrate")
+def calibrate_stage(ctx: RunContext) -> None:
+    """Observe calibration batches through `Trainer.validate` (sharded under DDP, merged after), then let
+    the method's hooks search, reparameterize and switch kernels."""
+    ctx.qmodel = vitq.quantize(copy.deepcopy(ctx.fp_model), ctx.recipe)
+    ctx.info["calib_samples"] = int(ctx.cfg.quant.calib.num_samples)
+    if not any(p.configured for _, p in vitq.iter_points(ctx.qmodel)):
+        return
+    module = ctx.task.calibration_module(ctx.qmodel)
+    start = time.perf_counter()
+    vitq.calibrate(ctx.qmodel, lambda m: ctx.make_trainer().validate(module, dataloaders=ctx.calib_loader,
+                                                                     verbose=False))
+    ctx.timings["calibrate"] = time.perf_counter() - start
+
+
+@register_stage("load")
+def load_stage(ctx: RunContext) -> None:
+    ctx.qmodel = vitq.load_quantized(copy.deepcopy(ctx.fp_model), ctx.checkpoint)
+    ctx.recipe = ctx.qmodel.vitq_recipe
+    calib = ((ctx.checkpoint.get("meta") or {}).get("quant") or {}).get("calib") or {}
+    ctx.info["calib_samples"] = calib.get("num_samples")
+
+
+def evaluate(ctx: RunContext, model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """Per-sample outcomes of every task metric."""
+    module = ctx.task.eval_module(model, prefix)
+    ctx.make_trainer().test(module, dataloaders=ctx.task.test_loader(), verbose=False)
+    return module.samples
+
+
+def float_outcomes(ctx: RunContext) -> dict[str, torch.Tensor]:
+    """Float per-sample outcomes, computed once per float model and evaluation data (cached)."""
+    desc = json.dumps(ctx.task.describe(), sort_keys=True, default=str)
+    path = ctx.cache / f"{ctx.float_key}.fp-outcomes.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("data") == desc:
+            return {k: torch.tensor(v) for k, v in stored["samples"].items()}
+    samples = evaluate(ctx, ctx.fp_model, "fp")
+    if not ctx.float_key.endswith(("-pretrained", "-ckpt")) and rank_zero_only.rank == 0:
+        tmp = path.with_suffix(".partial")
+        tmp.write_text(json.dumps({"data": desc, "samples": {k: v.tolist() for k, v in samples.items()}}))
+        os.replace(tmp, path)
+    return samples
+
+
+@register_stage("test")
+def test_stage(ctx: RunContext) -> None:
+    """Float and quantized metrics side by side, each delta with its paired 95% interval."""
+    fp = float_outcomes(ctx)
+    quant = evaluate(ctx, ctx.qmodel, "quant")
+    integer = any(getattr(m, "integer", False) for m in ctx.qmodel.modules())
+    metrics = ctx.task.metrics
+    row = results_row(ctx.cfg, ctx.recipe, metrics, fp, quant, ctx.qmodel, **ctx.info,
+                      integer=integer, calib_seconds=round(ctx.timings.get("calibrate", 0.0), 2),
+                      float_source=ctx.float_source, primary=ctx.task.primary)
+    if integer:
+        row["setting"] += " integer"
+    ctx.row = row
+    points = vitq.summary(ctx.qmodel)
+    for lg in ctx.loggers:
+        lg.log_metrics({**{f"fp/{m}": row[f"fp_{m}"] for m in metrics},
+                        **{f"quant/{m}": row[f"quant_{m}"] for m in metrics},
+                        **{f"quant/delta_{m}": row[f"delta_{m}"] for m in metrics},
+                        "calib/seconds": row["calib_seconds"]})
+        if isinstance(lg, WandbLogger) and rank_zero_only.rank == 0:  # other ranks hold a dummy experiment
+            cols = list(points[0])
+            lg.log_table(key="quant/points", columns=cols, data=[[r[c] for c in cols] for r in points])
+            lg.experiment.summary.update({"recipe": row["recipe"], "scope": row["scope"], "setting": row["setting"]})
+    print_results([row], metrics)
+    print(f"quantized model: {'checkpoint ' + str(ctx.cfg.quant.from_checkpoint) if ctx.checkpoint else 'calibrated'}; "
+          f"{sum(p['mode'] == 'quant' for p in points)} of {len(points)} points quantized ({ctx.recipe.describe()})")
+    ctx.artifacts["points"] = points

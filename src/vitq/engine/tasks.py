@@ -1,0 +1,122 @@
+"""The task registry and the contract every task meets.
+
+A task brings its data, builds the float architecture, trains it when asked, and evaluates a model into
+named metrics with per-sample outcomes (for paired confidence intervals). The engine looks tasks up by
+name and never imports a task module: task packages register themselves (the built-in `tasks` package
+is imported on the first lookup; others can be named by the `vitq.tasks` entry-point group).
+"""
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Any, Callable, ClassVar, Mapping
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+TASKS: dict[str, type["Task"]] = {}
+
+
+def register_task(*names: str) -> Callable[[type["Task"]], type["Task"]]:
+    """Class decorator: the task answers to `task.name=<name>` for each name given."""
+    def add(cls: type[Task]) -> type[Task]:
+        for name in names:
+            TASKS[name] = cls
+        return cls
+    return add
+
+
+def _discover() -> None:
+    try:
+        importlib.import_module("tasks")
+    except ModuleNotFoundError as e:
+        if e.name != "tasks":
+            raise
+    for ep in entry_points(group="vitq.tasks"):
+        ep.load()
+
+
+def get_task(name: str) -> type["Task"]:
+    if name not in TASKS:
+        _discover()
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}: registered tasks are {', '.join(sorted(TASKS))} "
+                         "(add one under tasks/ with @register_task, see docs/adding.md)")
+    return TASKS[name]
+
+
+class EvalModule(L.LightningModule):
+    """What `Trainer.test` runs for a task: keeps per-sample outcomes (the engine logs the metrics).
+
+    Subclasses implement `outcomes(batch) -> {metric: tensor [batch]}`; a metric's value is the mean of
+    its outcomes (x100 for percentages), so a paired bootstrap over samples gives its uncertainty.
+    """
+
+    def __init__(self, model: nn.Module, prefix: str, metrics: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model, self.prefix, self.metric_names = model, prefix, metrics
+        self._outcomes: dict[str, list[torch.Tensor]] = {m: [] for m in metrics}
+        self.samples: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: Any) -> Any:
+        return self.model(x)
+
+    def outcomes(self, batch: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def on_test_epoch_start(self) -> None:
+        self._outcomes = {m: [] for m in self.metric_names}
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        for name, values in self.outcomes(batch).items():
+            self._outcomes[name].append(values.detach().float())
+
+    def on_test_epoch_end(self) -> None:
+        for name, parts in self._outcomes.items():
+            local = torch.cat(parts) if parts else torch.zeros(0, device=self.device)
+            gathered = self.all_gather(local)  # [world, n] under DDP (equal shards), [n] otherwise
+            self.samples[name] = gathered.reshape(-1).cpu()
+
+
+class Task:
+    """Base of every task. `cfg` is the Hydra `task` group, `model_cfg` the `model` group (plain dicts)."""
+
+    metrics: ClassVar[tuple[str, ...]] = ()
+    primary: ClassVar[str] = ""  # the metric a run returns and sweeps optimize
+
+    def __init__(self, cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> None:
+        self.cfg, self.model_cfg = dict(cfg), dict(model_cfg)
+
+    def create_model(self, pretrained: bool) -> nn.Module:
+        """The float architecture, with the model group's pretrained weights when asked."""
+        raise NotImplementedError
+
+    def identity(self) -> dict[str, Any]:
+        """What, besides the model and fit settings, makes a float model trained here different."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """The evaluation data, for the float-metrics cache and the logs."""
+        raise NotImplementedError
+
+    def calib_loader(self, num_samples: int, batch_size: int, seed: int) -> DataLoader:
+        raise NotImplementedError
+
+    def calibration_module(self, model: nn.Module) -> L.LightningModule:
+        """A module whose `validation_step` runs the model forward on a calibration batch."""
+        raise NotImplementedError
+
+    def eval_module(self, model: nn.Module, prefix: str) -> EvalModule:
+        raise NotImplementedError
+
+    def test_loader(self) -> DataLoader:
+        raise NotImplementedError
+
+    def fit_module(self, model: nn.Module, fit: Mapping[str, Any]) -> L.LightningModule:
+        """The module `trainer.fit` trains the float model with (tasks that train here)."""
+        raise NotImplementedError(f"task {type(self).__name__} does not train float models here")
+
+    def train_loader(self) -> DataLoader:
+        raise NotImplementedError

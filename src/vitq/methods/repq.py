@@ -1,0 +1,70 @@
+"""RepQ-ViT (Li et al., ICCV 2023): per-channel calibration of post-LayerNorm activations, then
+reparameterization to per-tensor scales; log-sqrt2 attention probabilities; quantile-searched clips.
+
+For each LayerNorm -> Linear pair the adapter names (qkv and fc1 inputs, Swin's reduction input), the
+Linear's input is calibrated per channel (scale s_c, zero point z_c). With s~ = mean(s), z~ =
+round(mean(z)) and r = s / s~, the LayerNorm's affine becomes gamma / r, beta / r + s~ (z - z~) and the
+Linear's weight W r (per input column), bias b - W (s (z - z~)). The input quantizer then uses (s~, z~)
+per tensor and produces exactly the per-channel codes (z~ is rounded, so the shift is an integer number
+of steps); the changed weights are calibrated again.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from ..models import norm_pairs
+from ..quant.api import refit_weight
+from .base import Method, register_method
+
+
+@dataclasses.dataclass
+class RepQOptions:
+    reparameterize: bool = True  # false: keep the per-channel post-LayerNorm quantizers (for ablation)
+
+
+@register_method
+class RepQ(Method):
+    name = "repq"
+    Options = RepQOptions
+
+    def prepare(self, model: nn.Module) -> None:
+        for pair in norm_pairs(model):
+            point = pair.consumer.input_quantizer
+            if point.configured and point.spec.quantizer == "uniform" and not point.spec.per_channel:
+                point.configure(dataclasses.replace(point.spec, per_channel=True, axis=None))
+
+    def after_freeze(self, model: nn.Module) -> None:
+        if not self.options.reparameterize:
+            return
+        for pair in norm_pairs(model):
+            point = pair.consumer.input_quantizer
+            if point.configured and point.spec.per_channel and point.quantizer.scale.numel() > 1:
+                reparameterize(pair.norm, pair.consumer)
+
+
+@torch.no_grad()
+def reparameterize(norm: nn.LayerNorm, linear: nn.Linear) -> None:
+    """Fold the per-channel scale and zero point of `linear`'s input into `norm` and `linear`, and make the
+    input quantizer per tensor. In exact arithmetic the codes and the layer's output do not change."""
+    if norm.weight is None or norm.bias is None:
+        raise ValueError("RepQ-ViT reparameterization needs a LayerNorm with an affine (weight and bias)")
+    point = linear.input_quantizer
+    q = point.quantizer
+    s, z = q.scale.detach().clone(), q.zero_point.detach().clone()
+    s_t, z_t = s.mean(), torch.round(z.mean())
+    r = s / s_t
+    norm.weight.div_(r)
+    norm.bias.div_(r).add_(s_t * (z - z_t))
+    shift = linear.weight @ (s * (z - z_t))  # from the weight before it is scaled
+    linear.weight.mul_(r)
+    if linear.bias is None:
+        linear.bias = nn.Parameter(-shift)
+    else:
+        linear.bias.sub_(shift)
+    point.configure(dataclasses.replace(point.spec, per_channel=False, axis=None))
+    point.quantizer.set_params(s_t.reshape(1), z_t.reshape(1))
+    point.set_mode("quant")
+    refit_weight(linear)
