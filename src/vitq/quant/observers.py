@@ -167,6 +167,18 @@ def _kth_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     return x.kthvalue(k, dim=1).values
 
 
+def _linear_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """Row-wise quantile of a [C, N] tensor with linear interpolation between order statistics (what
+    torch.quantile computes), by kthvalue, so there is no size limit."""
+    n = x.shape[1]
+    pos = q * (n - 1)
+    below, frac = int(pos), pos - int(pos)
+    lo = x.kthvalue(below + 1, dim=1).values
+    if frac == 0.0 or below + 1 >= n:
+        return lo
+    return lo + frac * (x.kthvalue(below + 2, dim=1).values - lo)
+
+
 class PercentileObserver(Observer):
     """Clip at the alpha / (1 - alpha) quantiles of each batch, averaged over batches.
 
@@ -312,7 +324,7 @@ class QuantileObserver(TokenSampleMixin, Observer):
         probe = quantizer.probe()
         best = None
         for q in self.quantiles:
-            lo, hi = _kth_quantile(x, 1.0 - q), _kth_quantile(x, q)
+            lo, hi = _linear_quantile(x, 1.0 - q), _linear_quantile(x, q)
             probe.set_range(lo, hi)
             err = (probe(x) - x).pow(2).sum(dim=1)
             if best is None:
