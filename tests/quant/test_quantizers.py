@@ -108,9 +108,14 @@ def test_range_is_extended_to_contain_zero():
 
 
 def test_degenerate_range_has_positive_scale():
+    # [0, 0] would give scale 0 (a division by zero in the codes): the scale is floored at 1e-8 and
+    # the grid is [0, 255e-8]; zeros stay exact, everything else clamps to the grid ends, nothing is NaN
     q = _q(8, lo=0.0, hi=0.0)
-    assert q.scale.item() > 0
+    assert q.scale.item() == pytest.approx(1e-8, rel=1e-6)
+    assert q.zero_point.item() == 0
     assert torch.equal(q(torch.zeros(4)), torch.zeros(4))
+    out = q(torch.tensor([1.0, -1.0, 1e-8]))
+    torch.testing.assert_close(out, torch.tensor([255e-8, 0.0, 1e-8]), atol=1e-12, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -243,8 +248,21 @@ def test_learnable_scale_gets_lsq_gradient():
     ref = _q(4, lo=-1.0, hi=2.0)
     torch.testing.assert_close(y.detach(), ref(x.detach()), atol=1e-6, rtol=0)
     (y - x.detach()).pow(2).sum().backward()
-    assert q.scale.grad is not None
-    assert q.scale.grad.abs().item() > 0
+    # LSQ by hand (scale 0.2, zero point 5, codes 0..15): d q / d s = (code - zp) - x / s inside the
+    # grid and (clamped code - zp) outside it, times the gradient scale 1 / sqrt(N * qmax)
+    assert q.scale.grad.item() == pytest.approx(_lsq_scale_grad(x.detach(), 0.2, 5.0, 0, 15), rel=1e-4)
+
+
+def _lsq_scale_grad(x, s, zp, qmin, qmax):
+    """d/ds of sum((q(x) - x)^2) under LSQ, written out (float64)."""
+    x = x.double()
+    v = x / s + zp
+    code = torch.round(v)
+    inside = (code >= qmin) & (code <= qmax)
+    code = code.clamp(qmin, qmax)
+    q = (code - zp) * s
+    dq_ds = torch.where(inside, (code - zp) - x / s, code - zp)
+    return (2 * (q - x) * dq_ds).sum().item() / (x.numel() * qmax) ** 0.5
 
 
 def test_learnable_input_gradient_is_straight_through_between_grid_ends():
@@ -268,7 +286,10 @@ def test_learnable_per_channel_scale_gradient_per_channel():
     x[1] = 0.0  # zeros are exact on the grid: channel 1 gets no gradient
     (q(x) - x).pow(2).sum().backward()
     assert q.scale.grad.shape == (2,)
-    assert q.scale.grad[0].abs() > 0
+    # channel 0 gets its own LSQ gradient: scale 2/15, zero point 7 (in float32 -1 / (2/15) is
+    # -7.4999995, which rounds to -7), N = 64 values per channel
+    assert q.zero_point.tolist() == [7.0, 7.0]
+    assert q.scale.grad[0].item() == pytest.approx(_lsq_scale_grad(x[0], 2 / 15, 7.0, 0, 15), rel=1e-4)
     assert q.scale.grad[1] == 0
 
 
@@ -304,11 +325,15 @@ def test_codes_by_hand():
 
 
 def test_half_precision_input_keeps_dtype():
-    q = _q(8, lo=-1.0, hi=1.0)
-    x = torch.randn(16).clamp(-1, 1)
-    out = q(x.to(torch.bfloat16))
+    q = _q(4, lo=-1.0, hi=2.0)  # scale 0.2, zero point 5
+    # bf16 inputs (all exact in bf16); by hand on the float32 grid:
+    #   0.5 / 0.2 = 2.5 -> 2 (half to even) -> 0.4 ; -0.6015625 -> -3.008 -> -3 -> -0.6 ;
+    #   0.3515625 -> 1.758 -> 2 -> 0.4 ; 3.0 -> clamp to code 15 -> 2.0 ; -1.5 -> code 0 -> -1.0
+    x = torch.tensor([0.5, -0.6015625, 0.3515625, 3.0, -1.5], dtype=torch.bfloat16)
+    out = q(x)
     assert out.dtype == torch.bfloat16
-    assert torch.equal(out, q(x.to(torch.bfloat16).float()).to(torch.bfloat16))
+    want = torch.tensor([0.4, -0.6, 0.4, 2.0, -1.0]).to(torch.bfloat16)  # the grid values, rounded to bf16
+    assert torch.equal(out, want)
 
 
 def test_extra_repr_names_grid():
