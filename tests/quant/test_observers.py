@@ -104,15 +104,14 @@ def test_omse_clips_outlier_and_beats_minmax():
     obs = OMSEObserver()
     obs.observe(x)
     lo, hi = obs.range(quantizer)
-    assert hi.item() < 20.0 and lo.item() > x.min().item()  # tighter than min/max
-    # it is one of the candidate clips lo*f, hi*f with f = 1 - 0.01 i
+    # it is one of the candidate clips lo*f, hi*f with f = 1 - 0.01 i: measured f = 0.58 (i = 42) on this seed
     f = hi.item() / 20.0
-    assert round(f, 2) == pytest.approx(f, abs=1e-5) and 0.1 < f < 1
+    assert f == pytest.approx(0.58, abs=1e-6)
     assert lo.item() == pytest.approx(x.min().item() * f, rel=1e-5)
     probe = UniformQuantizer(4)
     err_omse = _l2(probe, lo, hi, x)
     err_minmax = _l2(probe, x.min(), x.max(), x)
-    assert err_omse < 0.5 * err_minmax
+    assert err_omse < 0.5 * err_minmax  # measured 0.412
     # and it is the best candidate on its grid
     errs = [_l2(probe, x.min() * (1 - 0.01 * i), x.max() * (1 - 0.01 * i), x) for i in range(90)]
     assert err_omse <= min(errs) + 1e-6
@@ -149,8 +148,10 @@ def test_omse_scores_every_channel_of_a_wide_tensor():
     assert obs.state["sample"].shape[0] == 384
     q = UniformQuantizer(8)
     lo, hi = obs.range(q)
-    # the old strided sample never contained channel 7 and shrank the range to ~10% of it
-    assert float(hi) > 0.5 * float(x[..., 7].max())
+    # the old strided sample never contained channel 7 and shrank the range to ~10% of it; with every
+    # channel scored the clip is 0.70 of the outlier channel's range at both ends (measured on this seed)
+    assert float(hi) == pytest.approx(0.70 * float(x[..., 7].max()), rel=1e-5)
+    assert float(lo) == pytest.approx(0.70 * float(x[..., 7].min()), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -206,9 +207,10 @@ def test_omse_per_channel_only_clips_channel_with_outlier():
     obs = OMSEObserver(axis=0)
     obs.observe(base)
     lo, hi = obs.range(UniformQuantizer(4, axis=0))
-    assert hi[1].item() < 20.0
-    # channel 0 is searched independently of channel 1's outlier: it keeps (nearly) its full range
-    assert hi[0].item() > 0.8
+    # channel 1 is clipped to 0.58 of its range (measured on this seed: 20 * 0.58 = 11.6)
+    assert hi[1].item() == pytest.approx(11.6, rel=1e-5)
+    # channel 0 is searched independently of channel 1's outlier: it keeps its full range
+    assert (lo[0].item(), hi[0].item()) == (-1.0, 1.0)
     # each channel gets exactly what a per-tensor search on that channel alone gives
     for c in range(2):
         alone = OMSEObserver()
@@ -392,10 +394,9 @@ def test_sync_across_two_gloo_processes(tmp_path, free_port):
 # ---------------------------------------------------------------------------------------------------
 
 def test_make_observer_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ValueError, match="minmaxx") as e:
         make_observer("minmaxx")
     msg = str(e.value)
-    assert "minmaxx" in msg
     for name in ("minmax", "ema", "percentile", "omse"):
         assert repr(name) in msg
 
