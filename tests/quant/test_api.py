@@ -103,18 +103,37 @@ def test_calibrate_switches_configured_points_to_quant(calibrated, float_model, 
     y_f, y_q = _run(float_model, x), _run(calibrated, x)
     assert not torch.equal(y_f, y_q)
     rel = ((y_q - y_f).norm() / y_f.norm()).item()
-    assert 1e-4 < rel < 0.1  # changed, but close at W8A8
+    assert 0.02 < rel < 0.035, rel  # changed, but close at W8A8: measured 0.0282 on this seed
 
 
-def test_calibrated_scales_match_hand_computed_ranges(calibrated):
+def test_calibrated_scales_match_hand_computed_ranges(calibrated, float_model, data):
     # weights: per-channel minmax, asymmetric 8-bit: scale_c = (max(w_c, 0) - min(w_c, 0)) / 255
     w = calibrated.head.weight.detach()
     lo, hi = w.amin(1).clamp(max=0), w.amax(1).clamp(min=0)
     torch.testing.assert_close(calibrated.head.weight_quantizer.quantizer.scale, (hi - lo) / 255)
     assert calibrated.head.weight_quantizer.quantizer.scale.shape == (10,)
-    # softmax output: probabilities in [0, 1], asymmetric 8-bit from min 0: scale <= 1 / 255
-    s = calibrated.blocks[0].attn.softmax.output_quantizer.quantizer.scale.item()
-    assert 0 < s <= 1 / 255 + 1e-9
+    # softmax output: probabilities >= 0, asymmetric 8-bit from min 0: scale = (largest probability seen
+    # in block 0 during calibration) / 255, zero point 0. The probabilities are recomputed on the float
+    # model (calibration observes float activations): measured max 0.0785 (random-init attention is flat)
+    calib, _ = data
+    seen = []
+    attn = float_model.blocks[0].attn
+
+    def grab(module, inputs, output):
+        q, k, _ = module.qkv(inputs[0]).reshape(*inputs[0].shape[:2], 3, module.num_heads, -1).permute(2, 0, 3, 1, 4)
+        seen.append(((q * module.scale) @ k.transpose(-2, -1)).softmax(-1).amax())
+
+    handle = attn.register_forward_hook(grab)
+    try:
+        for x in calib:
+            _run(float_model, x)
+    finally:
+        handle.remove()
+    p_max = torch.stack(seen).max()
+    assert 0.06 < p_max.item() < 0.1
+    sm = calibrated.blocks[0].attn.softmax.output_quantizer.quantizer
+    torch.testing.assert_close(sm.scale, (p_max / 255).reshape(1), rtol=1e-5, atol=0)
+    assert sm.zero_point.item() == 0
 
 
 def test_set_mode_off_and_back(calibrated, float_model, data):
@@ -325,7 +344,7 @@ def test_read_quantized_missing_file(tmp_path):
     missing = tmp_path / "nope.ckpt"
     with pytest.raises(FileNotFoundError, match="nope.ckpt does not exist"):
         read_quantized(missing)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="nope.ckpt does not exist"):
         vitq.load_quantized(_NoLayers(), missing)
 
 
@@ -338,13 +357,6 @@ def test_read_quantized_rejects_float_checkpoint(float_model, tmp_path):
     torch.save({"format": "something-else/3", "state_dict": {}}, other)
     with pytest.raises(ValueError, match="expected format vitq-quantized/1"):
         read_quantized(other)
-
-
-def test_read_quantized_garbage_file_raises(tmp_path):
-    path = tmp_path / "notes.txt"
-    path.write_text("not a checkpoint at all\n")
-    with pytest.raises(Exception):
-        read_quantized(path)
 
 
 def test_read_quantized_garbage_file_raises_clearly(tmp_path):
@@ -513,7 +525,7 @@ def test_fqvit_checkpoint_round_trip_keeps_ptf_log2_and_integer(data, tmp_path):
     q = vitq.quantize(_float_model(), FQVIT)
     vitq.calibrate(q, _loop(calib))
     switched = vitq.set_integer(q)
-    assert switched > 0
+    assert switched == 12 * 2 + 12  # norm1, norm2 and the softmax of each of the 12 blocks (not the final norm)
     path = vitq.save_quantized(q, tmp_path / "fq.ckpt")
     fresh = vitq.load_quantized(_float_model(seed=5), path)
     assert sum(getattr(m, "integer", False) for m in fresh.modules()) == switched
@@ -526,13 +538,13 @@ def test_recalibration_on_the_same_data_is_identical(float_model, data):
     calib, _ = data
     q = vitq.quantize(float_model, {**FQVIT, "integer": True}, inplace=False)
     vitq.calibrate(q, _loop(calib))
-    assert any(getattr(m, "integer", False) for m in q.modules())
+    assert sum(getattr(m, "integer", False) for m in q.modules()) == 12 * 2 + 12
     first = {n: p.quantizer.scale.clone() for n, p in iter_points(q) if hasattr(p.quantizer, "scale")}
     vitq.calibrate(q, _loop(calib))  # observers must again see float activations
     second = {n: p.quantizer.scale for n, p in iter_points(q) if hasattr(p.quantizer, "scale")}
     assert first.keys() == second.keys()
     assert all(torch.equal(first[n], second[n]) for n in first)
-    assert any(getattr(m, "integer", False) for m in q.modules())  # the method switched them back on
+    assert sum(getattr(m, "integer", False) for m in q.modules()) == 12 * 2 + 12  # the method switched them back on
 
 
 def test_per_channel_attention_operands_are_per_head_feature(float_model, data):
