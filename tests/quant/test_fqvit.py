@@ -101,7 +101,9 @@ def test_ptf_forward_equals_codes_round_trip():
     probe = torch.cat([x, 3 * x])  # also values far outside the calibrated range (clipped)
     assert torch.equal(q(probe), q.from_codes(q.to_codes(probe)))
     codes = q.to_codes(probe)
-    assert codes.min() >= 0 and codes.max() <= 255 and torch.equal(codes, codes.round())
+    assert torch.equal(codes, codes.round())
+    # 3 x the calibrated data reaches past both ends of the grid: the clipped values sit on codes 0 and 255
+    assert (codes.min().item(), codes.max().item()) == (0.0, 255.0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -144,8 +146,10 @@ def test_ptf_observer_alpha_follows_channel_range(spread_data, calibrator):
     obs.fit(u)
     err_ptf = (q(x) - x).pow(2).sum((0, 1))
     err_uni = (u(x) - x).pow(2).sum((0, 1))
-    assert err_ptf.sum() < 0.6 * err_uni.sum(), (err_ptf, err_uni)  # measured 0.16-0.18 vs 0.38-0.39
-    assert err_ptf[0] < err_uni[0] / 10, (err_ptf, err_uni)  # narrow channel: 8x finer step, ~60x less error
+    # measured ratio 0.435 (minmax, omse), 0.440 (ema), 0.465 (percentile)
+    assert err_ptf.sum() < 0.56 * err_uni.sum(), (err_ptf, err_uni)
+    # narrow channel: 8x finer step, measured 60.0-60.2x less error with every calibrator
+    assert err_ptf[0] < err_uni[0] / 45, (err_ptf, err_uni)
 
 
 def test_ptf_observer_base_grid_is_the_layerwise_minmax_range(spread_data):
@@ -317,11 +321,11 @@ def test_int_exp_underflows_to_zero():
     assert int_exp(deep, s).tolist() == [0, 0]
 
 
-def test_int_exp_relative_error_within_one_percent():
+def test_int_exp_relative_error_down_to_2_pow_minus_10():
     x, e, ref = _exp_grid()
     mask = ref > 2**-10
     rel = ((e - ref).abs() / ref)[mask].max().item()
-    assert rel < 0.01, f"max relative error {rel:.4%}"
+    assert rel < 0.0045, f"max relative error {rel:.4%}"  # measured 0.375%
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -383,20 +387,26 @@ def test_int_softmax_within_one_percent_absolute(scores):
     _, e, total = _int_softmax(scores)
     ref = torch.softmax(q.from_codes(codes).double(), dim=-1)
     err = (e.double() / total.double() - ref).abs().max().item()
-    assert err < 0.005, f"max abs error {err:.4f}"  # polynomial 0.33% relative on each term
+    assert err < 0.0009, f"max abs error {err:.5f}"  # polynomial 0.33% relative on each term: measured 0.00065
 
 
 def test_int_softmax_codes_are_log2_quantizer_codes(scores):
     codes, e, total = _int_softmax(scores)
     expected = Log2Quantizer(4).codes_from_ratio(total.double() / e.double())  # e == 0 -> inf -> 16
     assert torch.equal(codes, expected.long())
-    assert bool((codes[e == 0] == 16).all())
-    assert codes.min() >= 0 and codes.max() <= 16
+    # exponentials that underflow give the zero code (29 of the 1536 on this seed)
+    assert (e == 0).sum().item() == 29 and bool((codes[e == 0] == 16).all())
 
 
 def test_int_softmax_totals_and_row_max(scores):
+    q, codes = scores
     _, e, total = _int_softmax(scores)
-    assert torch.equal(total, e.sum(dim=-1, keepdim=True))
+    assert total.shape == (2, 3, 16, 1) and total.dtype == torch.int64
+    # the row sums are sum(exp(x - max)) in units of 2^-EXP_BITS: measured max relative error 0.145%
+    x = q.from_codes(codes).double()
+    ref = torch.exp(x - x.amax(-1, keepdim=True)).sum(-1, keepdim=True)
+    rel = ((total.double() / 2**EXP_BITS - ref).abs() / ref).max().item()
+    assert rel < 0.002, rel
     assert torch.equal(e.amax(dim=-1), torch.full(e.shape[:-1], 2**EXP_BITS))  # the row max is exp(0)
 
 
@@ -411,7 +421,12 @@ def test_int_softmax_mask(scores, fill):
     out, e, total = _int_softmax(scores, mask)
     masked = (mask != 0).expand_as(out)
     assert bool((out[masked] == 16).all()) and bool((e[masked] == 0).all())
-    assert torch.equal(total, e.sum(dim=-1, keepdim=True))
+    # the kept keys get the exponentials of their own scores against the row max over kept keys only
+    x = codes.long() - int(q.zero_point)
+    row_max = x.masked_fill(masked, -(2**40)).amax(-1, keepdim=True)
+    kept = torch.where(masked, torch.zeros_like(x), int_exp(x - row_max, float(q.scale)))
+    assert torch.equal(e, kept)
+    assert torch.equal(total, kept.sum(dim=-1, keepdim=True))
     # with only the last 4 keys masked, the kept keys see exactly the softmax over the first 12
     mask2 = torch.zeros(16, 16)
     mask2[:, 12:] = fill
@@ -492,20 +507,19 @@ def _layernorm_case(seed: int, out_bits: int = 8):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_int_layernorm_matches_simulation(seed):
-    """Codes differ by at most 1 and only at near-ties: measured 0.06% (seed 0) / 0.03% (seed 1) of
-    12800 codes differ; asserted < 0.5%."""
+    """Codes differ by at most 1 and only at near-ties: measured 0 (seed 0) and 1 (seed 1) of
+    12800 codes differ; asserted at most 3."""
     sim, got, ptf = _layernorm_case(seed)
     assert got.dtype == torch.int64
     assert set(ptf.alpha.tolist()) >= {0.0, 3.0}  # both the fine and the coarse channels are in play
     diff = (sim - got.float()).abs()
-    frac = (diff > 0).float().mean().item()
     assert diff.max().item() <= 1
-    assert frac < 0.005, f"{frac:.4%} of codes differ"
+    assert int((diff > 0).sum()) <= 3, f"{int((diff > 0).sum())} of 12800 codes differ"
 
 
 def test_int_layernorm_coarse_output_grid_all_equal():
     """With a 3-bit output grid the integer rounding error is far below a code: all 12800 codes agree
-    (measured on this seed; 8-bit: 8 differ)."""
+    (measured on this seed; at 8 bits none differ either, see above)."""
     sim, got, _ = _layernorm_case(0, out_bits=3)
     assert torch.equal(sim, got.float())
 
@@ -578,14 +592,19 @@ def test_fqvit_places_ptf_and_log2(vit_fq):
     assert len(norm_in) == 2 * 2 + 1 and len(soft_out) == 2  # two per block + the final norm; one per block
     assert all(type(p.quantizer) is PTFQuantizer and p.mode == "quant" for p in norm_in.values())
     assert all(type(p.quantizer) is Log2Quantizer and p.quantizer.bits == 4 for p in soft_out.values())
-    for p in norm_in.values():  # calibrated: alpha in 0..K, one zero point per layer
-        assert p.quantizer.alpha.numel() == 192 and 0 <= p.quantizer.alpha.min() <= p.quantizer.alpha.max() <= 3
+    # calibrated: how many of the 192 channels take alpha = 0, 1, 2, 3 (measured on this seed: the residual
+    # stream of a random-init ViT has similar ranges in every channel, so nearly all take the coarsest)
+    alphas = {n: torch.bincount(p.quantizer.alpha.long(), minlength=4).tolist() for n, p in norm_in.items()}
+    assert alphas == {"blocks.0.norm1.input": [0, 0, 0, 192], "blocks.0.norm2.input": [0, 0, 0, 192],
+                      "blocks.1.norm1.input": [0, 0, 1, 191], "blocks.1.norm2.input": [0, 0, 1, 191],
+                      "norm.input": [0, 0, 2, 190]}, alphas
+    for p in norm_in.values():  # one zero point per layer
         assert p.quantizer.zero_point.unique().numel() == 1
 
 
 def test_fqvit_integer_vit(vit_fq):
-    """Logits of the integer model vs the simulated one: relative L2 measured 0.106, argmax agreement 30/32
-    (the simulated model itself is 0.284 away from float). Random-init attention is almost uniform, so the
+    """Logits of the integer model vs the simulated one: relative L2 measured 0.0986, argmax agreement 30/32
+    (the simulated model itself is 0.288 away from float). Random-init attention is almost uniform, so the
     integer softmax gives the simulation's codes and the difference comes from the integer LayerNorms."""
     model, q, x = vit_fq
     sim = _run(q, x)
@@ -602,8 +621,8 @@ def test_fqvit_integer_vit(vit_fq):
     rel = ((out - sim).norm() / sim.norm()).item()
     rel_float = ((sim - _run(model, x)).norm() / sim.norm()).item()
     agree = (out.argmax(1) == sim.argmax(1)).float().mean().item()
-    assert rel < 0.2 and rel < rel_float, (rel, rel_float)
-    assert agree >= 0.75, agree
+    assert rel < 0.13 and rel < rel_float, (rel, rel_float)
+    assert agree >= 28 / 32, agree
 
 
 @pytest.mark.parametrize("ptf, lis, count", [(True, False, 4), (False, True, 2)])
@@ -626,7 +645,7 @@ def test_set_integer_rejects_matmul_minmax_model():
 
 def test_fqvit_integer_swin():
     """2 + 2 blocks (the second of stage 0 uses the shifted-window mask) and one PatchMerging: 4*2 block
-    norms + 1 merge norm + 4 softmaxes = 13 switch. Relative L2 of the logits measured 0.012."""
+    norms + 1 merge norm + 4 softmaxes = 13 switch. Relative L2 of the logits measured 0.0101."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(4, 3, 64, 64, generator=g)
     _, q = _quantized(SWIN, FQVIT, [x])
@@ -639,4 +658,4 @@ def test_fqvit_integer_swin():
     out = _run(q, x)
     assert not torch.equal(out, sim)
     rel = ((out - sim).norm() / sim.norm()).item()
-    assert rel < 0.05, rel
+    assert rel < 0.014, rel
