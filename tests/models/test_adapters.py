@@ -174,7 +174,9 @@ def test_float_state_dict_keys_preserved(case):
     quant_sd = case.quant.state_dict()
     assert set(float_sd) <= set(quant_sd)
     extra = set(quant_sd) - set(float_sd)
-    assert extra and all(k.endswith(("_quantizer.quantizer.scale", "_quantizer.quantizer.zero_point"))
+    # a scale and a zero point per quant point (full scope: every point is configured)
+    assert len(extra) == 2 * len(case.points)
+    assert all(k.endswith(("_quantizer.quantizer.scale", "_quantizer.quantizer.zero_point"))
                          for k in extra)
     # a float checkpoint of the same architecture (other weights) loads into the rewritten model...
     other = _create(case.name, seed=1)
@@ -189,6 +191,11 @@ def test_float_state_dict_keys_preserved(case):
         case.quant.load_state_dict(float_sd, strict=False)
 
 
+# relative L2 of the logits, W8A8 matmul scope vs float, measured on these seeds: (lower, upper) bounds
+# about 1.3x around the measurement
+W8A8_REL = {"deit_tiny_patch16_224": (0.0296, 0.023, 0.038), "swin_tiny_patch4_window7_224": (0.0213, 0.016, 0.028)}
+
+
 @pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
 def test_calibrated_w8a8_stays_close(name):
     model = _create(name, seed=0)
@@ -200,4 +207,5 @@ def test_calibrated_w8a8_stays_close(name):
     assert all(p.mode == "quant" for p in dict(iter_points(q)).values() if p.configured)
     y_q = _run(q, x)
     rel = ((y_q - y).norm() / y.norm()).item()
-    assert 1e-4 < rel < 0.15, rel
+    measured, lo, hi = W8A8_REL[name]
+    assert lo < rel < hi, (rel, measured)
