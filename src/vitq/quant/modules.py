@@ -10,8 +10,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .integer import exp_constants, int_layernorm, int_softmax_log2, ln_std_bits, LN_FRACTION_BITS
+from .integer import (exp_constants, int_layernorm, int_softmax_log2, ln_constants, ln_std_bits, LNConstants,
+                      LN_FRACTION_BITS)
 from .points import Kind, QuantPoint
+
+
+def _codes(q, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """q.to_codes(x) for a uniform grid, the same operations in place on one buffer."""
+    scale, zp = q._shape(q.scale, x), q._shape(q.zero_point, x)
+    return (x * (1.0 / scale)).round_().add_(zp).clamp_(q.qmin, q.qmax)
+
+
+def _tensor_key(*tensors: torch.Tensor) -> tuple:
+    """Identity and version of tensors: holding the tensors keeps their identities from being reused."""
+    return tuple((t, t._version) for t in tensors)
+
+
+def _same_key(a: tuple | None, b: tuple) -> bool:
+    return a is not None and len(a) == len(b) and all(x is y and u == v for (x, u), (y, v) in zip(a, b))
 
 
 class Twin:
@@ -112,13 +128,28 @@ class QuantLayerNorm(Twin, nn.LayerNorm):
             return str(e)
         return None
 
+    def integer_constants(self) -> LNConstants:
+        """Fixed-point constants of the integer kernel, computed once and reused until a parameter or a
+        quantizer changes (tracked by tensor identity and version)."""
+        ptf, out = self.input_quantizer.quantizer, self.out_point.quantizer
+        key = _tensor_key(self.weight, self.bias, ptf.alpha, ptf.zero_point, out.scale, out.zero_point)
+        cache = self.__dict__.get("_int_cache")
+        if cache is None or not _same_key(cache[0], key):
+            consts = ln_constants(int(ptf.zero_point[0]), ptf.alpha, self.weight, self.bias, float(out.scale),
+                                  int(out.zero_point), out.qmin, out.qmax, ptf.qmin, ptf.qmax)
+            cache = (key, consts)
+            self.__dict__["_int_cache"] = cache
+        return cache[1]
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """LayerNorm of an input that is already quantized (a block quantizes its residual stream)."""
         if self.integer:
             ptf, out = self.input_quantizer.quantizer, self.out_point.quantizer
-            codes = int_layernorm(ptf.to_codes(x), int(ptf.zero_point[0]), ptf.alpha, self.weight, self.bias,
-                                  float(out.scale), int(out.zero_point), out.qmin, out.qmax)
-            return out.from_codes(codes.to(x.dtype))
+            k = self.integer_constants()
+            codes = int_layernorm(_codes(ptf, x), k.zero_point, ptf.alpha, self.weight, self.bias,
+                                  float(out.scale), k.out_zero_point, out.qmin, out.qmax, constants=k,
+                                  dtype=x.dtype)
+            return out.from_codes(codes)
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,9 +210,11 @@ class QuantSoftmax(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.integer:  # i-exp and log2 codes on the score grid (FQ-ViT's integer LIS)
             q_in, q_out = self.input_quantizer.quantizer, self.output_quantizer.quantizer
-            codes, _, _ = int_softmax_log2(q_in.to_codes(x), int(q_in.zero_point), float(q_in.scale),
-                                           q_out.bits, mask)
-            return q_out.from_codes(codes.to(x.dtype))
+            codes, _, _ = int_softmax_log2(_codes(q_in, x), int(q_in.zero_point), float(q_in.scale),
+                                           q_out.bits, mask, dtype=torch.int32)
+            # dequantize by lookup: entry k is q_out.from_codes(k) for every code 0 .. qmax + 1
+            table = q_out.from_codes(torch.arange(q_out.qmax + 2, dtype=x.dtype, device=x.device))
+            return table.index_select(0, codes.reshape(-1)).view(codes.shape)
         x = self.input_quantizer(x)
         if mask is not None:
             x = x + mask
