@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from vitq.quant.integer import (EXP_FRACTION_BITS, EXP_OCTAVES, exp_limit, exp_table, int_exp, int_layernorm,
-                                int_softmax_log2, isqrt, ln_constants, ln_std_bits, log_round_codes,
-                                LN_FRACTION_BITS)
+                                int_softmax_log2, int_softmax_log2_codes, isqrt, ln_constants, ln_std_bits,
+                                log_round_codes, LN_FRACTION_BITS)
 from vitq.quant.modules import QuantLayerNorm, QuantSoftmax
 from vitq.quant.quantizers import Log2Quantizer, PTFQuantizer, UniformQuantizer
 
@@ -143,6 +143,7 @@ def test_exp_table_is_int_exp(scale):
     size = min(limit + 3, 70000)
     u = torch.arange(size)
     assert torch.equal(exp_table(scale, size), ref_int_exp(-u, scale).double())
+    assert exp_table(scale, size).dtype == torch.float64
     assert torch.equal(int_exp(-u, scale), ref_int_exp(-u, scale))
     if limit < size:
         assert exp_table(scale, size)[limit:].eq(0).all()  # beyond the clamp: underflow
@@ -167,9 +168,8 @@ def test_int_softmax_equals_reference(scale, out_bits):
         for c in (codes, codes.long(), codes.double()):
             got = int_softmax_log2(c, zp, scale, out_bits)
             for a, b in zip(got, want):
-                assert torch.equal(a, b)
-            assert got[0].dtype == torch.int64
-        got32 = int_softmax_log2(codes, zp, scale, out_bits, dtype=torch.int32)[0]
+                assert torch.equal(a, b) and a.dtype == torch.int64
+        got32 = int_softmax_log2_codes(codes, zp, scale, out_bits)
         assert got32.dtype == torch.int32 and torch.equal(got32, want[0])
 
 

@@ -265,11 +265,29 @@ def int_softmax_log2(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Integer softmax over the last axis with LIS output codes.
 
-    Returns (log2 codes, exp integers, row sums) so callers and tests can inspect every stage; the codes
-    come as `dtype` (int64 by default; the model asks for float32), the exponentials and sums as
-    integer-valued float64 (exact: both stay below 2^52). `codes` are integer-valued grid codes (any
-    dtype; as floats, below 2^24 in magnitude). `mask` is an additive real-valued mask (e.g. -100 or -inf
-    on masked positions).
+    Returns (log2 codes as `dtype`, exp integers, row sums; both int64) so callers and tests can inspect
+    every stage; `int_softmax_log2_codes` returns the codes alone, without the int64 copies.
+    """
+    out, e, total = _int_softmax_log2(codes, zero_point, scale, bits, mask, dtype)
+    return out, e.long(), total.long()
+
+
+def int_softmax_log2_codes(
+    codes: torch.Tensor, zero_point: int, scale: float, bits: int, mask: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.int32,
+) -> torch.Tensor:
+    """The LIS codes of `int_softmax_log2` alone (as `dtype`; the model path)."""
+    return _int_softmax_log2(codes, zero_point, scale, bits, mask, dtype)[0]
+
+
+def _int_softmax_log2(
+    codes: torch.Tensor, zero_point: int, scale: float, bits: int, mask: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes, exponentials and row sums (the latter two as integer-valued float64, exact below 2^52).
+
+    `codes` are integer-valued grid codes (any dtype; as floats, below 2^24 in magnitude). `mask` is an
+    additive real-valued mask (e.g. -100 or -inf on masked positions).
 
     Definition: x = codes - zp (+ round(mask / scale)) minus its row maximum, e = int_exp(x), s = sum(e),
     codes = log_round_codes(s, e).

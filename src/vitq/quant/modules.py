@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .integer import (exp_constants, int_layernorm, int_softmax_log2, ln_constants, ln_std_bits, LNConstants,
-                      LN_FRACTION_BITS)
+from .integer import (exp_constants, int_layernorm, int_softmax_log2_codes, ln_constants, ln_std_bits,
+                      LNConstants, LN_FRACTION_BITS)
 from .points import Kind, QuantPoint
 
 
@@ -210,8 +210,8 @@ class QuantSoftmax(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.integer:  # i-exp and log2 codes on the score grid (FQ-ViT's integer LIS)
             q_in, q_out = self.input_quantizer.quantizer, self.output_quantizer.quantizer
-            codes, _, _ = int_softmax_log2(_codes(q_in, x), int(q_in.zero_point), float(q_in.scale),
-                                           q_out.bits, mask, dtype=torch.int32)
+            codes = int_softmax_log2_codes(_codes(q_in, x), int(q_in.zero_point), float(q_in.scale),
+                                           q_out.bits, mask)
             # dequantize by lookup: entry k is q_out.from_codes(k) for every code 0 .. qmax + 1
             table = q_out.from_codes(torch.arange(q_out.qmax + 2, dtype=x.dtype, device=x.device))
             return table.index_select(0, codes.reshape(-1)).view(codes.shape)
