@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import vitq
 
+from ..memory import return_freed_memory
 from ..report.table import print_points
 from .config import validate
 from .float_model import cache_dir
@@ -65,6 +66,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
 def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     recipe = validate(cfg)
+    return_freed_memory()
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     L.seed_everything(cfg.seed, workers=True)
