@@ -361,7 +361,7 @@ def main() -> None:
     if args.only in (None, "accuracy", "fqvit"):
         for key in args.models.split(","):
             recipes = {} if args.only == "fqvit" else method_recipes()
-            if args.only in (None, "fqvit"):
+            if args.only in (None, "accuracy", "fqvit"):
                 recipes.update({label: overrides for label, (overrides, _) in FQVIT.items()})
             rows = accuracy_rows(key, recipes)
             fresh = {r["label"] for r in rows}

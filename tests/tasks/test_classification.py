@@ -210,6 +210,72 @@ def test_imagefolder_with_timm_data_config(tmp_path):
     assert not sized.test_dataloader().persistent_workers
 
 
+def test_eval_root_takes_the_evaluation_split_from_its_val_folder(tmp_path):
+    root = make_image_folder(tmp_path / "data", splits=("train",))  # no val/ under task.root is fine
+    evals = make_image_folder(tmp_path / "eval", splits=("val",), per_class=4, seed=1)
+    dm = build_datamodule(task("cifar10", root=str(root), eval_root=str(evals), batch_size=4))
+    assert (len(dm.train_dataset), len(dm.test_dataset)) == (6, 8)
+    assert dm.test_base.root == str(evals / "val") and dm.train_base.root == str(root / "train")
+    d = dm.describe()
+    assert d["root"] == str(root.resolve()) and d["eval_root"] == str(evals.resolve())
+    xt, yt = all_batches(dm.test_dataloader())
+    assert len(xt) == 8 and yt.tolist() == [0] * 4 + [1] * 4
+    plain = make_image_folder(tmp_path / "plain")
+    assert "eval_root" not in build_datamodule(task("cifar10", root=str(plain), eval_root=None)).describe()
+
+
+@pytest.mark.parametrize("make_val", [False, True])
+def test_eval_root_missing_names_the_folder(tmp_path, make_val):
+    root = make_image_folder(tmp_path / "data")
+    missing = tmp_path / "eval"
+    if make_val:
+        missing.mkdir()  # exists, but without val/
+    with pytest.raises(FileNotFoundError, match=r"task\.eval_root") as e:
+        build_datamodule(task("cifar10", root=str(root), eval_root=str(missing)))
+    assert str(missing) in str(e.value) and "val/" in str(e.value)
+
+
+def test_eval_root_class_mismatch_and_mnist(tmp_path):
+    root = make_image_folder(tmp_path / "data", splits=("train",))
+    evals = make_image_folder(tmp_path / "eval", splits=("val",), classes=("cats", "birds"))
+    with pytest.raises(ValueError, match="class folders differ") as e:
+        build_datamodule(task("cifar10", root=str(root), eval_root=str(evals)))
+    assert str(evals / "val") in str(e.value)
+    with pytest.raises(ValueError, match="eval_root"):
+        build_datamodule(task("mnist", eval_root=str(evals)))
+
+
+def test_shared_cifar10_eval_set():
+    root, evals = find_shared_data("cifar10-small"), find_shared_data("cifar10-eval")
+    if root is None or evals is None:
+        pytest.skip("../shared/data/cifar10-small or cifar10-eval is absent (see the shared data README)")
+    dm = build_datamodule(task("cifar10", root=str(root), eval_root=str(evals), eval_limit=20))
+    assert dm.classes == CIFAR_CLASSES and dm.describe()["full_test_size"] == 10000
+    assert sorted(set(dm.test_dataset.targets)) == list(range(10))
+
+
+def test_fit_augmentation_knobs(tmp_path):
+    root = make_image_folder(tmp_path / "data")
+    fit = {"augment": "trivialaugment", "random_erasing": 0.5}
+    dm = build_datamodule(task("cifar10", root=str(root), batch_size=6, fit=fit))
+    x, _ = next(iter(dm.train_dataloader()))
+    assert x.shape == (6, 3, 32, 32) and x.dtype == torch.float32
+    for name in ("randaugment", "autoaugment"):
+        build_datamodule(task("imagefolder", root=str(root), fit={"augment": name}), FAKE_DATA_CONFIG)
+    with pytest.raises(ValueError, match="task.fit.augment"):
+        build_datamodule(task("cifar10", root=str(root), fit={"augment": "bogus"}))
+    with pytest.raises(ValueError, match="mnist only"):
+        build_datamodule(task("cifar10", root=str(root), fit={"affine": {"degrees": 10}}))
+    with pytest.raises(ValueError, match="random_erasing"):
+        build_datamodule(task("cifar10", root=str(root), fit={"random_erasing": 2}))
+    mnist = build_datamodule(task("mnist", fit={"affine": {"degrees": 15, "scale": [0.9, 1.1]},
+                                                "augment": "randaugment", "random_erasing": 0.25}))
+    x, y = next(iter(mnist.train_dataloader()))
+    assert x.shape == (16, 1, 28, 28) and x.dtype == torch.float32
+    with pytest.raises(ValueError, match="task.fit.affine"):
+        build_datamodule(task("mnist", fit={"affine": {"rotate": 15}}))
+
+
 # ---- bad inputs fail at build time, naming the path -----------------------------------------------
 @pytest.mark.parametrize("name", ["imagenet", "imagefolder", "cifar10"])
 def test_root_required(name):

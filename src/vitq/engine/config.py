@@ -35,12 +35,21 @@ class FitConf:
     weight_decay: float = 0.05
     warmup_epochs: int = 1
     label_smoothing: float = 0.0
+    # train-time augmentation, built by tasks/classification.py (absent keys keep the task's default)
+    augment: Optional[str] = None  # cifar10 / ImageFolder: null, "trivialaugment", "randaugment", "autoaugment"
+    affine: Optional[dict] = None  # mnist: kwargs of torchvision's RandomAffine; null: translate 0.1
+    random_erasing: float = 0.0  # probability of timm's RandomErasing (per image, after normalization)
+    # batch mixing and threads, in engine/module.py
+    mixup: float = 0.0  # timm Mixup alpha (0: off)
+    cutmix: float = 0.0  # timm CutMix alpha (0: off)
+    num_threads: Optional[int] = None  # torch intra-op threads while training; null: leave as is
 
 
 @dataclass
 class TaskConf:
     name: str = "???"
     root: Optional[str] = None
+    eval_root: Optional[str] = None  # ImageFolder root whose val/ is the evaluation split; null: root
     batch_size: int = 128
     num_workers: int = 0
     img_size: Optional[int] = None
