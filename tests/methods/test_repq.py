@@ -165,15 +165,22 @@ def test_fold_is_float_equivalent_and_refits_weights():
     assert codes.min() == w.quantizer.qmin or codes.max() == w.quantizer.qmax
 
 
+@pytest.mark.parametrize("reparameterize", [True, False], ids=["folded", "per-channel"])
 @pytest.mark.parametrize("arch", [VIT, SWIN], ids=["vit", "swin"])
-def test_repq_checkpoint_round_trip_is_bit_identical(arch, tmp_path):
-    q, x = _calibrated(arch, vitq.recipe("repq"))
+def test_repq_checkpoint_round_trip_is_bit_identical(arch, reparameterize, tmp_path):
+    q, x = _calibrated(arch, vitq.recipe("repq", reparameterize=reparameterize))
     path = vitq.save_quantized(q, tmp_path / "repq.ckpt")
     torch.manual_seed(5)
     fresh = vitq.load_quantized(timm.create_model(**arch).eval(), path)
     with torch.no_grad():
         assert torch.equal(fresh(x), q(x))
-    if arch is SWIN:  # the bias the fold added to the bias-free reduction layer came back
+    rows = {r["name"]: r for r in vitq.summary(fresh)}
+    for pair in norm_pairs(fresh):  # the layout the method left is the layout that reloads
+        want = "per_tensor" if reparameterize else "per_channel"
+        assert rows[f"{pair.consumer_name}.input"]["granularity"] == want
+    fresh(x.requires_grad_()).sum().backward()  # the training path accepts the reloaded layout too
+    assert x.grad is not None
+    if arch is SWIN and reparameterize:  # the bias the fold added to the bias-free reduction layer came back
         assert fresh.layers[1].downsample.reduction.bias is not None
 
 

@@ -39,7 +39,7 @@ class FitConf:
     augment: Optional[str] = None  # cifar10 / ImageFolder: null, "trivialaugment", "randaugment", "autoaugment"
     affine: Optional[dict] = None  # mnist: kwargs of torchvision's RandomAffine; null: translate 0.1
     random_erasing: float = 0.0  # probability of timm's RandomErasing (per image, after normalization)
-    # batch mixing and threads, in engine/module.py
+    # batch mixing and threads, in tasks/classification.py (ClassificationModule)
     mixup: float = 0.0  # timm Mixup alpha (0: off)
     cutmix: float = 0.0  # timm CutMix alpha (0: off)
     num_threads: Optional[int] = None  # torch intra-op threads while training; null: leave as is

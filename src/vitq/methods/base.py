@@ -39,8 +39,9 @@ class Method:
     """Plain post-training calibration; subclasses override the hooks they need.
 
     Order of the hooks: `specs` (when the recipe is read) -> `prepare` (points placed, before any data)
-    -> observing -> `after_observe` (searches over collected statistics) -> freeze -> `after_freeze`
-    (reparameterize, fold, switch kernels). A reloaded checkpoint is placed from its stored recipe
+    -> observing -> `after_observe` (searches over collected statistics) -> freeze, mode `quant` ->
+    `after_freeze` (reparameterize, fold, switch kernels). A method that changes a point's layout records
+    it in `model.vitq_recipe` (an override), so the saved recipe describes the final model. A reloaded checkpoint is placed from its stored recipe
     without `prepare`, then `after_load` runs.
     """
 
@@ -82,7 +83,7 @@ class Method:
         """Statistics are collected, nothing is frozen yet."""
 
     def after_freeze(self, model: nn.Module) -> None:
-        """Every point has its parameters and is about to switch to `quant`."""
+        """Every point has its parameters and is in `quant` mode."""
 
     def after_load(self, model: nn.Module) -> None:
         """A quantized checkpoint was loaded into the model."""

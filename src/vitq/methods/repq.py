@@ -17,6 +17,7 @@ from torch import nn
 
 from ..models import norm_pairs
 from ..quant.api import refit_weight
+from ..quant.recipe import Override
 from .base import Method, register_method
 
 
@@ -34,7 +35,7 @@ class RepQ(Method):
         for pair in norm_pairs(model):
             point = pair.consumer.input_quantizer
             if point.configured and point.spec.quantizer == "uniform" and not point.spec.per_channel:
-                point.configure(dataclasses.replace(point.spec, per_channel=True, axis=None))
+                set_granularity(model, f"{pair.consumer_name}.input", point, per_channel=True)
 
     def after_freeze(self, model: nn.Module) -> None:
         if not self.options.reparameterize:
@@ -43,6 +44,15 @@ class RepQ(Method):
             point = pair.consumer.input_quantizer
             if point.configured and point.spec.per_channel and point.quantizer.scale.numel() > 1:
                 reparameterize(pair.norm, pair.consumer)
+                set_granularity(model, f"{pair.consumer_name}.input", point, per_channel=False)
+
+
+def set_granularity(model: nn.Module, name: str, point: nn.Module, per_channel: bool) -> None:
+    """Record the change in the model's recipe (so a saved checkpoint reloads the same layout) and apply
+    it to the point, keeping the point's parameters when only the record changes."""
+    model.vitq_recipe.overrides.append(Override(name, None, {"per_channel": per_channel}))
+    if point.spec.per_channel != per_channel:
+        point.configure(model.vitq_recipe.resolve(name, point.kind))
 
 
 @torch.no_grad()
@@ -65,6 +75,6 @@ def reparameterize(norm: nn.LayerNorm, linear: nn.Linear) -> None:
     else:
         linear.bias.sub_(shift)
     point.configure(dataclasses.replace(point.spec, per_channel=False, axis=None))
-    point.quantizer.set_params(s_t.reshape(1), z_t.reshape(1))
+    point.quantizer.set_params(s_t.reshape(1), z_t.reshape(1))  # the caller records the layout
     point.set_mode("quant")
     refit_weight(linear)

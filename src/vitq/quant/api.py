@@ -55,7 +55,7 @@ def place(model: nn.Module, recipe: Recipe, inplace: bool = True) -> nn.Module:
     recipe.check_patterns([n for n, _ in points], [p.kind for _, p in points])
     for name, point in points:
         point.configure(recipe.resolve(name, point.kind))
-    model.vitq_recipe = recipe
+    model.vitq_recipe = copy.deepcopy(recipe)  # the model's own: methods record layout changes in it
     return model
 
 
