@@ -7,6 +7,7 @@ identical quantization parameters.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -167,16 +168,25 @@ def _kth_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     return x.kthvalue(k, dim=1).values
 
 
-def _linear_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
-    """Row-wise quantile of a [C, N] tensor with linear interpolation between order statistics (what
-    torch.quantile computes), by kthvalue, so there is no size limit."""
+def _tail_quantiles(x: torch.Tensor, quantiles: tuple[float, ...]) -> dict[float, tuple[torch.Tensor, torch.Tensor]]:
+    """Row-wise (1 - q, q) quantile pairs of a [C, N] tensor, interpolating linearly between order
+    statistics as torch.quantile does (without its size limit). Only the tails are ordered (two topk of
+    the few values beyond the widest candidate), not the whole row."""
     n = x.shape[1]
-    pos = q * (n - 1)
-    below, frac = int(pos), pos - int(pos)
-    lo = x.kthvalue(below + 1, dim=1).values
-    if frac == 0.0 or below + 1 >= n:
-        return lo
-    return lo + frac * (x.kthvalue(below + 2, dim=1).values - lo)
+    k = min(n, int(math.ceil((1.0 - min(quantiles)) * (n - 1))) + 2)
+    top = x.topk(k, dim=1).values  # top[:, j] is the (n - 1 - j)-th smallest
+    bottom = x.topk(k, dim=1, largest=False).values  # bottom[:, j] is the j-th smallest
+
+    def order(i: int) -> torch.Tensor:
+        return bottom[:, i] if i < k else top[:, n - 1 - i]
+
+    def quantile(q: float) -> torch.Tensor:
+        pos = q * (n - 1)
+        below, frac = int(pos), pos - int(pos)
+        lo = order(below)
+        return lo if frac == 0.0 or below + 1 >= n else lo + frac * (order(below + 1) - lo)
+
+    return {q: (quantile(1.0 - q), quantile(q)) for q in quantiles}
 
 
 class PercentileObserver(Observer):
@@ -323,8 +333,7 @@ class QuantileObserver(TokenSampleMixin, Observer):
         x = self._values(self.axis is not None)
         probe = quantizer.probe()
         best = None
-        for q in self.quantiles:
-            lo, hi = _linear_quantile(x, 1.0 - q), _linear_quantile(x, q)
+        for q, (lo, hi) in _tail_quantiles(x, self.quantiles).items():
             probe.set_range(lo, hi)
             err = (probe(x) - x).pow(2).sum(dim=1)
             if best is None:
