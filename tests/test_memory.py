@@ -14,7 +14,8 @@ def test_return_freed_memory_is_applied_on_glibc():
 
 def test_freed_blocks_go_back_to_the_os():
     """With the setting, a process that allocated and freed 40 blocks of 16 MiB amid small live tensors
-    holds far less than it did at its peak; without it, glibc keeps the blocks in its heap."""
+    holds none of them afterwards. (Without it glibc keeps them in its heap in some runs and not in others,
+    depending on where the small blocks land, so only the setting's side is asserted.)"""
     code = """
 import sys, torch
 from vitq.memory import return_freed_memory
@@ -32,7 +33,6 @@ print(rss() - start)
 """
     if platform.libc_ver()[0] != "glibc":
         return
-    held = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
-                                     check=True).stdout.split()[-1]) for mode in ("on", "off")}
-    # MiB still resident after the blocks were freed: measured 1 with the setting, 769 without
-    assert held["on"] < 64 and held["off"] > 400, held
+    held = int(subprocess.run([sys.executable, "-c", code, "on"], capture_output=True, text=True,
+                              check=True).stdout.split()[-1])
+    assert held < 64, held  # MiB still resident after 3 x 640 MiB were freed: measured 1
