@@ -118,8 +118,14 @@ def _layernorm_ranges(ctx: RunContext) -> None:
 
     c = ctx.cfg.quant.calib
     loader = ctx.task.calib_loader(min(256, int(c.num_samples)), 64, int(c.seed))
-    ranges = layernorm_input_ranges(ctx.fp_model, lambda m: ctx.make_trainer(logger=False).validate(
-        ctx.task.calibration_module(m), dataloaders=loader, verbose=False))
+
+    def forward_loop(model: torch.nn.Module) -> None:  # rank 0 alone: no trainer (DDP would wait for peers)
+        module = ctx.task.calibration_module(model)
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                module.validation_step(batch, i)
+
+    ranges = layernorm_input_ranges(ctx.fp_model, forward_loop)
     with open(ctx.out_dir / "layernorm_ranges.json", "w") as f:
         json.dump(range_table(ranges), f, indent=1)
     plot_ranges(ranges, ctx.out_dir / "layernorm_ranges.png",
