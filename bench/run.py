@@ -175,7 +175,7 @@ def speed_child(case: str, calib: int, evaluate: int, batch: int, trim: bool) ->
     return result
 
 
-def speed_rows(calib: int = 32, evaluate: int = 256, batch: int = 32, repeats: int = 2) -> list[dict]:
+def speed_rows(calib: int = 32, evaluate: int = 256, batch: int = 32, repeats: int = 1) -> list[dict]:
     """Each case in its own process, cases interleaved, `repeats` rounds; the median is reported."""
     runs: dict[tuple[str, bool], list[dict]] = {}
     for _ in range(repeats):
@@ -291,7 +291,7 @@ def write_report(data: dict, argv: list[str]) -> str:
     if speed:
         lines += ["## DeiT-S speed and memory", "",
                   "Random weights, 32 calibration images at 224x224, 256 evaluation images, batch 32, each case in "
-                  "its own process (peak = max RSS of the process), median of the rounds, cases interleaved. "
+                  "its own process (peak = max RSS of the process); with several rounds (`speed_rows(repeats=...)`) the median. "
                   "`glibc default`: the allocator as it comes; `vitq (trim)`: with `vitq.memory.return_freed_memory()`, "
                   "which `train.py` (the engine) calls at start-up. Ratios are against float under the same setting.",
                   "", "| case | allocator | recipe | calibration s | evaluation s | eval vs float | peak GiB | "
