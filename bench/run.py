@@ -293,7 +293,8 @@ def write_report(data: dict, argv: list[str]) -> str:
                   "Random weights, 32 calibration images at 224x224, 256 evaluation images, batch 32, each case in "
                   "its own process (peak = max RSS of the process); with several rounds (`speed_rows(repeats=...)`) the median. "
                   "`glibc default`: the allocator as it comes; `vitq (trim)`: with `vitq.memory.return_freed_memory()`, "
-                  "which `train.py` (the engine) calls at start-up. Ratios are against float under the same setting.",
+                  "which `train.py` (the engine) calls at start-up unless `release_memory=false`. Ratios are against "
+                  "float under the same setting.",
                   "", "| case | allocator | recipe | calibration s | evaluation s | eval vs float | peak GiB | "
                   "peak vs float |", "|---|---|---|---|---|---|---|---|"]
         for r in speed:

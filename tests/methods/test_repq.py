@@ -195,3 +195,13 @@ def test_repq_recipe_matches_the_paper_protocol():
     assert points["patch_embed.proj.input"].quantizer.bits == 8  # the image input stays 8-bit
     assert points["head.input"].quantizer.bits == 4  # the head is quantized
     from vitq.engine.config import quant_schema  # noqa: F401  (the Hydra group composes the same file)
+
+
+def test_log_sqrt2_inference_path_equals_codes_round_trip():
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(4, 3, 50, 50, generator=g) * 3, dim=-1)
+    p[0, 0, 0, :5] = 0.0
+    q = LogSqrt2Quantizer(4)
+    q.set_range(torch.tensor(0.0), torch.tensor(0.6))
+    with torch.no_grad():
+        assert torch.equal(q(p), q.from_codes(q.to_codes(p)))

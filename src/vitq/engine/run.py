@@ -66,7 +66,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
 def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     recipe = validate(cfg)
-    return_freed_memory()
+    if cfg.get("release_memory", True):
+        return_freed_memory()
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     L.seed_everything(cfg.seed, workers=True)

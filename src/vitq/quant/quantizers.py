@@ -411,10 +411,13 @@ class LogSqrt2Quantizer(Grid):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:
             return self.forward(x.float()).to(x.dtype)
-        deq = self.from_codes(self.to_codes(x.detach()))
         if torch.is_grad_enabled() and x.requires_grad:
+            deq = self.from_codes(self.to_codes(x.detach()))
             return x + (deq - x).detach()  # straight-through
-        return deq
+        # inference: the same arithmetic in place on one buffer (the attention tensor is the largest)
+        y = torch.div(x, self.scale).log2_().mul_(-2.0).round_()
+        beyond = ~(y <= self.qmax)  # codes past the grid, and x <= 0 (log2 gives -inf or NaN)
+        return y.clamp_(min=0).mul_(-0.5).exp2_().mul_(self.scale).masked_fill_(beyond, 0.0)
 
 
 __all__ = ["GRIDS", "Grid", "Log2Quantizer", "LogSqrt2Quantizer", "MAX_BITS", "MIN_BITS", "PTFQuantizer",
