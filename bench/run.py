@@ -286,8 +286,8 @@ def write_report(data: dict, argv: list[str]) -> str:
                          f"{r['sqnr_db']:.2f} | {r['calib_seconds']:.1f} |")
         for r in peer["runs"]:
             lines.append(f"| published code: {r['label']} ({r['code']}) | {r['agreement']:.2f} | {r['cosine']:.4f} | "
-                         f"{r['sqnr_db']:.2f} | {r['calib_seconds']:.0f}* |")
-        lines += ["", f"\\* {peer.get('how', '')}", ""]
+                         f"{r['sqnr_db']:.2f} | {r['calib_seconds']:.0f}{'' if r.get('idle') else '*'} |")
+        lines += ["", peer.get("how", ""), ""]
     if speed:
         lines += ["## DeiT-S speed and memory", "",
                   "Random weights, 32 calibration images at 224x224, 256 evaluation images, batch 32, each case in "
