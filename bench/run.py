@@ -294,7 +294,9 @@ def write_report(data: dict, argv: list[str]) -> str:
                   "its own process (peak = max RSS of the process); with several rounds (`speed_rows(repeats=...)`) the median. "
                   "`glibc default`: the allocator as it comes; `vitq (trim)`: with `vitq.memory.return_freed_memory()`, "
                   "which `train.py` (the engine) calls at start-up unless `release_memory=false`. Ratios are against "
-                  "float under the same setting.",
+                  "float under the same setting. Under the glibc default the peak varies from run to run with where small "
+                  "blocks land (fqvit peaked at 1.58 GiB in one measurement and 3.05 GiB in the next, same code); the trim "
+                  "setting removes that variation at a cost in evaluation time.",
                   "", "| case | allocator | recipe | calibration s | evaluation s | eval vs float | peak GiB | "
                   "peak vs float |", "|---|---|---|---|---|---|---|---|"]
         for r in speed:

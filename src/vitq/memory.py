@@ -5,8 +5,8 @@ blocks come from the heap, which it does not hand back while a small live block 
 resident size then grows with every pattern of allocations a quantized forward adds. Setting the trim
 threshold fixes the mmap threshold (large blocks are mapped and returned on free) and trims the heap
 top eagerly. The price is page faults on every fresh block: measured on DeiT-S (docs/results.md,
-W8A8 MinMax fake quantization), peak memory 1.11x float instead of 2.0x, evaluation 1.63x float time
-instead of 1.33x. The engine applies it unless `release_memory=false`.
+W8A8 MinMax fake quantization), peak memory 1.11x float instead of 1.95x, evaluation 1.71x float time
+instead of 1.17x. The engine applies it unless `release_memory=false`.
 """
 from __future__ import annotations
 
