@@ -15,7 +15,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..models import norm_pairs
+from ..models import NormPair, norm_pairs
 from ..quant.api import refit_weight
 from ..quant.recipe import Override
 from .base import Method, register_method
@@ -43,8 +43,7 @@ class RepQ(Method):
         for pair in norm_pairs(model):
             point = pair.consumer.input_quantizer
             if point.configured and point.spec.per_channel and point.quantizer.scale.numel() > 1:
-                reparameterize(pair.norm, pair.consumer)
-                set_granularity(model, f"{pair.consumer_name}.input", point, per_channel=False)
+                reparameterize(model, pair)
 
 
 def set_granularity(model: nn.Module, name: str, point: nn.Module, per_channel: bool) -> None:
@@ -56,9 +55,11 @@ def set_granularity(model: nn.Module, name: str, point: nn.Module, per_channel: 
 
 
 @torch.no_grad()
-def reparameterize(norm: nn.LayerNorm, linear: nn.Linear) -> None:
-    """Fold the per-channel scale and zero point of `linear`'s input into `norm` and `linear`, and make the
-    input quantizer per tensor. In exact arithmetic the codes and the layer's output do not change."""
+def reparameterize(model: nn.Module, pair: NormPair) -> None:
+    """Fold the per-channel scale and zero point of the consumer's input into the LayerNorm and the
+    consumer, and make the input quantizer per tensor. In exact arithmetic the codes and the layer's
+    output do not change."""
+    norm, linear = pair.norm, pair.consumer
     if norm.weight is None or norm.bias is None:
         raise ValueError("RepQ-ViT reparameterization needs a LayerNorm with an affine (weight and bias)")
     point = linear.input_quantizer
@@ -74,7 +75,7 @@ def reparameterize(norm: nn.LayerNorm, linear: nn.Linear) -> None:
         linear.bias = nn.Parameter(-shift)
     else:
         linear.bias.sub_(shift)
-    point.configure(dataclasses.replace(point.spec, per_channel=False, axis=None))
-    point.quantizer.set_params(s_t.reshape(1), z_t.reshape(1))  # the caller records the layout
+    set_granularity(model, f"{pair.consumer_name}.input", point, per_channel=False)
+    point.quantizer.set_params(s_t.reshape(1), z_t.reshape(1))
     point.set_mode("quant")
     refit_weight(linear)

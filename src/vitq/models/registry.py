@@ -84,12 +84,7 @@ def find_roots(model: nn.Module) -> list[tuple[str, nn.Module, Adapter]]:
     return found
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def rewrite(model: nn.Module) -> list[str]:
-    """Convert every module of every adapted family in place; returns the families found."""
+def _roots_or_raise(model: nn.Module) -> list[tuple[str, nn.Module, Adapter]]:
     roots = find_roots(model)
     if not roots:
         known = ", ".join(sorted(f"{c.__module__}.{c.__name__}" for a in ADAPTERS for c in a.roots))
@@ -97,6 +92,16 @@ def rewrite(model: nn.Module) -> list[str]:
             f"vitq has no adapter for {type(model).__module__}.{type(model).__name__} or any of its submodules. "
             f"Known model classes: {known}. Add one in src/vitq/models/ (see docs/adding.md)."
         )
+    return roots
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def rewrite(model: nn.Module) -> list[str]:
+    """Convert every module of every adapted family in place; returns the families found."""
+    roots = _roots_or_raise(model)
     for _, root, adapter in roots:
         for module in list(root.modules()):
             twin = adapter.twin_for(module)
@@ -127,7 +132,4 @@ def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def family_of(model: nn.Module) -> str:
     """The family of the first adapted (sub)module; raises UnsupportedModelError if there is none."""
-    roots = find_roots(model)
-    if not roots:
-        rewrite(model)  # raises the explanatory error
-    return roots[0][2].family
+    return _roots_or_raise(model)[0][2].family

@@ -87,9 +87,9 @@ class Recipe:
 
         method = str(cfg.get("method") or "ptq")
         impl = get_method(method)
-        options = {k: cfg[k] for k in impl.option_names() if k in cfg}
+        impl = impl({k: cfg[k] for k in impl.option_names() if k in cfg})
         scope = str(cfg.get("scope", "matmul"))
-        specs = impl(options).specs(specs, scope)
+        specs = impl.specs(specs, scope)
         overrides = []
         for i, entry in enumerate(cfg.get("overrides") or []):
             entry = dict(entry)
@@ -102,7 +102,7 @@ class Recipe:
             _spec(entry, f"quant.overrides[{i}] ({pattern})")  # validate keys and bits now
             overrides.append(Override(pattern, kind, entry))
         return cls(name=str(cfg.get("name", "custom")), scope=scope, specs=specs, overrides=overrides,
-                   method=method, options=impl(options).option_dict())
+                   method=method, options=impl.option_dict())
 
     def to_config(self) -> dict[str, Any]:
         return {
