@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..methods import get_method
-from ..quant.recipe import Recipe
+from ..quant.recipe import RUN_KEYS, Recipe
 
 # logger configs read `offline: ${vitq.wandb_offline:}`: offline unless the user sets WANDB_MODE=online
 OmegaConf.register_new_resolver("vitq.wandb_offline", lambda: os.environ.get("WANDB_MODE", "offline") != "online",
@@ -156,4 +156,5 @@ def validate(cfg: DictConfig) -> Recipe:
     calib = cfg.quant.calib
     if calib.num_samples < 1 or calib.batch_size < 1:
         raise ValueError("quant.calib.num_samples and quant.calib.batch_size must be at least 1")
-    return Recipe.from_config(OmegaConf.to_container(cfg.quant, resolve=True))
+    run_keys = RUN_KEYS | {f.name for f in fields(QuantConf)}  # every run-level key of the quant group
+    return Recipe.from_config(OmegaConf.to_container(cfg.quant, resolve=True), run_keys=run_keys)

@@ -79,7 +79,7 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     vitq.quantize(probe, recipe)  # the recipe fits the model (point names do not depend on the weights)
     if cfg.stage == "summary":
         points = vitq.summary(probe)
-        print_points(points)
+        print_points(points, float_layers=vitq.quant.float_layers(probe))
         print(f"recipe {recipe.name}: {recipe.describe()}")
         return {"points": len(points)}
     del probe

@@ -25,7 +25,7 @@ import vitq
 
 from ..methods import Method
 from ..quant.recipe import Recipe
-from ..report.table import print_results, results_row
+from ..report.table import float_layers_line, print_results, results_row
 from .float_model import float_key, obtain_float_model
 from .tasks import Task
 
@@ -153,6 +153,8 @@ def test_stage(ctx: RunContext) -> None:
     quant = evaluate(ctx, ctx.qmodel, "quant")
     integer = any(getattr(m, "integer", False) for m in ctx.qmodel.modules())
     metrics = ctx.task.metrics
+    float_layers = vitq.quant.float_layers(ctx.qmodel)
+    ctx.info["float_layers"] = len(float_layers)
     row = results_row(ctx.cfg, ctx.recipe, metrics, fp, quant, ctx.qmodel, **ctx.info,
                       integer=integer, calib_seconds=round(ctx.timings.get("calibrate", 0.0), 2),
                       float_source=ctx.float_source, primary=ctx.task.primary)
@@ -172,4 +174,6 @@ def test_stage(ctx: RunContext) -> None:
     print_results([row], metrics)
     print(f"quantized model: {'checkpoint ' + str(ctx.cfg.quant.from_checkpoint) if ctx.checkpoint else 'calibrated'}; "
           f"{sum(p['mode'] == 'quant' for p in points)} of {len(points)} points quantized ({ctx.recipe.describe()})")
+    if line := float_layers_line(float_layers):
+        print(line)
     ctx.artifacts["points"] = points
