@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import os
+import secrets
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
@@ -17,6 +19,29 @@ from ..quant.recipe import RUN_KEYS, Recipe
 # logger configs read `offline: ${vitq.wandb_offline:}`: offline unless the user sets WANDB_MODE=online
 OmegaConf.register_new_resolver("vitq.wandb_offline", lambda: os.environ.get("WANDB_MODE", "offline") != "online",
                                 replace=True)
+
+
+@functools.cache
+def run_id() -> str:
+    """A short random tag, one per process: two runs started in the same second get different directories
+    (DDP workers receive the resolved directory from rank 0, so they never draw their own)."""
+    return secrets.token_hex(3)
+
+
+def recipe_name(cli_name: str, checkpoint: str | None) -> str:
+    """The recipe a run evaluates: the checkpoint's own when one is given (stage=test), else the CLI's."""
+    if checkpoint:
+        try:
+            import torch
+
+            return str(torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)["recipe"]["name"])
+        except Exception:  # noqa: BLE001  (an unreadable checkpoint is reported by the run with its path)
+            return cli_name
+    return cli_name
+
+
+OmegaConf.register_new_resolver("vitq.run_id", run_id, replace=True)
+OmegaConf.register_new_resolver("vitq.recipe_name", recipe_name, replace=True)
 
 
 @dataclass
@@ -55,6 +80,7 @@ class TaskConf:
     img_size: Optional[int] = None
     train_limit: Optional[int] = None
     eval_limit: Optional[int] = None
+    skip_bad_images: bool = False  # leave unreadable image files out (with a warning naming them), not fail
     fit: FitConf = field(default_factory=FitConf)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from omegaconf import DictConfig
 
 import vitq
 
+from ..files import written_atomically
 from ..methods import Method
 from ..quant.recipe import Recipe
 from ..report.table import float_layers_line, print_results, results_row
@@ -135,14 +135,17 @@ def float_outcomes(ctx: RunContext) -> dict[str, torch.Tensor]:
     desc = json.dumps(ctx.task.describe(), sort_keys=True, default=str)
     path = ctx.cache / f"{ctx.float_key}.fp-outcomes.json"
     if path.is_file():
-        stored = json.loads(path.read_text())
-        if stored.get("data") == desc:
-            return {k: torch.tensor(v) for k, v in stored["samples"].items()}
+        try:
+            stored = json.loads(path.read_text())
+            if stored.get("data") == desc:
+                return {k: torch.tensor(v) for k, v in stored["samples"].items()}
+        except (ValueError, AttributeError, KeyError, TypeError) as e:  # damaged: evaluate again, overwrite it
+            log.warning("float-metrics cache %s is unreadable (%s: %s); evaluating the float model again",
+                        path, type(e).__name__, e)
     samples = evaluate(ctx, ctx.fp_model, "fp")
     if not ctx.float_key.endswith(("-pretrained", "-ckpt")) and rank_zero_only.rank == 0:
-        tmp = path.with_suffix(".partial")
-        tmp.write_text(json.dumps({"data": desc, "samples": {k: v.tolist() for k, v in samples.items()}}))
-        os.replace(tmp, path)
+        with written_atomically(path) as tmp:
+            tmp.write_text(json.dumps({"data": desc, "samples": {k: v.tolist() for k, v in samples.items()}}))
     return samples
 
 

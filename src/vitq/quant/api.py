@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from ..files import written_atomically
 from .modules import _QuantWeight
 from .points import Kind, QuantPoint
 from .recipe import Recipe
@@ -200,11 +201,10 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, meta: Mapping[str,
         raise ValueError("model was not made by vitq.quantize (it has no recipe)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
     integer = [n for n, m in model.named_modules() if getattr(m, "integer", False)]
-    torch.save({"format": CHECKPOINT_FORMAT, "recipe": recipe.to_config(), "integer": integer,
-                "state_dict": model.state_dict(), "meta": dict(meta or {})}, tmp)
-    os.replace(tmp, path)
+    with written_atomically(path) as tmp:
+        torch.save({"format": CHECKPOINT_FORMAT, "recipe": recipe.to_config(), "integer": integer,
+                    "state_dict": model.state_dict(), "meta": dict(meta or {})}, tmp)
     return path
 
 
@@ -218,7 +218,18 @@ def read_quantized(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not a vitq quantized checkpoint (cannot be read: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a vitq quantized checkpoint (expected format {CHECKPOINT_FORMAT})")
+    _check_finite(ckpt, str(path))
     return ckpt
+
+
+def _check_finite(ckpt: Mapping[str, Any], where: str) -> None:
+    """A NaN scale makes a model whose every output is NaN, and its evaluation would still 'succeed'."""
+    broken = [k for k, t in ckpt["state_dict"].items()
+              if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(t.isfinite().all())]
+    if broken:
+        raise ValueError(f"{where} holds non-finite values (NaN or Inf) in {len(broken)} tensor(s): "
+                         f"{', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''}; it cannot give a working "
+                         "model: calibrate again")
 
 
 def load_quantized(model: nn.Module, path: str | os.PathLike | Mapping[str, Any]) -> nn.Module:
@@ -228,14 +239,11 @@ def load_quantized(model: nn.Module, path: str | os.PathLike | Mapping[str, Any]
     The stored recipe describes the final model (after any reparameterization), so points are placed
     from it without the method's `prepare` hook; parameters a method added (a folded bias) are created.
     """
-    ckpt = path if isinstance(path, Mapping) else read_quantized(path)
-    where = "the checkpoint" if isinstance(path, Mapping) else str(path)
-    broken = [k for k, t in ckpt["state_dict"].items()
-              if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(t.isfinite().all())]
-    if broken:
-        raise ValueError(f"{where} holds non-finite values (NaN or Inf) in {len(broken)} tensor(s): "
-                         f"{', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''}; it cannot give a working "
-                         "model: calibrate again")
+    if isinstance(path, Mapping):
+        ckpt = path
+        _check_finite(ckpt, "the checkpoint")
+    else:
+        ckpt = read_quantized(path)
     recipe = Recipe.from_config(ckpt["recipe"])
     place(model, recipe)
     state = ckpt["state_dict"]
