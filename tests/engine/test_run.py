@@ -172,16 +172,6 @@ def test_fqvit_integer_run(first_run, fqvit_run):
     assert all(r["max_range"] >= r["median_range"] > 0 for r in ranges)
 
 
-def test_slurm_launcher_config_composes():
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4"],
-                      return_hydra_config=True)
-    launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("SlurmLauncher")
-    assert launcher.tasks_per_node == 4 and launcher.gpus_per_node == 4  # one rank per GPU
-
-
 @pytest.mark.parametrize("scope", ["matmul", "full"])
 def test_fp32_recipe_quantizes_nothing(scope):
     from vitq.engine.config import validate

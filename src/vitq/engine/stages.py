@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 import vitq
 
+from ..distributed import sharded
 from ..files import written_atomically
 from ..methods import Method
 from ..quant.recipe import Recipe
@@ -110,8 +111,9 @@ def calibrate_stage(ctx: RunContext) -> None:
         return
     module = ctx.task.calibration_module(ctx.qmodel)
     start = time.perf_counter()
-    vitq.calibrate(ctx.qmodel, lambda m: ctx.make_trainer().validate(module, dataloaders=ctx.calib_loader,
-                                                                     verbose=False))
+    trainer = ctx.make_trainer()
+    loader = sharded(ctx.calib_loader, processes(trainer), "the calibration loader")
+    vitq.calibrate(ctx.qmodel, lambda m: trainer.validate(module, dataloaders=loader, verbose=False))
     ctx.timings["calibrate"] = time.perf_counter() - start
 
 
@@ -123,10 +125,17 @@ def load_stage(ctx: RunContext) -> None:
     ctx.info["calib_samples"] = calib.get("num_samples")
 
 
+def processes(trainer: L.Trainer) -> int:
+    """How many processes a trainer's loops run in (each gets whole batches, `vitq.distributed.sharded`)."""
+    return int(trainer.num_devices) * int(trainer.num_nodes)
+
+
 def evaluate(ctx: RunContext, model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     """Per-sample outcomes of every task metric."""
     module = ctx.task.eval_module(model, prefix)
-    ctx.make_trainer().test(module, dataloaders=ctx.task.test_loader(), verbose=False)
+    trainer = ctx.make_trainer()
+    trainer.test(module, dataloaders=sharded(ctx.task.test_loader(), processes(trainer), "the evaluation loader"),
+                 verbose=False)
     return module.samples
 
 

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from ..distributed import check_same_on_ranks
 from ..files import written_atomically
 from .modules import _QuantWeight
 from .points import Kind, QuantPoint
@@ -115,6 +116,9 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
             p.freeze()
         set_mode(model, "quant")
         method.after_freeze(model)
+        if sync:  # every rank must hold the parameters one process would have computed
+            check_same_on_ranks({f"{n}.{k}": v for n, p in points for k, v in p.quantizer.state_dict().items()},
+                                "calibrated quantizer parameters")
         model.vitq_calibrated = True
     except BaseException:
         set_mode(model, "off")
