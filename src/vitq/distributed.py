@@ -40,9 +40,19 @@ class BatchShards(DistributedSampler):
     starts after the loader is built.
     """
 
+    shuffle, seed, epoch = False, 0, 0  # what code that inspects a DistributedSampler looks for
+
     def __init__(self, size: int, batch_size: int, drop_last: bool = False) -> None:  # noqa: D107
         # no super().__init__: it would need the process group now
         self.size, self.batch_size, self.drop_last = int(size), int(batch_size), bool(drop_last)
+
+    @property
+    def rank(self) -> int:  # type: ignore[override]
+        return rank_world()[0]
+
+    @property
+    def num_replicas(self) -> int:  # type: ignore[override]
+        return rank_world()[1]
 
     def _batches(self) -> range:
         rank, world = rank_world()
