@@ -153,6 +153,8 @@ def test_stage(ctx: RunContext) -> None:
     quant = evaluate(ctx, ctx.qmodel, "quant")
     integer = any(getattr(m, "integer", False) for m in ctx.qmodel.modules())
     metrics = ctx.task.metrics
+    described = ctx.recipe.method_impl().describe_model(ctx.qmodel)  # e.g. a mixed-precision bit map
+    ctx.info.update(described)
     row = results_row(ctx.cfg, ctx.recipe, metrics, fp, quant, ctx.qmodel, **ctx.info,
                       integer=integer, calib_seconds=round(ctx.timings.get("calibrate", 0.0), 2),
                       float_source=ctx.float_source, primary=ctx.task.primary)
@@ -165,6 +167,8 @@ def test_stage(ctx: RunContext) -> None:
                         **{f"quant/{m}": row[f"quant_{m}"] for m in metrics},
                         **{f"quant/delta_{m}": row[f"delta_{m}"] for m in metrics},
                         "calib/seconds": row["calib_seconds"]})
+        if described:
+            lg.log_hyperparams({f"method/{k}": v for k, v in described.items()})
         if isinstance(lg, WandbLogger) and rank_zero_only.rank == 0:  # other ranks hold a dummy experiment
             cols = list(points[0])
             lg.log_table(key="quant/points", columns=cols, data=[[r[c] for c in cols] for r in points])
