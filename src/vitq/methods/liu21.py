@@ -158,7 +158,7 @@ class Liu21(Method):
                 scores = []
                 per_candidate = target.per_candidate
                 for chunk in _chunks(factors, per_candidate + x[side].numel()):
-                    cand = chunk.view(-1, *[1] * x[side].dim()) * base[side]
+                    cand = chunk.to(base[side].device).view(-1, *[1] * x[side].dim()) * base[side]
                     q = _fq(x[side].unsqueeze(0), cand, grids[side])
                     out = p.op(q, quantized[other]) if side == "a" else p.op(quantized[other], q)
                     scores.append(self.score(_add_bias(out, bias, p.channel_dims), target))
@@ -337,7 +337,7 @@ class Target:
         centered = flat - flat.mean(-1, keepdim=True)
         t = cls(centered, centered.pow(2).sum(-1), per_candidate=out.numel())
         if rank_pairs is not None:
-            t.pairs = pair_matrix(out.shape[-1], rank_pairs)
+            t.pairs = pair_matrix(out.shape[-1], rank_pairs).to(out.device, out.dtype)
             t.sign = torch.sign(out @ t.pairs)
             t.per_candidate += t.sign.numel()
         return t

@@ -121,7 +121,8 @@ class NoisyQuant(Addon):
                 x, y = tokens(cap.args[0], cap.output, self.options.noisy_samples, self.options.noisy_seed)
                 if self.options.noisy_clip:
                     search_clip(layer, x, y, self.options.noisy_clip_candidates)
-                u = base_noise(layer.in_features, self.options.noisy_seed, index) * input_step(layer)
+                step = input_step(layer)
+                u = base_noise(layer.in_features, self.options.noisy_seed, index).to(step.device) * step
                 k = search_amplitude(layer, x, y, u, self.options.noisy_candidates, self.options.noisy_range)
                 add_noise(layer, k * u)
                 log.info("noisyquant %s: amplitude %.3g input steps", name, k)
@@ -160,7 +161,7 @@ def tokens(x: torch.Tensor, y: torch.Tensor, count: int, seed: int) -> tuple[tor
     """A seeded sample of `count` (input, float output) token pairs of a linear layer."""
     x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
     if x.shape[0] > count:
-        keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:count]
+        keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:count].to(x.device)
         x, y = x[keep], y[keep]
     return x, y
 
@@ -176,7 +177,7 @@ def layer_output(layer: QuantLinear, x: torch.Tensor, noise: torch.Tensor | None
     grid = layer.input_quantizer.quantizer
     grid = grid.inner if isinstance(grid, NoisyGrid) else grid
     w = _qweight(layer)
-    bias = torch.zeros(w.shape[0]) if layer.bias is None else layer.bias.detach()
+    bias = torch.zeros(w.shape[0], device=w.device) if layer.bias is None else layer.bias.detach()
     if noise is None:
         return grid(x) @ w.t() + bias
     return grid(x + noise) @ w.t() + (bias - noise @ w.t())
@@ -196,7 +197,7 @@ def search_amplitude(layer: QuantLinear, x: torch.Tensor, y: torch.Tensor, u: to
     ks = torch.linspace(0.0, max_steps, count)
     errors = []
     for chunk in ks.split(max(1, _CHUNK_ELEMENTS // (x.numel() + y.numel()))):
-        noise = chunk.view(-1, 1, 1) * u  # [c, 1, C]
+        noise = chunk.to(u.device).view(-1, 1, 1) * u  # [c, 1, C]
         errors.append((layer_output(layer, x.unsqueeze(0), noise) - y).pow(2).mean(dim=(1, 2)))
     return float(ks[int(torch.cat(errors).argmin())])
 
