@@ -49,6 +49,18 @@ FIDELITY = {  # label -> (recipe name, overrides)
     "vitq fqvit 8/8/4": ("fqvit", {}),
     "vitq fqvit 8/8/8, no LIS": ("fqvit", {"lis": False, "attn_bits": 8}),
 }
+# Liu et al. 2021 and NoisyQuant on vit_cifar: label -> (overrides, the row it is compared with, text).
+# RepQ-ViT stands for "the best uniform recipe": the strongest of vitq's uniform-input recipes in the
+# published ImageNet tables (docs/methods.md), not a choice made on these evaluation images.
+SEARCH_BASES = {"minmax": ["quant=minmax"], "omse": ["quant=omse"], "repq": ["quant=repq"]}
+SEARCH = {
+    "liu21": (["quant=liu21"], "minmax", "Liu et al., fixed width"),
+    "liu21-mp": (["quant=liu21", "quant.mixed_precision=true"], "liu21", "Liu et al., mixed precision (same average)"),
+    "minmax+noisy": (["quant=minmax", "quant.noisy=true"], "minmax", "MinMax + NoisyQuant noise"),
+    "omse+noisy": (["quant=omse", "quant.noisy=true"], "omse", "OMSE + NoisyQuant noise"),
+    "repq+noisy": (["quant=repq", "quant.noisy=true"], "repq", "RepQ-ViT + NoisyQuant noise"),
+    "noisyquant": (["quant=noisyquant"], "minmax", "NoisyQuant (paper setting: symmetric, clip search + noise)"),
+}
 SPEED_CASES = {"float": None, "minmax": ("minmax", {}), "fqvit": ("fqvit", {}), "repq": ("repq", {})}
 
 
@@ -100,6 +112,35 @@ def accuracy_rows(model_key: str, recipes: dict[str, list[str]]) -> list[dict]:
         print(f"{model_key} {label}: fp {row['fp_top1']:.2f} quant {row['quant_top1']:.2f} "
               f"delta {row['delta_top1']:+.2f} {row['delta_top1_ci']}", flush=True)
     return rows
+
+
+def search_recipes() -> dict[str, list[str]]:
+    """The Liu et al. / NoisyQuant rows and the rows they are compared with, at every bit width."""
+    rows = {**SEARCH_BASES, **{k: v[0] for k, v in SEARCH.items()}}
+    return {f"{k}-w{w}a{a}": [*o, f"quant.w_bits={w}", f"quant.a_bits={a}", "quant.scope=matmul"]
+            for k, o in rows.items() for w, a in BITS}
+
+
+def paired_deltas(model_key: str, rows: list[dict]) -> list[dict]:
+    """Each compared pair: quantized top-1 difference with its paired 95% bootstrap interval over the
+    same evaluation images (from the runs' per-image outcomes)."""
+    from vitq.report.ci import paired_bootstrap
+
+    by = {r["label"]: r for r in rows}
+    out = []
+    for key, (_, base, text) in SEARCH.items():
+        for w, a in BITS:
+            label, ref = f"{key}-w{w}a{a}", f"{base}-w{w}a{a}"
+            if label not in by or ref not in by:
+                continue
+            mine = torch.load(OUT / model_key / label / "outcomes.pt")["top1"]
+            theirs = torch.load(OUT / model_key / ref / "outcomes.pt")["top1"]
+            delta, low, high = paired_bootstrap(theirs, mine)
+            out.append({"label": label, "base": ref, "text": text, "bits": f"W{w}A{a}", "delta": delta,
+                        "ci": [low, high], "calib_seconds": by[label]["calib_seconds"],
+                        "base_calib_seconds": by[ref]["calib_seconds"], "bit_map": by[label].get("bit_map"),
+                        "avg_block_bits": by[label].get("avg_block_bits")})
+    return out
 
 
 def method_recipes() -> dict[str, list[str]]:
@@ -274,6 +315,9 @@ def write_report(data: dict, argv: list[str]) -> str:
             fig = ROOT / "docs" / "figures" / f"layernorm_ranges_{MODELS[k][0]}.png"
             if fig.exists():
                 lines += [f"![LayerNorm input ranges, {MODELS[k][0]}](figures/{fig.name})", ""]
+    search = data.get("search", {})
+    for key, block in search.items():
+        lines += _search_section(key, block)
     if fid:
         peer = json.loads(PEER.read_text()) if PEER.exists() else {"runs": []}
         lines += ["## Fidelity on DeiT-S beside the published code", "", peer.get("protocol", ""), "",
@@ -314,6 +358,40 @@ def write_report(data: dict, argv: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _search_section(key: str, block: dict) -> list[str]:
+    rows, deltas = block["rows"], block["deltas"]
+    by = {r["label"]: r for r in rows}
+    model, task, _ = MODELS[key]
+    fp = rows[0]["fp_top1"] if rows else float("nan")
+    lines = [f"## Liu et al. 2021 and NoisyQuant on {model} ({task})", "",
+             f"`python -m bench.run {block['argv']}`, all rows in that one invocation with one intra-op thread "
+             f"(`torch.set_num_threads(1)`) on the shared 2-core machine (load average {block['load']}), so the "
+             "calibration seconds compare with each other but are noisy. Scope `matmul`, 256 calibration images "
+             "(RepQ-ViT: 32), float top-1 " f"{fp:.2f} % on {rows[0]['eval_samples'] if rows else 0} evaluation "
+             "images. Top-1 % (delta vs float [95% CI]); calibration seconds in the second column of each cell.",
+             "", "| recipe | " + " | ".join(f"W{w}A{a}" for w, a in BITS) + " |", "|---|" + "---|" * len(BITS)]
+    names = [*SEARCH_BASES, *SEARCH]
+    for name in names:
+        cells = []
+        for w, a in BITS:
+            r = by.get(f"{name}-w{w}a{a}")
+            cells.append("–" if r is None else f"{_cell(r)}, {r['calib_seconds']:.1f} s")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Each technique against the row it builds on: difference of quantized top-1 (points) with its "
+              "paired 95% bootstrap interval over the same images (1000 resamples, seed 0), and both "
+              "calibration times.", "", "| comparison | bits | delta [95% CI] | calibration s (base) | note |",
+              "|---|---|---|---|---|"]
+    for d in deltas:
+        note = ""
+        if d.get("bit_map"):
+            note = f"average {d['avg_block_bits']:.2f} bits: " + ", ".join(
+                f"{k.replace('blocks.', 'b')}={v}" for k, v in d["bit_map"].items())
+        lines.append(f"| {d['label'].rsplit('-w', 1)[0]} vs {d['base'].rsplit('-w', 1)[0]} | {d['bits']} | "
+                     f"{d['delta']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] | {d['calib_seconds']:.1f} "
+                     f"({d['base_calib_seconds']:.1f}) | {note} |")
+    return lines + [""]
+
+
 def readme_summary(data: dict) -> str:
     """A few headline rows for the README; the full tables are in docs/results.md."""
     lines = ["| model | float | MinMax W4A4 | OMSE W4A4 | RepQ-ViT W4A4 | RepQ-ViT W6A6 | FQ-ViT 8/8/4 (full) |",
@@ -345,7 +423,7 @@ def update_readme(summary: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", choices=["accuracy", "fqvit", "fidelity", "speed", "quickstart", "report"])
+    parser.add_argument("--only", choices=["accuracy", "fqvit", "search", "fidelity", "speed", "quickstart", "report"])
     parser.add_argument("--models", default="mnist,cifar")
     parser.add_argument("--speed-child", default=None)
     parser.add_argument("--trim", action="store_true")
@@ -373,6 +451,13 @@ def main() -> None:
             if src.exists():
                 (ROOT / "docs" / "figures").mkdir(parents=True, exist_ok=True)
                 shutil.copy(src, ROOT / "docs" / "figures" / f"layernorm_ranges_{MODELS[key][0]}.png")
+    if args.only in (None, "search"):
+        torch.set_num_threads(1)  # calibration times of every compared row under the same setting
+        data.setdefault("search", {})
+        for key in [k for k in args.models.split(",") if k == "cifar"]:
+            rows = accuracy_rows(key, search_recipes())
+            data["search"][key] = {"rows": rows, "deltas": paired_deltas(key, rows), "argv": " ".join(sys.argv[1:]),
+                                   "load": " / ".join(f"{v:.1f}" for v in os.getloadavg())}
     if args.only in (None, "fidelity"):
         data["fidelity"] = fidelity_rows()
     if args.only in (None, "speed"):

@@ -217,3 +217,22 @@ def test_imagefolder_task_uses_the_model_data_config_and_trains(tmp_path):
     lo, hi = row["delta_top1_ci"]  # the paired bootstrap interval holds the measured difference
     assert lo <= row["delta_top1"] == row["quant_top1"] - row["fp_top1"] <= hi
     assert (tmp_path / "out" / "quantized.ckpt").is_file()
+
+
+@pytest.mark.parametrize("overrides,columns", [
+    (["quant=liu21", "quant.mixed_precision=true", "quant.candidates=6", "quant.rounds=3",
+      "quant.search_samples=16"], ("bit_map", "avg_block_bits")),
+    (["quant=minmax", "quant.noisy=true", "quant.noisy_candidates=11"], ("noisy_layers", "noisy_max_steps")),
+])
+def test_method_columns_reach_the_row_the_log_and_a_reload(first_run, overrides, columns):
+    """Liu et al.'s bit map and NoisyQuant's noise: in results.json and the CSV log, and reproduced
+    from the checkpoint."""
+    tmp, _, _ = first_run
+    out = tmp / f"out-{overrides[0].split('=')[1]}"
+    row = run(tiny_cfg(tmp, *overrides), out)
+    assert all(row[c] is not None for c in columns)
+    logged = (out / "csv" / "hparams.yaml").read_text()
+    assert all(f"method/{c}" in logged for c in columns)
+    again = run(tiny_cfg(tmp, *overrides, "stage=test", f"quant.from_checkpoint={out / 'quantized.ckpt'}"),
+                tmp / f"{out.name}-test")
+    assert again["quant_top1"] == row["quant_top1"] and all(again[c] == row[c] for c in columns)

@@ -167,18 +167,24 @@ def test_stage(ctx: RunContext) -> None:
     metrics = ctx.task.metrics
     float_layers = vitq.quant.float_layers(ctx.qmodel)
     ctx.info["float_layers"] = len(float_layers)
+    described = ctx.recipe.method_impl().describe_model(ctx.qmodel)  # e.g. a mixed-precision bit map
+    ctx.info.update(described)
     row = results_row(ctx.cfg, ctx.recipe, metrics, fp, quant, ctx.qmodel, **ctx.info,
                       integer=integer, calib_seconds=round(ctx.timings.get("calibrate", 0.0), 2),
                       float_source=ctx.float_source, primary=ctx.task.primary)
     if integer:
         row["setting"] += " integer"
     ctx.row = row
+    if rank_zero_only.rank == 0:  # per-image outcomes, so two runs can be compared with a paired interval
+        torch.save({m: quant[m].cpu() for m in metrics}, ctx.out_dir / "outcomes.pt")
     points = vitq.summary(ctx.qmodel)
     for lg in ctx.loggers:
         lg.log_metrics({**{f"fp/{m}": row[f"fp_{m}"] for m in metrics},
                         **{f"quant/{m}": row[f"quant_{m}"] for m in metrics},
                         **{f"quant/delta_{m}": row[f"delta_{m}"] for m in metrics},
                         "calib/seconds": row["calib_seconds"]})
+        if described:
+            lg.log_hyperparams({f"method/{k}": v for k, v in described.items()})
         if isinstance(lg, WandbLogger) and rank_zero_only.rank == 0:  # other ranks hold a dummy experiment
             cols = list(points[0])
             lg.log_table(key="quant/points", columns=cols, data=[[r[c] for c in cols] for r in points])

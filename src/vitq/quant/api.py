@@ -255,6 +255,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike | Mapping[str, Any]
         if isinstance(module, _QuantWeight) and module.bias is None and f"{name}.bias" in state:
             module.bias = nn.Parameter(torch.zeros(module.out_channels if hasattr(module, "out_channels")
                                                    else module.out_features))
+    recipe.method_impl().before_load(model, state)  # wrappers or buffers the method added
     model.load_state_dict(state, strict=True)
     set_mode(model, "quant")
     modules = dict(model.named_modules())
