@@ -13,6 +13,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from ..quant.points import PointSpec
+    from ..quant.reconstruct import ReconstructOptions
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -87,6 +88,17 @@ class Method:
 
     def after_load(self, model: nn.Module) -> None:
         """A quantized checkpoint was loaded into the model."""
+
+    # ---- block reconstruction (the `reconstruct` stage) ------------------------------------------
+    def reconstruct_passes(self, model: nn.Module) -> list["ReconstructOptions"]:
+        """The reconstruction passes the `reconstruct` stage runs on this calibrated model, in order."""
+        return []
+
+    def before_pass(self, model: nn.Module, index: int) -> None:
+        """Pass `index` is about to run: switch what it needs (a fold, weight grids on or off)."""
+
+    def after_reconstruct(self, model: nn.Module) -> None:
+        """Every pass has run."""
 
 
 register_method(Method)
