@@ -204,3 +204,45 @@ def test_reconstructed_checkpoint_reproduces_outputs_and_keeps_the_float_weights
     arch.load_state_dict(state)
     with torch.no_grad():
         assert torch.equal(arch.eval()(x), fp(x))
+
+
+class _Stage(torch.nn.Module):
+    """mmdet-style unit: tokens plus a shape tuple in, a tuple with the shape passed on out."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = QuantLinear.convert(torch.nn.Linear(8, 8))
+
+    def forward(self, x, hw_shape):
+        h, w = hw_shape
+        return self.fc(x).reshape(x.shape[0], h, w, -1).flatten(1, 2), hw_shape
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stage = _Stage()
+
+    def forward(self, x):
+        return self.stage(x, (2, 3))[0].sum()
+
+
+def test_capture_keeps_non_batch_arguments_once_and_tuple_outputs():
+    torch.manual_seed(0)
+    fp, q = _Net(), _Net()
+    q.load_state_dict(fp.state_dict())
+    fc = q.stage.fc
+    fc.weight_quantizer.configure(vitq.PointSpec(bits=3, symmetric=True, per_channel=True))
+    fc.weight_quantizer.quantizer.set_range(fc.weight.detach().amin(1), fc.weight.detach().amax(1))
+    fc.weight_quantizer.set_mode("quant")
+    batches = [torch.randn(4, 6, 8) for _ in range(3)]
+    data = capture(fp, fp.stage, q, q.stage, batches, run, torch.device("cpu"), want_fp_inputs=True)
+    assert data.size == 12 and data.fp_in.tensors[0].shape == (12, 6, 8)
+    assert data.q_in.layout[0][1] == (2, 3) and len(data.q_in.tensors) == 1  # stored once, not per batch
+    assert [t.shape for t in data.fp_out] == [(12, 6, 8)]  # the tuple's tensor; the shape ints are not outputs
+    objective = UnitObjective(q.stage, data, ReconstructOptions(tune_weights=True, input_source="mix",
+                                                                progress=False))
+    assert objective.evaluate(torch.device("cpu")) > 0  # 3-bit weights
+    fc.weight_quantizer.set_mode("off")  # float again: the replayed calls give exactly the float outputs
+    assert objective.evaluate(torch.device("cpu")) == 0.0
+    objective.finish()

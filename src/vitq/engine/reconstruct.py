@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from typing import Any
 
 import lightning as L
@@ -52,7 +53,9 @@ def lightning_fit(make_trainer: Any):  # noqa: ANN201
         steps = DataLoader(range(objective.options.iters), batch_size=None, shuffle=False)
         trainer = make_trainer(max_epochs=1, max_steps=objective.options.iters, limit_val_batches=0,
                                use_distributed_sampler=False, logger=False)
-        trainer.fit(UnitFit(objective, name), train_dataloaders=steps)
+        with warnings.catch_warnings():  # units run in eval mode on purpose: deterministic, no dropout
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+            trainer.fit(UnitFit(objective, name), train_dataloaders=steps)
 
     return fit
 
