@@ -65,7 +65,6 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
                Path(out) / f"rank{rank}.pt")
 
 
-@pytest.mark.slow
 def test_two_process_ddp_ends_with_identical_parameters(tmp_path, free_port):
     """Each rank draws different mini-batches (and drop masks); DDP averages the gradients, so every trained
     tensor (rounding-baked weights, LSQ steps) ends identical on both ranks, and differs from the start."""
