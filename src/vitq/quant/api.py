@@ -270,7 +270,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike | Mapping[str, Any]
 def float_state_dict(ckpt: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
     """The float weights inside a quantized checkpoint, keyed for the float architecture `model`: the
     weights from before reconstruction where a stage changed them (`float_state_dict`), else the stored
-    weights (float-equivalent folds such as RepQ-ViT's keep the float model's function)."""
+    weights (a float-equivalent fold, such as a LayerNorm reparameterization, keeps the float model's function)."""
     own = model.state_dict()
     source = ckpt.get("float_state_dict") or ckpt["state_dict"]
     state = {k: v for k, v in source.items() if k in own}
