@@ -18,6 +18,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from ..quant.points import PointSpec
+    from ..quant.reconstruct import ReconstructOptions
 
 METHODS: dict[str, type["Method"]] = {}
 ADDONS: dict[str, type["Addon"]] = {}
@@ -130,6 +131,17 @@ class Method:
     def describe_model(self, model: nn.Module) -> dict[str, Any]:
         """Extra result-row columns about the calibrated model (e.g. a chosen bit map)."""
         return {}
+
+    # ---- block reconstruction (the `reconstruct` stage) ------------------------------------------
+    def reconstruct_passes(self, model: nn.Module) -> list["ReconstructOptions"]:
+        """The reconstruction passes the `reconstruct` stage runs on this calibrated model, in order."""
+        return []
+
+    def before_pass(self, model: nn.Module, index: int) -> None:
+        """Pass `index` is about to run: switch what it needs (a fold, weight grids on or off)."""
+
+    def after_reconstruct(self, model: nn.Module) -> None:
+        """Every pass has run."""
 
 
 register_method(Method)
