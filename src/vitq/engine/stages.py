@@ -139,7 +139,8 @@ def float_outcomes(ctx: RunContext) -> dict[str, torch.Tensor]:
         if stored.get("data") == desc:
             return {k: torch.tensor(v) for k, v in stored["samples"].items()}
     samples = evaluate(ctx, ctx.fp_model, "fp")
-    if not ctx.float_key.endswith(("-pretrained", "-ckpt")) and rank_zero_only.rank == 0:
+    cacheable = all(isinstance(v, torch.Tensor) for v in samples.values())  # records of other shapes are not cached
+    if cacheable and not ctx.float_key.endswith(("-pretrained", "-ckpt")) and rank_zero_only.rank == 0:
         tmp = path.with_suffix(".partial")
         tmp.write_text(json.dumps({"data": desc, "samples": {k: v.tolist() for k, v in samples.items()}}))
         os.replace(tmp, path)
@@ -153,7 +154,7 @@ def test_stage(ctx: RunContext) -> None:
     quant = evaluate(ctx, ctx.qmodel, "quant")
     integer = any(getattr(m, "integer", False) for m in ctx.qmodel.modules())
     metrics = ctx.task.metrics
-    row = results_row(ctx.cfg, ctx.recipe, metrics, fp, quant, ctx.qmodel, **ctx.info,
+    row = results_row(ctx.cfg, ctx.recipe, metrics, fp, quant, ctx.qmodel, compare=ctx.task.compare, **ctx.info,
                       integer=integer, calib_seconds=round(ctx.timings.get("calibrate", 0.0), 2),
                       float_source=ctx.float_source, primary=ctx.task.primary)
     if integer:

@@ -45,7 +45,7 @@ def place(model: nn.Module, recipe: Recipe, inplace: bool = True) -> nn.Module:
 
     if not inplace:
         model = copy.deepcopy(model)
-    rewrite(model)
+    rewrite(model, recipe.adapter_options)
     points = list(iter_points(model))
     if not points:
         raise ValueError(

@@ -54,11 +54,15 @@ class Recipe:
     overrides: list[Override] = field(default_factory=list)
     method: str = "ptq"  # a registered method (vitq.methods): its hooks run around calibration
     options: dict = field(default_factory=dict)  # the method's switches
+    adapter_options: dict = field(default_factory=dict)  # the model adapters' switches (e.g. detector_scope)
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
             raise ValueError(f"unknown scope {self.scope!r}: choose one of {sorted(SCOPES)}")
         self.method_impl()  # an unknown method or option fails here
+        from ..models.registry import check_adapter_options
+
+        check_adapter_options(self.adapter_options)  # e.g. an unknown detector_scope fails here
 
     def method_impl(self):  # noqa: ANN201
         """The method object (hooks) this recipe names."""
@@ -101,8 +105,11 @@ class Recipe:
             pattern = entry.pop("pattern")
             _spec(entry, f"quant.overrides[{i}] ({pattern})")  # validate keys and bits now
             overrides.append(Override(pattern, kind, entry))
+        from ..models import adapter_option_fields
+
+        adapter_options = {k: cfg.get(k, default) for k, default in adapter_option_fields().items()}
         return cls(name=str(cfg.get("name", "custom")), scope=scope, specs=specs, overrides=overrides,
-                   method=method, options=impl.option_dict())
+                   method=method, options=impl.option_dict(), adapter_options=adapter_options)
 
     def to_config(self) -> dict[str, Any]:
         return {
@@ -110,6 +117,7 @@ class Recipe:
             "scope": self.scope,
             "method": self.method,
             **self.options,
+            **self.adapter_options,
             **{k: dataclasses.asdict(s) for k, s in self.specs.items()},
             "overrides": [{"pattern": o.pattern, **({"kind": o.kind} if o.kind else {}), **o.values}
                           for o in self.overrides],
