@@ -8,6 +8,7 @@ process so its peak RSS is its own; `torch.set_num_threads(THREADS)` in every ca
 from __future__ import annotations
 
 import copy
+import os
 import resource
 import time
 from pathlib import Path
@@ -84,6 +85,7 @@ def speed_child(case: str, root: Path, img_size: int = 800) -> dict:
             model.test_step(b)
         result["infer_seconds_per_image"] = (time.perf_counter() - start) / len(evaluate)
     result["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result["load_avg_1min"] = os.getloadavg()[0]  # other work on the machine at the end of the case
     return result
 
 
@@ -114,7 +116,8 @@ def sqnr_rows(root: Path, img_size: int = 800) -> list[dict]:
         seconds = time.perf_counter() - start
         levels = output_sqnr(fp, model, evaluate)
         rows.append({"label": label, "setting": model.vitq_recipe.describe(), "sqnr_db": levels,
-                     "calib_seconds": seconds, "img_shape": list(calib[0].shape[2:])})
+                     "calib_seconds": seconds, "img_shape": list(calib[0].shape[2:]),
+                     "load_avg_1min": os.getloadavg()[0]})
         print(rows[-1], flush=True)
     return rows
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +22,10 @@ from omegaconf import DictConfig
 
 import vitq
 
+from ..files import written_atomically
 from ..methods import Method
 from ..quant.recipe import Recipe
-from ..report.table import print_results, results_row
+from ..report.table import float_layers_line, print_results, results_row
 from .float_model import float_key, obtain_float_model
 from .tasks import Task
 
@@ -135,15 +135,18 @@ def float_outcomes(ctx: RunContext) -> dict[str, torch.Tensor]:
     desc = json.dumps(ctx.task.describe(), sort_keys=True, default=str)
     path = ctx.cache / f"{ctx.float_key}.fp-outcomes.json"
     if path.is_file():
-        stored = json.loads(path.read_text())
-        if stored.get("data") == desc:
-            return {k: torch.tensor(v) for k, v in stored["samples"].items()}
+        try:
+            stored = json.loads(path.read_text())
+            if stored.get("data") == desc:
+                return {k: torch.tensor(v) for k, v in stored["samples"].items()}
+        except (ValueError, AttributeError, KeyError, TypeError) as e:  # damaged: evaluate again, overwrite it
+            log.warning("float-metrics cache %s is unreadable (%s: %s); evaluating the float model again",
+                        path, type(e).__name__, e)
     samples = evaluate(ctx, ctx.fp_model, "fp")
     cacheable = all(isinstance(v, torch.Tensor) for v in samples.values())  # records of other shapes are not cached
     if cacheable and not ctx.float_key.endswith(("-pretrained", "-ckpt")) and rank_zero_only.rank == 0:
-        tmp = path.with_suffix(".partial")
-        tmp.write_text(json.dumps({"data": desc, "samples": {k: v.tolist() for k, v in samples.items()}}))
-        os.replace(tmp, path)
+        with written_atomically(path) as tmp:
+            tmp.write_text(json.dumps({"data": desc, "samples": {k: v.tolist() for k, v in samples.items()}}))
     return samples
 
 
@@ -154,6 +157,8 @@ def test_stage(ctx: RunContext) -> None:
     quant = evaluate(ctx, ctx.qmodel, "quant")
     integer = any(getattr(m, "integer", False) for m in ctx.qmodel.modules())
     metrics = ctx.task.metrics
+    float_layers = vitq.quant.float_layers(ctx.qmodel)
+    ctx.info["float_layers"] = len(float_layers)
     row = results_row(ctx.cfg, ctx.recipe, metrics, fp, quant, ctx.qmodel, compare=ctx.task.compare, **ctx.info,
                       integer=integer, calib_seconds=round(ctx.timings.get("calibrate", 0.0), 2),
                       float_source=ctx.float_source, primary=ctx.task.primary)
@@ -173,4 +178,6 @@ def test_stage(ctx: RunContext) -> None:
     print_results([row], metrics)
     print(f"quantized model: {'checkpoint ' + str(ctx.cfg.quant.from_checkpoint) if ctx.checkpoint else 'calibrated'}; "
           f"{sum(p['mode'] == 'quant' for p in points)} of {len(points)} points quantized ({ctx.recipe.describe()})")
+    if line := float_layers_line(float_layers):
+        print(line)
     ctx.artifacts["points"] = points
