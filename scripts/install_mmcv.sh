@@ -15,6 +15,7 @@
 set -euo pipefail
 
 PY="${1:-.venv/bin/python}"
+t0=$(date +%s)
 MMCV_VERSION="${MMCV_VERSION:-2.1.0}"
 here="$(cd "$(dirname "$0")" && pwd)"
 
@@ -63,3 +64,4 @@ fi
 
 "$PY" -m pip install -q "$wheel"
 "$PY" -c 'import mmcv; from mmcv.ops import RoIAlign, nms; print("mmcv", mmcv.__version__, "ops ok")'
+echo "mmcv ready in $(( $(date +%s) - t0 )) s"
