@@ -6,6 +6,7 @@ and the quick start's wall time. Writes docs/results.md and the README summary.
     python -m bench.run --only accuracy --models mnist
     python -m bench.run --only reconstruct                    # QDrop, I&S-ViT and its ablation on vit_cifar
     python -m bench.run --only fidelity|speed|quickstart|report
+    python -m bench.run --only coco                  # COCO detector: calibration, inference, backbone SQNR
 """
 from __future__ import annotations
 
@@ -303,6 +304,27 @@ def _method_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------------------------------------- coco
+def coco_rows() -> dict:
+    """The COCO detector section (bench/coco.py); each speed case in its own process."""
+    import tempfile
+
+    from bench import coco
+
+    mini = shared("coco-mini")
+    if mini is None:
+        print("skipping coco: ../shared/data/coco-mini not found")
+        return {}
+    root = coco.coco_mini_root(mini, Path(tempfile.mkdtemp()))
+    speed = []
+    for case in coco.SPEED_CASES:
+        proc = subprocess.run([sys.executable, "-m", "bench.run", "--coco-child", case, "--coco-root", str(root)],
+                              cwd=ROOT, capture_output=True, text=True, check=True)
+        speed.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(speed[-1], flush=True)
+    return {"speed": speed, "sqnr": coco.sqnr_rows(root)}
+
+
 def write_report(data: dict, argv: list[str]) -> str:
     acc, fid, speed, quick = data["accuracy"], data.get("fidelity", []), data.get("speed", []), data.get("quickstart", [])
     lines = [
@@ -384,6 +406,10 @@ def write_report(data: dict, argv: list[str]) -> str:
                          f"{r['eval_seconds'] / fl['eval_seconds']:.2f}x | {r['peak_gib']:.2f} | "
                          f"{r['peak_gib'] / fl['peak_gib']:.2f}x |")
         lines.append("")
+    if data.get("coco"):
+        from bench import coco
+
+        lines += coco.report_lines(data["coco"])
     if quick:
         lines += ["## Quick start wall time", "", "`python train.py` (defaults: vit_mnist, mnist, fqvit, W&B offline), "
                   "including Python start-up:", "", "| run | seconds |", "|---|---|"]
@@ -505,7 +531,9 @@ def update_readme(summary: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", choices=["accuracy", "fqvit", "search", "reconstruct", "fidelity", "speed",
-                                           "quickstart", "report"])
+                                           "quickstart", "coco", "report"])
+    parser.add_argument("--coco-child", default=None)
+    parser.add_argument("--coco-root", default=None)
     parser.add_argument("--models", default="mnist,cifar")
     parser.add_argument("--speed-child", default=None)
     parser.add_argument("--trim", action="store_true")
@@ -513,6 +541,11 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
+    if args.coco_child:
+        from bench import coco
+
+        print(json.dumps(coco.speed_child(args.coco_child, Path(args.coco_root))))
+        return
     if args.speed_child:
         print(json.dumps(speed_child(args.speed_child, args.calib, args.eval, args.batch, args.trim)))
         return
@@ -553,6 +586,8 @@ def main() -> None:
         data["speed"] = speed_rows(args.calib, args.eval, args.batch)
     if args.only in (None, "quickstart"):
         data["quickstart"] = quickstart_rows()
+    if args.only in (None, "coco"):
+        data["coco"] = coco_rows()
     store.write_text(json.dumps(data, indent=2, default=str))
     report = write_report(data, sys.argv[1:])
     DOC.write_text(report)

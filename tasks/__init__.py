@@ -1,2 +1,2 @@
 """Built-in tasks; importing this package registers them with vitq.engine.tasks."""
-from . import classification  # noqa: F401  (registration side effects)
+from . import classification, coco  # noqa: F401  (registration side effects)

@@ -103,7 +103,7 @@ def test_every_config_file_composes():
         for exp in sorted((ROOT / "conf" / "experiment").glob("*.yaml")):
             cfg = compose("config", overrides=[f"experiment={exp.stem}", "task.root=/data"])
             validate(cfg)
-            assert cfg.quant.name and cfg.task.name == "imagenet", exp.name
+            assert cfg.quant.name and cfg.task.name in ("imagenet", "coco"), exp.name
 
 
 @pytest.mark.parametrize(

@@ -112,7 +112,7 @@ def obtain_float_model(task: Task, model_cfg: Mapping[str, Any], task_cfg: Mappi
     model = task.create_model(pretrained=pretrained)
     key = float_key(model_cfg, task_cfg, task, seed)
     if checkpoint:
-        load_checkpoint(model, checkpoint)
+        task.load_weights(model, checkpoint)
         return model.eval(), f"checkpoint {checkpoint}", key + "-ckpt"
     if pretrained:
         return model.eval(), "timm pretrained weights", key + "-pretrained"

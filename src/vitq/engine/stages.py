@@ -152,7 +152,8 @@ def float_outcomes(ctx: RunContext) -> dict[str, torch.Tensor]:
             log.warning("float-metrics cache %s is unreadable (%s: %s); evaluating the float model again",
                         path, type(e).__name__, e)
     samples = evaluate(ctx, ctx.fp_model, "fp")
-    if not ctx.float_key.endswith(("-pretrained", "-ckpt")) and rank_zero_only.rank == 0:
+    cacheable = all(isinstance(v, torch.Tensor) for v in samples.values())  # records of other shapes are not cached
+    if cacheable and not ctx.float_key.endswith(("-pretrained", "-ckpt")) and rank_zero_only.rank == 0:
         with written_atomically(path) as tmp:
             tmp.write_text(json.dumps({"data": desc, "samples": {k: v.tolist() for k, v in samples.items()}}))
     return samples
@@ -169,14 +170,14 @@ def test_stage(ctx: RunContext) -> None:
     ctx.info["float_layers"] = len(float_layers)
     described = ctx.recipe.method_impl().describe_model(ctx.qmodel)  # e.g. a mixed-precision bit map
     ctx.info.update(described)
-    row = results_row(ctx.cfg, ctx.recipe, metrics, fp, quant, ctx.qmodel, **ctx.info,
+    row = results_row(ctx.cfg, ctx.recipe, metrics, fp, quant, ctx.qmodel, compare=ctx.task.compare, **ctx.info,
                       integer=integer, calib_seconds=round(ctx.timings.get("calibrate", 0.0), 2),
                       float_source=ctx.float_source, primary=ctx.task.primary)
     if integer:
         row["setting"] += " integer"
     ctx.row = row
     if rank_zero_only.rank == 0:  # per-image outcomes, so two runs can be compared with a paired interval
-        torch.save({m: quant[m].cpu() for m in metrics}, ctx.out_dir / "outcomes.pt")
+        torch.save({m: v.cpu() if torch.is_tensor(v) else v for m, v in quant.items()}, ctx.out_dir / "outcomes.pt")
     points = vitq.summary(ctx.qmodel)
     for lg in ctx.loggers:
         lg.log_metrics({**{f"fp/{m}": row[f"fp_{m}"] for m in metrics},

@@ -96,6 +96,21 @@ class Task:
         """The float architecture, with the model group's pretrained weights when asked."""
         raise NotImplementedError
 
+    def load_weights(self, model: nn.Module, path: str) -> nn.Module:
+        """Load `model.checkpoint` into the architecture (a state dict, strictly; tasks whose checkpoints
+        come in other layouts convert them here)."""
+        from .float_model import load_checkpoint
+
+        return load_checkpoint(model, path)
+
+    def compare(self, fp: dict[str, Any], quant: dict[str, Any], metrics: tuple[str, ...]
+                ) -> dict[str, tuple[float, float, float, float, float]]:
+        """(fp, quant, delta, CI low, CI high) per metric from the two models' per-sample outcomes. The
+        default suits metrics that are means of per-sample outcomes (a paired bootstrap over samples)."""
+        from ..report.table import compare_means
+
+        return compare_means(fp, quant, metrics)
+
     def identity(self) -> dict[str, Any]:
         """What, besides the model and fit settings, makes a float model trained here different."""
         return {}

@@ -9,7 +9,7 @@ The layout of each point (its channel axis) is set by the twin that creates it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 from torch import nn
 
@@ -42,6 +42,17 @@ class Adapter:
     family: str = "?"
     roots: tuple[type[nn.Module], ...] = ()
     twins: dict[type[nn.Module], type] = {}
+    # The adapter's switches, a dataclass: each field is a `quant.<field>` key kept in the recipe
+    # (`Recipe.adapter_options`), e.g. how much of a detector around its backbone is quantized.
+    Options: type | None = None
+
+    def modules(self, root: nn.Module, options: Mapping[str, Any]) -> Iterable[nn.Module]:
+        """The modules under root that are converted (all by default); the others stay float."""
+        return root.modules()
+
+    def describe(self, options: Mapping[str, Any]) -> str:
+        """Words for the result row's setting when a switch changes what is quantized ('' for none)."""
+        return ""
 
     def units(self, root: nn.Module) -> list[str]:
         """Names (relative to root) of the ordered reconstruction units: embedding, blocks, head."""
@@ -99,11 +110,30 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def rewrite(model: nn.Module) -> list[str]:
-    """Convert every module of every adapted family in place; returns the families found."""
+def adapter_option_fields() -> dict[str, Any]:
+    """Every registered adapter's switches: field name -> default."""
+    import dataclasses
+
+    return {f.name: f.default for a in ADAPTERS if a.Options is not None for f in dataclasses.fields(a.Options)}
+
+
+def check_adapter_options(options: Mapping[str, Any]) -> None:
+    """Build each adapter's Options from `options`, so a bad value fails when the recipe is read."""
+    import dataclasses
+
+    for a in ADAPTERS:
+        if a.Options is not None:
+            names = {f.name for f in dataclasses.fields(a.Options)}
+            a.Options(**{k: v for k, v in options.items() if k in names})
+
+
+def rewrite(model: nn.Module, options: Mapping[str, Any] | None = None) -> list[str]:
+    """Convert every module of every adapted family in place; returns the families found. `options`
+    holds the adapters' switches (defaults for those not given)."""
     roots = _roots_or_raise(model)
+    options = {**adapter_option_fields(), **(options or {})}
     for _, root, adapter in roots:
-        for module in list(root.modules()):
+        for module in list(adapter.modules(root, options)):
             twin = adapter.twin_for(module)
             if twin is not None:
                 twin.convert(module)

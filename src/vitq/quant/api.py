@@ -55,7 +55,7 @@ def place(model: nn.Module, recipe: Recipe, inplace: bool = True) -> nn.Module:
 
     if not inplace:
         model = copy.deepcopy(model)
-    rewrite(model)
+    rewrite(model, recipe.adapter_options)
     points = list(iter_points(model))
     if not points:
         raise ValueError(
@@ -190,9 +190,14 @@ def summary(model: nn.Module) -> list[dict[str, Any]]:
 def float_layers(model: nn.Module) -> list[tuple[str, str]]:
     """Weighted layers no adapter turned into a quantizable twin (a hybrid ViT's ResNet stem, a custom
     head): they stay float under every recipe, which a summary must say rather than hide."""
+    from ..models import find_roots
+
+    # a layer an adapter has a twin for, left float only by one of its switches (a detector's neck under
+    # quant.detector_scope=backbone), is not "no adapter covers it"
+    covered = {id(m) for _, root, adapter in find_roots(model) for m in root.modules() if adapter.twin_for(m)}
     return [(name, type(m).__name__) for name, m in model.named_modules()
             if not isinstance(m, _QuantWeight) and isinstance(getattr(m, "weight", None), nn.Parameter)
-            and m.weight.dim() >= 2 and not isinstance(m, nn.Embedding)]
+            and m.weight.dim() >= 2 and not isinstance(m, nn.Embedding) and id(m) not in covered]
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> Path:

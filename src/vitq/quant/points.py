@@ -162,7 +162,7 @@ class QuantPoint(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "quant":
             return self.quantizer(x)
-        if self.mode == "observe" and self.observer is not None:
+        if self.mode == "observe" and self.observer is not None and x.numel() > 0:  # empty: nothing to see
             self.observe(x)
         return x
 

@@ -46,15 +46,17 @@ def _spec(values: Mapping[str, Any], where: str, base: PointSpec | None = None) 
         raise ValueError(f"{where}: {e}") from None
 
 
-def _check_keys(cfg: Mapping[str, Any], options: list[str], ignore: frozenset[str]) -> None:
+def _check_keys(cfg: Mapping[str, Any], options: list[str], ignore: frozenset[str],
+                adapter_options: tuple[str, ...] = ()) -> None:
     """A misspelt section (`weights:`) would silently leave its points at the defaults: refuse it."""
-    known = _RECIPE_KEYS | set(options) | ignore
+    known = _RECIPE_KEYS | set(options) | ignore | set(adapter_options)
     unknown = sorted(str(k) for k in cfg if k not in known)
     if unknown:
         hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, sorted(known), 1)) else repr(k)
                  for k in unknown]
         raise ValueError(f"unknown recipe key(s) {', '.join(hints)}; a recipe has {', '.join(sorted(_RECIPE_KEYS))}"
                          + (f", the method's options {', '.join(options)}" if options else "")
+                         + (f", the model adapters' options {', '.join(adapter_options)}" if adapter_options else "")
                          + f" and the run keys {', '.join(sorted(ignore))}")
 
 
@@ -76,11 +78,15 @@ class Recipe:
     overrides: list[Override] = field(default_factory=list)
     method: str = "ptq"  # a registered method (vitq.methods): its hooks run around calibration
     options: dict = field(default_factory=dict)  # the method's switches
+    adapter_options: dict = field(default_factory=dict)  # the model adapters' switches (e.g. detector_scope)
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
             raise ValueError(f"unknown scope {self.scope!r}: choose one of {sorted(SCOPES)}")
         self.method_impl()  # an unknown method or option fails here
+        from ..models.registry import check_adapter_options
+
+        check_adapter_options(self.adapter_options)  # e.g. an unknown detector_scope fails here
 
     def method_impl(self):  # noqa: ANN201
         """The method object (hooks) this recipe names."""
@@ -97,7 +103,9 @@ class Recipe:
 
         method = str(cfg.get("method") or "ptq")
         impl = get_method(method)
-        _check_keys(cfg, impl.option_names(), frozenset(run_keys))
+        from ..models import adapter_option_fields
+
+        _check_keys(cfg, impl.option_names(), frozenset(run_keys), tuple(adapter_option_fields()))
         specs: dict[str, PointSpec] = {}
         for section in ("weight", "activation", *[k for k in Kind.ALL if k != Kind.WEIGHT]):
             if cfg.get(section) is None:
@@ -125,8 +133,9 @@ class Recipe:
             pattern = entry.pop("pattern")
             _spec(entry, f"quant.overrides[{i}] ({pattern})")  # validate keys and bits now
             overrides.append(Override(pattern, kind, entry))
+        adapter_options = {k: cfg.get(k, default) for k, default in adapter_option_fields().items()}
         return cls(name=str(cfg.get("name", "custom")), scope=scope, specs=specs, overrides=overrides,
-                   method=method, options=impl.option_dict())
+                   method=method, options=impl.option_dict(), adapter_options=adapter_options)
 
     def to_config(self) -> dict[str, Any]:
         return {
@@ -134,6 +143,7 @@ class Recipe:
             "scope": self.scope,
             "method": self.method,
             **self.options,
+            **self.adapter_options,
             **{k: dataclasses.asdict(s) for k, s in self.specs.items()},
             "overrides": [{"pattern": o.pattern, **({"kind": o.kind} if o.kind else {}), **o.values}
                           for o in self.overrides],

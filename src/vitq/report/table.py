@@ -32,27 +32,55 @@ def unit_bits(model: nn.Module, unit: str | None) -> str:
     return "".join(f"{k}{found.get(k) or 'fp'}" for k in ("W", "A"))
 
 
-def results_row(cfg: Any, recipe: Recipe, metrics: tuple[str, ...], fp: dict[str, torch.Tensor],
-                quant: dict[str, torch.Tensor], model: nn.Module, **info: Any) -> dict:
+Comparison = tuple[float, float, float, float, float]  # fp, quant, delta, CI low, CI high (all x100)
+
+
+def compare_means(fp: dict[str, Any], quant: dict[str, Any], metrics: tuple[str, ...]) -> dict[str, Comparison]:
+    """Metrics that are the mean of per-sample outcomes: the means and the paired bootstrap of their
+    difference (`Task.compare` of tasks whose metrics are not means, e.g. COCO AP, replaces this)."""
+    out = {}
+    for m in metrics:
+        delta, low, high = paired_bootstrap(fp[m], quant[m])
+        out[m] = (100.0 * float(fp[m].double().mean()), 100.0 * float(quant[m].double().mean()), delta, low, high)
+    return out
+
+
+def _adapter_setting(recipe: Recipe, model: nn.Module) -> tuple[str, dict]:
+    """Words and columns for the switches of the adapters found in the model (e.g. a detector's scope)."""
+    import dataclasses
+
+    from ..models import find_roots
+
+    words, cols = [], {}
+    for _, _, adapter in find_roots(model):
+        if adapter.Options is not None:
+            words.append(adapter.describe(recipe.adapter_options))
+            cols.update({f.name: recipe.adapter_options.get(f.name, f.default)
+                         for f in dataclasses.fields(adapter.Options)})
+    return "".join(f" {w}" for w in words if w), cols
+
+
+def results_row(cfg: Any, recipe: Recipe, metrics: tuple[str, ...], fp: dict[str, Any],
+                quant: dict[str, Any], model: nn.Module, compare: Any = None, **info: Any) -> dict:
     """One comparable row: scope, bits and protocol details travel with every number, and each delta
-    carries its paired 95% bootstrap interval over the evaluation samples."""
+    carries its paired 95% bootstrap interval over the evaluation samples. `compare(fp, quant, metrics)`
+    turns the per-sample outcomes into (fp, quant, delta, low, high) per metric (default: means)."""
     from ..models import units
 
     names = [n for n, _ in units(model)]
+    extra_setting, adapter_cols = _adapter_setting(recipe, model)
     row: dict[str, Any] = {
         "model": cfg.model.name, "task": cfg.task.name, "recipe": recipe.name, "method": recipe.method,
-        "scope": recipe.scope, "setting": recipe.describe(),
+        "scope": recipe.scope, "setting": recipe.describe() + extra_setting, **adapter_cols,
         "w_bits": _bits(recipe, Kind.WEIGHT), "a_bits": _bits(recipe, Kind.LINEAR_INPUT),
         "attn_bits": _bits(recipe, Kind.SOFTMAX_OUTPUT),
         "patch_embed_bits": unit_bits(model, names[0] if names else None),
         "head_bits": unit_bits(model, names[-1] if names else None),
         "observer": getattr(recipe.specs.get(Kind.LINEAR_INPUT), "observer", None),
-        "eval_samples": int(next(iter(fp.values())).numel()) if fp else 0,
+        "eval_samples": len(next(iter(fp.values()))) if fp else 0,
     }
-    for m in metrics:
-        delta, low, high = paired_bootstrap(fp[m], quant[m])
-        row.update({f"fp_{m}": 100.0 * float(fp[m].double().mean()), f"quant_{m}": 100.0 * float(quant[m].double().mean()),
-                    f"delta_{m}": delta, f"delta_{m}_ci": [low, high]})
+    for m, (f, q, delta, low, high) in (compare or compare_means)(fp, quant, metrics).items():
+        row.update({f"fp_{m}": f, f"quant_{m}": q, f"delta_{m}": delta, f"delta_{m}_ci": [low, high]})
     row.update(info)
     return row
 

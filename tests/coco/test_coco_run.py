@@ -1,0 +1,110 @@
+"""`python train.py task=coco ...` end to end with a randomly initialised Cascade Mask R-CNN Swin-T at a
+small input size (short side 96): calibrate, evaluate float and quantized, write the result row; the
+start-up errors for a missing or incomplete COCO root."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from vitq.engine.run import run
+
+from .conftest import needs_mmdet
+
+CONF = str(Path(__file__).resolve().parents[2] / "conf")
+# Random weights score every class near 1/81: keep every box (score_thr 0), and keep the RoI heads small
+# (20 proposals, 10 detections per image: the 4conv1fc box heads, not the backbone, dominate CPU time).
+SMALL = ["+model.kwargs.test_cfg.rcnn.score_thr=0.0", "+model.kwargs.test_cfg.rcnn.max_per_img=10",
+         "+model.kwargs.test_cfg.rpn.nms_pre=100", "+model.kwargs.test_cfg.rpn.max_per_img=20"]
+
+
+def coco_cfg(tmp: Path, root: Path | None, *overrides: str):
+    base = ["task=coco", "task.img_size=96", "task.batch_size=2", "task.num_workers=0", "logger=csv",
+            f"paths.cache_dir={tmp / 'cache'}", "quant.calib.num_samples=2", "quant.calib.batch_size=2"]
+    if root is not None:
+        base.append(f"task.root={root}")
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=[*base, *overrides])
+
+
+@pytest.fixture(scope="module")
+def random_checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised Cascade Mask R-CNN Swin-T saved as an mmdet checkpoint (seed 0)."""
+    from tasks.coco import build_detector
+
+    torch.manual_seed(0)
+    model = build_detector({"name": "cascade_mask_rcnn_swin_t", "arch": "cascade_mask_rcnn_swin_t"})
+    path = tmp_path_factory.mktemp("ckpt") / "cascade_swin_t_random.pth"
+    torch.save({"state_dict": model.state_dict(), "meta": {"note": "random init"}}, path)
+    return path
+
+
+def check_row(row: dict, out: Path, images: int, recipe: str) -> None:
+    assert not (out / "FAILED").exists()
+    stored = json.loads((out / "results.json").read_text())
+    assert stored["task"] == "coco" and stored["model"] == "cascade_mask_rcnn_swin_t"
+    assert stored["recipe"] == recipe and stored["primary"] == "box_AP" and stored["eval_samples"] == images
+    assert stored["detector_scope"] == "backbone" and stored["setting"].endswith("det:backbone")
+    for m in ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75"):
+        f, q, d = stored[f"fp_{m}"], stored[f"quant_{m}"], stored[f"delta_{m}"]
+        assert 0 <= f <= 100 and 0 <= q <= 100 and d == pytest.approx(q - f)
+        lo, hi = stored[f"delta_{m}_ci"]
+        assert lo <= hi
+    assert (out / "quantized.ckpt").is_file() and (out / "points.csv").is_file()
+    assert row["fp_box_AP"] == stored["fp_box_AP"] or math.isnan(stored["fp_box_AP"])
+
+
+@needs_mmdet
+@pytest.mark.parametrize("data", ["synthetic", "coco-mini"])
+def test_minmax_end_to_end(data, request, random_checkpoint, tmp_path, one_thread):
+    root = request.getfixturevalue("synthetic_coco" if data == "synthetic" else "coco_mini_root")
+    images = 5 if data == "synthetic" else 15
+    cfg = coco_cfg(tmp_path, root, "quant=minmax", f"model.checkpoint={random_checkpoint}", *SMALL)
+    out = tmp_path / "out"
+    check_row(run(cfg, out), out, images, "minmax")
+
+
+@needs_mmdet
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["fqvit", "repq"])
+def test_methods_end_to_end_on_coco_mini(recipe, coco_mini_root, random_checkpoint, tmp_path, one_thread):
+    cfg = coco_cfg(tmp_path, coco_mini_root, f"quant={recipe}", f"model.checkpoint={random_checkpoint}", *SMALL)
+    out = tmp_path / "out"
+    row = run(cfg, out)
+    check_row(row, out, 15, recipe)
+    # the saved model evaluates to the same quantized metrics
+    again = run(coco_cfg(tmp_path, coco_mini_root, f"quant={recipe}", f"model.checkpoint={random_checkpoint}",
+                         *SMALL, "stage=test", f"quant.from_checkpoint={out / 'quantized.ckpt'}"),
+                tmp_path / "out2")
+    for m in ("box_AP", "mask_AP"):
+        assert again[f"quant_{m}"] == pytest.approx(row[f"quant_{m}"]) or (
+            math.isnan(again[f"quant_{m}"]) and math.isnan(row[f"quant_{m}"]))
+
+
+def test_missing_root_is_named(tmp_path):
+    with pytest.raises(ValueError, match="task=coco needs task.root=.*train2017.*instances_val2017.json"):
+        run(coco_cfg(tmp_path, None, "quant=minmax"), tmp_path / "out")
+    assert (tmp_path / "out" / "FAILED").is_file()
+
+
+def test_incomplete_root_names_what_is_missing(tmp_path):
+    root = tmp_path / "coco"
+    (root / "train2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    (root / "annotations" / "instances_train2017.json").write_text("{}")
+    with pytest.raises(FileNotFoundError) as e:
+        run(coco_cfg(tmp_path, root, "quant=minmax"), tmp_path / "out")
+    msg = str(e.value)
+    assert "val2017 (val images)" in msg and "annotations/instances_val2017.json (val annotations)" in msg
+    assert "train2017 (" not in msg and "expected the COCO 2017 layout" in msg
+
+
+def test_task_selects_the_cascade_detector_by_default(tmp_path):
+    cfg = coco_cfg(tmp_path, tmp_path)
+    assert cfg.model.name == "cascade_mask_rcnn_swin_t" and cfg.quant.detector_scope == "backbone"
+    cfg = coco_cfg(tmp_path, tmp_path, "model=mask_rcnn_swin_s", "quant=repq", "quant.detector_scope=all")
+    assert cfg.model.name == "mask_rcnn_swin_s" and cfg.quant.detector_scope == "all"
