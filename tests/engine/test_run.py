@@ -13,20 +13,7 @@ from omegaconf import OmegaConf, open_dict
 
 from vitq.engine.run import run
 
-ROOT = Path(__file__).resolve().parents[2]
-CONF = str(ROOT / "conf")
-TINY = [
-    "model.kwargs.embed_dim=32", "model.kwargs.depth=1", "model.kwargs.num_heads=2",
-    "task.fit.epochs=1", "task.train_limit=512", "task.eval_limit=256", "task.batch_size=64",
-    "quant=minmax", "quant.calib.num_samples=64", "logger=csv",
-]
-
-
-def tiny_cfg(tmp_path: Path, *overrides: str):
-    base = [o for o in TINY if not (o.startswith("quant=") and any(x.startswith("quant=") for x in overrides))]
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", overrides=[*base, f"paths.cache_dir={tmp_path / 'cache'}", *overrides])
-    return cfg
+from tiny import CONF, ROOT, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +111,7 @@ def test_every_config_file_composes():
     [
         ("quant.w_bits=1", "between 2 and 16"),
         ("quant.a_bits=17", "between 2 and 16"),
+        ("quant.attn_bits=0", "set it with quant.attn_bits=8"),
         ("+quant.bogus=1", "Valid keys of 'quant'"),
         ("+quant.overrides=[{pattern: 'nope.*', bits: 8}]", "matches no quant point"),
         ("stage=nonsense", "stage="),
@@ -182,16 +170,6 @@ def test_fqvit_integer_run(first_run, fqvit_run):
     ranges = json.loads((out / "layernorm_ranges.json").read_text())
     assert {r["name"] for r in ranges} >= {"blocks.0.norm1", "blocks.0.norm2", "norm"}
     assert all(r["max_range"] >= r["median_range"] > 0 for r in ranges)
-
-
-def test_slurm_launcher_config_composes():
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4"],
-                      return_hydra_config=True)
-    launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("SlurmLauncher")
-    assert launcher.tasks_per_node == 4 and launcher.gpus_per_node == 4  # one rank per GPU
 
 
 @pytest.mark.parametrize("scope", ["matmul", "full"])

@@ -333,3 +333,32 @@ def test_find_shared_data():
     found = find_shared_data("cifar10-small")
     if found is not None:
         assert found.is_dir() and found.parent.name == "data" and found.parent.parent.name == "shared"
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
+def test_truncated_evaluation_image_fails_at_build_naming_the_file(tmp_path):
+    root = make_image_folder(tmp_path / "data")
+    _truncate(root / "val" / "dogs" / "1.png")
+    with pytest.raises(OSError, match=r"unreadable image\(s\) in the evaluation split of task=imagefolder:\n  "
+                                      r".*val/dogs/1\.png"):
+        build_datamodule(task("imagefolder", root=str(root)), FAKE_DATA_CONFIG)
+    dm = build_datamodule(task("imagefolder", root=str(root), skip_bad_images=True), FAKE_DATA_CONFIG)
+    assert len(dm.test_dataset) == 5 and all(dm.test_dataset.path(i) != str(root / "val/dogs/1.png") for i in range(5))
+    assert len(all_batches(dm.test_dataloader())[0]) == 5
+
+
+def test_truncated_training_image_fails_when_its_loader_is_built(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_class=4)
+    _truncate(root / "train" / "cats" / "2.png")
+    dm = build_datamodule(task("imagefolder", root=str(root)), FAKE_DATA_CONFIG)  # the training split is not read yet
+    with pytest.raises(OSError, match=r"in the calibration images of task=imagefolder:\n  .*train/cats/2\.png"):
+        dm.calib_dataloader(8, 4)
+    with pytest.raises(OSError, match=r"in the training split of task=imagefolder:\n  .*train/cats/2\.png"):
+        dm.train_dataloader()
+    skip = build_datamodule(task("imagefolder", root=str(root), skip_bad_images=True), FAKE_DATA_CONFIG)
+    assert len(skip.calib_dataloader(8, 4).dataset) == 7
+    assert len(skip.train_dataloader().dataset) == 7

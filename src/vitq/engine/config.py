@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import os
+import secrets
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
@@ -12,11 +14,52 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..methods import get_method
-from ..quant.recipe import Recipe
+from ..quant.recipe import RUN_KEYS, Recipe
 
 # logger configs read `offline: ${vitq.wandb_offline:}`: offline unless the user sets WANDB_MODE=online
 OmegaConf.register_new_resolver("vitq.wandb_offline", lambda: os.environ.get("WANDB_MODE", "offline") != "online",
                                 replace=True)
+
+
+@functools.cache
+def run_id() -> str:
+    """A short random tag, one per process: two runs started in the same second get different directories
+    (DDP workers receive the resolved directory from rank 0, so they never draw their own)."""
+    return secrets.token_hex(3)
+
+
+def recipe_name(cli_name: str, checkpoint: str | None) -> str:
+    """The recipe a run evaluates: the checkpoint's own when one is given (stage=test), else the CLI's."""
+    if checkpoint:
+        try:
+            import torch
+
+            return str(torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)["recipe"]["name"])
+        except Exception:  # noqa: BLE001  (an unreadable checkpoint is reported by the run with its path)
+            return cli_name
+    return cli_name
+
+
+def devices_per_node(devices: Any) -> int:
+    """`trainer.devices` as the cluster launcher's tasks per node: SLURM starts one task (one rank) per
+    device, so it needs a count, not Lightning's -1 ("all visible")."""
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"hydra/launcher=slurm starts one task per device and needs trainer.devices=<devices per "
+                         f"node> (a positive number), got trainer.devices={devices!r}")
+    return devices
+
+
+def gpus_per_node(accelerator: Any, devices: Any) -> int:
+    """GPUs to request per node: none for a CPU trainer, else one per task."""
+    return 0 if str(accelerator) == "cpu" else devices_per_node(devices)
+
+
+# cached: a job the launcher starts in another process (submitit) copies the value of the launching process
+# with the config's resolver cache, so its directory is the one the launcher announced
+OmegaConf.register_new_resolver("vitq.run_id", run_id, replace=True, use_cache=True)
+OmegaConf.register_new_resolver("vitq.devices_per_node", devices_per_node, replace=True)
+OmegaConf.register_new_resolver("vitq.gpus_per_node", gpus_per_node, replace=True)
+OmegaConf.register_new_resolver("vitq.recipe_name", recipe_name, replace=True)
 
 
 @dataclass
@@ -55,6 +98,7 @@ class TaskConf:
     img_size: Optional[int] = None
     train_limit: Optional[int] = None
     eval_limit: Optional[int] = None
+    skip_bad_images: bool = False  # leave unreadable image files out (with a warning naming them), not fail
     fit: FitConf = field(default_factory=FitConf)
 
 
@@ -156,4 +200,5 @@ def validate(cfg: DictConfig) -> Recipe:
     calib = cfg.quant.calib
     if calib.num_samples < 1 or calib.batch_size < 1:
         raise ValueError("quant.calib.num_samples and quant.calib.batch_size must be at least 1")
-    return Recipe.from_config(OmegaConf.to_container(cfg.quant, resolve=True))
+    run_keys = RUN_KEYS | {f.name for f in fields(QuantConf)}  # every run-level key of the quant group
+    return Recipe.from_config(OmegaConf.to_container(cfg.quant, resolve=True), run_keys=run_keys)

@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -13,6 +14,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from ..files import written_atomically
 from .tasks import Task
 
 log = logging.getLogger(__name__)
@@ -24,31 +26,69 @@ def cache_dir(configured: str | None) -> Path:
     return path
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a float checkpoint (plain state dict, or under 'state_dict' / 'model'), strictly."""
+_DEPTH = re.compile(r"^(blocks|layers|stages)\.\d+")
+_CLASSES = "the number of classes (the task's classes, or model.kwargs.num_classes)"
+_PATCH = "the patch or image size (model.kwargs.patch_size / img_size, task.img_size)"
+_WIDTH = "the width (model.kwargs.embed_dim / num_heads / mlp_ratio)"
+
+
+def _mismatch_hints(keys: list[str], shapes: list[tuple[str, tuple, tuple]]) -> list[str]:
+    """Which setting decides the mismatched keys (timm's layer names): the depth adds or drops blocks; for a
+    shape, the dimension that differs tells the classes (the head's rows), the patch size (the patch
+    convolution's kernel, the position table's length) or the width (anything else)."""
+    hints = []
+    if any(_DEPTH.match(k) for k in keys):
+        hints.append("the depth (model.kwargs.depth)")
+    for key, file, here in shapes:
+        differ = [i for i, (a, b) in enumerate(zip(file, here)) if a != b] if len(file) == len(here) else [-1]
+        if re.search(r"(^|\.)(head|fc|classifier)(\.|$)", key) and differ == [0]:
+            hint = _CLASSES
+        elif ("patch_embed" in key and differ and min(differ) >= 2) or ("pos_embed" in key and differ == [1]):
+            hint = _PATCH
+        else:
+            hint = _WIDTH
+        if hint not in hints:
+            hints.append(hint)
+    return hints or ["model.arch and model.kwargs"]
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, what: str = "model.checkpoint") -> nn.Module:
+    """Load a float checkpoint (plain state dict, or under 'state_dict' / 'model'), strictly; anything
+    else fails naming the file, the mismatched keys in short, and the setting that decides them."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model.checkpoint={path} does not exist; pass the path of a float checkpoint")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+        raise FileNotFoundError(f"{what}={path} does not exist; pass the path of a float checkpoint")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001  (text files, truncated downloads, other formats)
+        raise ValueError(f"{what}={path} cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); pass a file written by torch.save holding a "
+                         "state dict (or a dict with one under 'state_dict' or 'model')") from None
     state = obj
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds no state dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{what}={path} holds {type(obj).__name__}, not a state dict (names -> tensors); pass a "
+                         "file written by torch.save(model.state_dict(), ...)")
     state = {k.removeprefix("model."): v for k, v in state.items()}
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
     if missing or unexpected or shapes:
+        def short(keys: list[str], show=lambda k: k) -> str:  # noqa: ANN001
+            return ", ".join(show(k) for k in keys[:4]) + (f" ... ({len(keys)} in all)" if len(keys) > 4 else "")
+
         detail = "; ".join(
-            f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if keys
-        )
+            f"{label}: {text}" for label, text in (
+                ("missing", short(missing)), ("unexpected", short(unexpected)),
+                ("shape mismatch", short(shapes, lambda k: f"{k} {list(state[k].shape)} in the file vs {list(own[k].shape)}")))
+            if text)
         raise ValueError(
-            f"checkpoint {path} does not fit the architecture {type(model).__name__} ({detail}). "
-            f"Check that model=... (arch and kwargs) and the task's number of classes match the checkpoint"
+            f"{what}={path} does not fit the architecture {type(model).__name__} ({detail}). Change "
+            f"{' or '.join(_mismatch_hints(missing + unexpected, [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in shapes]))}"
+            " to match the checkpoint"
         )
     model.load_state_dict(state)
     return model
@@ -79,8 +119,13 @@ def obtain_float_model(task: Task, model_cfg: Mapping[str, Any], task_cfg: Mappi
     fit = dict(task_cfg.get("fit") or {})
     path = cache / f"{key}.pt"
     if path.is_file():
-        load_checkpoint(model, path)
-        return model.eval(), f"cached {path}", key
+        try:
+            load_checkpoint(model, path, what="the float-model cache file")
+            return model.eval(), f"cached {path}", key
+        except ValueError as e:  # a damaged cache entry (a crash mid-copy, a full disk): rebuild it
+            aside = path.with_name(path.name + ".unreadable")
+            os.replace(path, aside)
+            log.warning("%s\nmoved it to %s and training the float model again", e, aside)
     if int(fit.get("epochs", 0)) <= 0:
         raise ValueError(
             f"no float weights for {model_cfg['name']} on {task_cfg['name']}: set model.pretrained=true, "
@@ -96,8 +141,7 @@ def obtain_float_model(task: Task, model_cfg: Mapping[str, Any], task_cfg: Mappi
     seconds = time.perf_counter() - start
     if not trainer.is_global_zero:  # under DDP every rank holds the same weights; one writes the cache
         return model.eval(), f"trained here in {seconds:.0f} s", key
-    tmp = path.with_suffix(".partial")
-    torch.save({"state_dict": model.state_dict(), "model": dict(model_cfg), "fit": fit,
-                "train_seconds": seconds}, tmp)
-    os.replace(tmp, path)
+    with written_atomically(path) as tmp:
+        torch.save({"state_dict": model.state_dict(), "model": dict(model_cfg), "fit": fit,
+                    "train_seconds": seconds}, tmp)
     return model.eval(), f"trained here in {seconds:.0f} s, cached {path}", key

@@ -1,6 +1,7 @@
 """Run the stages for one composed config, and write the run's outputs."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -22,6 +23,7 @@ from ..memory import return_freed_memory
 from ..report.table import print_points
 from .config import validate
 from .float_model import cache_dir
+from .lifecycle import RunInterrupted, acquire, release, signals_end_the_run
 from .stages import RunContext, STAGES, pipeline
 from .tasks import get_task
 
@@ -50,21 +52,51 @@ def make_trainer_factory(cfg: DictConfig, loggers: list[Logger]):  # noqa: ANN20
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Execute the configured stages; a failed run leaves a FAILED marker and no result files."""
+    """Execute the configured stages in a directory this run owns. A failed or interrupted run (SIGTERM,
+    SIGINT: `RunInterrupted`) leaves FAILED and its logs, and no result file."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if rank_zero_only.rank == 0:
-        for name in RESULT_FILES:  # a reused directory must not mix an old result with a new failure
-            (out_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(out_dir / "csv", ignore_errors=True)
+    lock = acquire(out_dir) if rank_zero_only.rank == 0 else None  # refused: the directory is not ours
+    loggers: list[Logger] = []
     try:
-        return _run(cfg, out_dir)
+        if lock is not None:  # a reused directory must not mix an old result with a new failure
+            _discard_results(out_dir)
+            shutil.rmtree(out_dir / "csv", ignore_errors=True)
+        with signals_end_the_run():
+            row = _run(cfg, out_dir, loggers)
+        _close(loggers, ok=True)
+        return row
     except BaseException as e:
-        if rank_zero_only.rank == 0:
-            (out_dir / "FAILED").write_text(f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
+        with contextlib.suppress(Exception):  # the logs of a failed run are kept, marked failed
+            _close(loggers, ok=False)
+        if lock is not None:
+            _discard_results(out_dir)
+            reason = str(e) if isinstance(e, RunInterrupted) else f"{type(e).__name__}: {e}"
+            (out_dir / "FAILED").write_text(f"{reason}\n\n{traceback.format_exc()}")
         raise
+    finally:
+        if lock is not None:
+            release(lock)
 
 
-def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+def _discard_results(out_dir: Path) -> None:
+    for name in RESULT_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+        for partial in out_dir.glob(f".{name}.*.partial"):
+            partial.unlink(missing_ok=True)
+
+
+def _close(loggers: list[Logger], ok: bool) -> None:
+    for lg in loggers:
+        lg.finalize("success" if ok else "failed")
+        lg.save()  # file loggers write what they buffered (a failed run's metrics included)
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish(exit_code=0 if ok else 1)
+
+
+def _run(cfg: DictConfig, out_dir: Path, loggers: list[Logger]) -> dict[str, Any]:
+    """The stages; `loggers` is filled as they are built, so a failure can still close them."""
     recipe = validate(cfg)
     if cfg.get("release_memory", True):
         return_freed_memory()
@@ -79,11 +111,11 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     vitq.quantize(probe, recipe)  # the recipe fits the model (point names do not depend on the weights)
     if cfg.stage == "summary":
         points = vitq.summary(probe)
-        print_points(points)
+        print_points(points, float_layers=vitq.quant.float_layers(probe))
         print(f"recipe {recipe.name}: {recipe.describe()}")
         return {"points": len(points)}
     del probe
-    loggers = build_loggers(cfg, out_dir)
+    loggers.extend(build_loggers(cfg, out_dir))
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     ctx = RunContext(cfg=cfg, out_dir=out_dir, task=task, recipe=recipe, method=recipe.method_impl(),
@@ -104,12 +136,6 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             break
     if rank_zero_only.rank == 0:
         _write_outputs(ctx)
-    for lg in loggers:
-        lg.finalize("success")
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-        import wandb
-
-        wandb.finish()
     return ctx.row or {"stages": stages[: stages.index(stop) + 1], "float_source": ctx.float_source}
 
 

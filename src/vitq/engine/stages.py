@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +22,11 @@ from omegaconf import DictConfig
 
 import vitq
 
+from ..distributed import sharded
+from ..files import written_atomically
 from ..methods import Method
 from ..quant.recipe import Recipe
-from ..report.table import print_results, results_row
+from ..report.table import float_layers_line, print_results, results_row
 from .float_model import float_key, obtain_float_model
 from .tasks import Task
 
@@ -110,8 +111,9 @@ def calibrate_stage(ctx: RunContext) -> None:
         return
     module = ctx.task.calibration_module(ctx.qmodel)
     start = time.perf_counter()
-    vitq.calibrate(ctx.qmodel, lambda m: ctx.make_trainer().validate(module, dataloaders=ctx.calib_loader,
-                                                                     verbose=False))
+    trainer = ctx.make_trainer()
+    loader = sharded(ctx.calib_loader, processes(trainer), "the calibration loader")
+    vitq.calibrate(ctx.qmodel, lambda m: trainer.validate(module, dataloaders=loader, verbose=False))
     ctx.timings["calibrate"] = time.perf_counter() - start
 
 
@@ -123,10 +125,17 @@ def load_stage(ctx: RunContext) -> None:
     ctx.info["calib_samples"] = calib.get("num_samples")
 
 
+def processes(trainer: L.Trainer) -> int:
+    """How many processes a trainer's loops run in (each gets whole batches, `vitq.distributed.sharded`)."""
+    return int(trainer.num_devices) * int(trainer.num_nodes)
+
+
 def evaluate(ctx: RunContext, model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     """Per-sample outcomes of every task metric."""
     module = ctx.task.eval_module(model, prefix)
-    ctx.make_trainer().test(module, dataloaders=ctx.task.test_loader(), verbose=False)
+    trainer = ctx.make_trainer()
+    trainer.test(module, dataloaders=sharded(ctx.task.test_loader(), processes(trainer), "the evaluation loader"),
+                 verbose=False)
     return module.samples
 
 
@@ -135,14 +144,17 @@ def float_outcomes(ctx: RunContext) -> dict[str, torch.Tensor]:
     desc = json.dumps(ctx.task.describe(), sort_keys=True, default=str)
     path = ctx.cache / f"{ctx.float_key}.fp-outcomes.json"
     if path.is_file():
-        stored = json.loads(path.read_text())
-        if stored.get("data") == desc:
-            return {k: torch.tensor(v) for k, v in stored["samples"].items()}
+        try:
+            stored = json.loads(path.read_text())
+            if stored.get("data") == desc:
+                return {k: torch.tensor(v) for k, v in stored["samples"].items()}
+        except (ValueError, AttributeError, KeyError, TypeError) as e:  # damaged: evaluate again, overwrite it
+            log.warning("float-metrics cache %s is unreadable (%s: %s); evaluating the float model again",
+                        path, type(e).__name__, e)
     samples = evaluate(ctx, ctx.fp_model, "fp")
     if not ctx.float_key.endswith(("-pretrained", "-ckpt")) and rank_zero_only.rank == 0:
-        tmp = path.with_suffix(".partial")
-        tmp.write_text(json.dumps({"data": desc, "samples": {k: v.tolist() for k, v in samples.items()}}))
-        os.replace(tmp, path)
+        with written_atomically(path) as tmp:
+            tmp.write_text(json.dumps({"data": desc, "samples": {k: v.tolist() for k, v in samples.items()}}))
     return samples
 
 
@@ -153,6 +165,8 @@ def test_stage(ctx: RunContext) -> None:
     quant = evaluate(ctx, ctx.qmodel, "quant")
     integer = any(getattr(m, "integer", False) for m in ctx.qmodel.modules())
     metrics = ctx.task.metrics
+    float_layers = vitq.quant.float_layers(ctx.qmodel)
+    ctx.info["float_layers"] = len(float_layers)
     described = ctx.recipe.method_impl().describe_model(ctx.qmodel)  # e.g. a mixed-precision bit map
     ctx.info.update(described)
     row = results_row(ctx.cfg, ctx.recipe, metrics, fp, quant, ctx.qmodel, **ctx.info,
@@ -178,4 +192,6 @@ def test_stage(ctx: RunContext) -> None:
     print_results([row], metrics)
     print(f"quantized model: {'checkpoint ' + str(ctx.cfg.quant.from_checkpoint) if ctx.checkpoint else 'calibrated'}; "
           f"{sum(p['mode'] == 'quant' for p in points)} of {len(points)} points quantized ({ctx.recipe.describe()})")
+    if line := float_layers_line(float_layers):
+        print(line)
     ctx.artifacts["points"] = points

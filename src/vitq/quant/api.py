@@ -9,6 +9,8 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from ..distributed import check_same_on_ranks
+from ..files import written_atomically
 from .modules import _QuantWeight
 from .points import Kind, QuantPoint
 from .recipe import Recipe
@@ -32,7 +34,15 @@ def quantize(model: nn.Module, recipe: Recipe | Mapping[str, Any], inplace: bool
     recipe's method prepare them (`Method.prepare`).
 
     Points start in `off` mode: the model computes exactly what the float model did until `calibrate`.
+    A calibrated model is refused: placing a recipe again would silently discard its calibration (and a
+    method may already have folded parameters into its weights).
     """
+    if getattr(model, "vitq_calibrated", False):
+        raise ValueError(
+            f"this model is already quantized and calibrated (recipe {model.vitq_recipe.name!r}); quantizing it "
+            "again would discard that calibration. Quantize a copy of the float model instead "
+            "(vitq.quantize(copy.deepcopy(float_model), recipe)), or call vitq.calibrate(model, loop) to "
+            "recalibrate with the same recipe")
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_config(recipe)
     model = place(model, recipe, inplace)
     recipe.method_impl().prepare(model)
@@ -52,9 +62,10 @@ def place(model: nn.Module, recipe: Recipe, inplace: bool = True) -> nn.Module:
             f"{type(model).__name__} has no quantizable blocks (no Linear, Conv2d, LayerNorm or attention "
             "module that vitq knows); check the model or register a twin for its layers"
         )
-    recipe.check_patterns([n for n, _ in points], [p.kind for _, p in points])
-    for name, point in points:
-        point.configure(recipe.resolve(name, point.kind))
+    specs = recipe.assign([n for n, _ in points], [p.kind for _, p in points])
+    for (name, point), spec in zip(points, specs):
+        point.path = name
+        point.configure(spec)
     model.vitq_recipe = copy.deepcopy(recipe)  # the model's own: methods record layout changes in it
     return model
 
@@ -90,11 +101,11 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
     was_training = model.training
     model.eval()
     try:
+        for module in model.modules():  # weights first: a broken weight is named before it spoils activations
+            if isinstance(module, _QuantWeight) and module.weight_quantizer.configured:
+                module.weight_quantizer.observe(module.weight)
         with torch.no_grad():
             forward_loop(model)
-        for module in model.modules():
-            if isinstance(module, _QuantWeight) and module.weight_quantizer.configured:
-                module.weight_quantizer.observer.observe(module.weight)
         method.after_observe(model)
         for name, p in points:
             if p.observer.empty:
@@ -105,6 +116,10 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
             p.freeze()
         set_mode(model, "quant")
         method.after_freeze(model)
+        if sync:  # every rank must hold the parameters one process would have computed
+            check_same_on_ranks({f"{n}.{k}": v for n, p in points for k, v in p.quantizer.state_dict().items()},
+                                "calibrated quantizer parameters")
+        model.vitq_calibrated = True
     except BaseException:
         set_mode(model, "off")
         raise
@@ -119,7 +134,7 @@ def refit_weight(module: nn.Module) -> None:
     point = module.weight_quantizer
     if point.configured and point.observer is not None:
         point.observer.reset()
-        point.observer.observe(module.weight)
+        point.observe(module.weight)
         point.freeze()
 
 
@@ -172,6 +187,14 @@ def summary(model: nn.Module) -> list[dict[str, Any]]:
     return rows
 
 
+def float_layers(model: nn.Module) -> list[tuple[str, str]]:
+    """Weighted layers no adapter turned into a quantizable twin (a hybrid ViT's ResNet stem, a custom
+    head): they stay float under every recipe, which a summary must say rather than hide."""
+    return [(name, type(m).__name__) for name, m in model.named_modules()
+            if not isinstance(m, _QuantWeight) and isinstance(getattr(m, "weight", None), nn.Parameter)
+            and m.weight.dim() >= 2 and not isinstance(m, nn.Embedding)]
+
+
 def save_quantized(model: nn.Module, path: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> Path:
     """Write float weights, every quantizer's parameters and the recipe to one file, atomically.
 
@@ -182,11 +205,10 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, meta: Mapping[str,
         raise ValueError("model was not made by vitq.quantize (it has no recipe)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
     integer = [n for n, m in model.named_modules() if getattr(m, "integer", False)]
-    torch.save({"format": CHECKPOINT_FORMAT, "recipe": recipe.to_config(), "integer": integer,
-                "state_dict": model.state_dict(), "meta": dict(meta or {})}, tmp)
-    os.replace(tmp, path)
+    with written_atomically(path) as tmp:
+        torch.save({"format": CHECKPOINT_FORMAT, "recipe": recipe.to_config(), "integer": integer,
+                    "state_dict": model.state_dict(), "meta": dict(meta or {})}, tmp)
     return path
 
 
@@ -200,7 +222,18 @@ def read_quantized(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not a vitq quantized checkpoint (cannot be read: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a vitq quantized checkpoint (expected format {CHECKPOINT_FORMAT})")
+    _check_finite(ckpt, str(path))
     return ckpt
+
+
+def _check_finite(ckpt: Mapping[str, Any], where: str) -> None:
+    """A NaN scale makes a model whose every output is NaN, and its evaluation would still 'succeed'."""
+    broken = [k for k, t in ckpt["state_dict"].items()
+              if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(t.isfinite().all())]
+    if broken:
+        raise ValueError(f"{where} holds non-finite values (NaN or Inf) in {len(broken)} tensor(s): "
+                         f"{', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''}; it cannot give a working "
+                         "model: calibrate again")
 
 
 def load_quantized(model: nn.Module, path: str | os.PathLike | Mapping[str, Any]) -> nn.Module:
@@ -210,7 +243,11 @@ def load_quantized(model: nn.Module, path: str | os.PathLike | Mapping[str, Any]
     The stored recipe describes the final model (after any reparameterization), so points are placed
     from it without the method's `prepare` hook; parameters a method added (a folded bias) are created.
     """
-    ckpt = path if isinstance(path, Mapping) else read_quantized(path)
+    if isinstance(path, Mapping):
+        ckpt = path
+        _check_finite(ckpt, "the checkpoint")
+    else:
+        ckpt = read_quantized(path)
     recipe = Recipe.from_config(ckpt["recipe"])
     place(model, recipe)
     state = ckpt["state_dict"]
@@ -225,6 +262,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike | Mapping[str, Any]
     for name in ckpt.get("integer", []):  # modules that ran the integer kernels when saved
         modules[name].integer = modules[name].can_run_integer()
     recipe.method_impl().after_load(model)
+    model.vitq_calibrated = True
     return model
 
 

@@ -55,6 +55,14 @@ class PointSpec:
 
     def __post_init__(self) -> None:
         check_bits(self.bits, "quant point")
+        for name in ("symmetric", "per_channel", "learnable", "enable", "signed"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "signed" and value is None):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        for name in ("axis", "max_factor"):
+            value = getattr(self, name)
+            if (not isinstance(value, int) or isinstance(value, bool)) and not (name == "axis" and value is None):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         grid = get_grid(self.quantizer)
         if grid.observed:  # build the observer once now, so a bad name or argument fails early
             try:
@@ -65,6 +73,10 @@ class PointSpec:
     @property
     def granularity(self) -> str:
         return "per_channel" if self.per_channel else "per_tensor"
+
+
+class CalibrationError(RuntimeError):
+    """Calibration saw data from which no meaningful quantization grid can be made."""
 
 
 class QuantPoint(nn.Module):
@@ -86,6 +98,8 @@ class QuantPoint(nn.Module):
         self.quantizer: Grid | None = None
         self.observer: Observer | None = None
         self.mode = "off"
+        self.path = ""  # the point's name in its model (set when a recipe is placed): for messages
+        self.batches_seen = 0  # observed batches since observing began: names the batch in errors
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, channel_axis={self.channel_axis}, mode={self.mode}"
@@ -109,6 +123,8 @@ class QuantPoint(nn.Module):
         if mode not in ("off", "observe", "quant"):
             raise ValueError(f"mode must be off, observe or quant, got {mode!r}")
         self.mode = mode if self.configured else "off"
+        if self.mode == "observe":
+            self.batches_seen = 0
 
     @torch.no_grad()
     def freeze(self) -> None:
@@ -121,12 +137,33 @@ class QuantPoint(nn.Module):
                 "runs the model forward, or disable the point with a recipe override"
             )
         self.observer.fit(self.quantizer)
+        bad = [n for n, t in self.quantizer.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+        if bad:
+            raise CalibrationError(f"quant point {self.path or self.kind}: calibration gave non-finite {', '.join(bad)}; "
+                                   "the observed statistics overflow (check the calibration data and the float model)")
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Feed one batch (or a weight) to the observer, refusing what would make a meaningless grid."""
+        axis = self.observer.axis
+        if axis is not None and not -x.dim() <= axis < x.dim():
+            raise ValueError(f"quant point {self.path or self.kind}: axis={axis} is out of range for its "
+                             f"{x.dim()}-d tensor {list(x.shape)}; use an axis in [{-x.dim()}, {x.dim() - 1}] "
+                             f"(or leave axis unset for the layout's channel, {self.channel_axis})")
+        if not bool(torch.isfinite(x).all()):
+            what = "its weight" if self.kind == Kind.WEIGHT else f"calibration batch {self.batches_seen} (from 0)"
+            raise CalibrationError(
+                f"quant point {self.path or self.kind}: {what} holds NaN or Inf values, which would give it a "
+                "non-finite scale. Check the calibration data (a corrupt image, a wrong normalization) or the "
+                "float model (a point after the first one sees values the model itself produced)")
+        self.observer.observe(x)
+        self.batches_seen += 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "quant":
             return self.quantizer(x)
         if self.mode == "observe" and self.observer is not None:
-            self.observer.observe(x)
+            self.observe(x)
         return x
 
 

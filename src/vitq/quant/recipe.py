@@ -11,6 +11,7 @@ list of overrides matched by glob pattern on point names, last match wins:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Mapping
@@ -22,6 +23,11 @@ _SPEC_FIELDS = {f.name for f in dataclasses.fields(PointSpec)}
 # per-kind sections; "activation" is the default for every non-weight kind
 _SECTIONS = {"weight": (Kind.WEIGHT,), "activation": tuple(k for k in Kind.ALL if k != Kind.WEIGHT)}
 _SECTIONS.update({k: (k,) for k in Kind.ALL if k != Kind.WEIGHT})
+# the shorthand a recipe YAML interpolates into a section's bits (base/uniform.yaml): named in bits errors
+_BITS_KEYS = {"weight": "quant.w_bits", "activation": "quant.a_bits", "softmax_output": "quant.attn_bits"}
+# keys of a recipe YAML that the run reads, not the recipe (bits shorthands, calibration, a checkpoint)
+RUN_KEYS = frozenset({"w_bits", "a_bits", "attn_bits", "observer", "calib", "from_checkpoint"})
+_RECIPE_KEYS = frozenset({"name", "scope", "method", "overrides", *_SECTIONS})
 
 
 def _spec(values: Mapping[str, Any], where: str, base: PointSpec | None = None) -> PointSpec:
@@ -33,7 +39,23 @@ def _spec(values: Mapping[str, Any], where: str, base: PointSpec | None = None) 
     try:
         return PointSpec(**merged)
     except ValueError as e:
+        section = where.removeprefix("quant.")
+        if "bits=" in str(e) and section in _BITS_KEYS and "bits" in values:
+            raise ValueError(f"{where}.bits={values['bits']!r} is out of range: use an integer between 2 and 16 "
+                             f"(set it with {_BITS_KEYS[section]}=8)") from None
         raise ValueError(f"{where}: {e}") from None
+
+
+def _check_keys(cfg: Mapping[str, Any], options: list[str], ignore: frozenset[str]) -> None:
+    """A misspelt section (`weights:`) would silently leave its points at the defaults: refuse it."""
+    known = _RECIPE_KEYS | set(options) | ignore
+    unknown = sorted(str(k) for k in cfg if k not in known)
+    if unknown:
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, sorted(known), 1)) else repr(k)
+                 for k in unknown]
+        raise ValueError(f"unknown recipe key(s) {', '.join(hints)}; a recipe has {', '.join(sorted(_RECIPE_KEYS))}"
+                         + (f", the method's options {', '.join(options)}" if options else "")
+                         + f" and the run keys {', '.join(sorted(ignore))}")
 
 
 @dataclass
@@ -67,9 +89,15 @@ class Recipe:
         return build_method(self.method, self.options)
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "Recipe":
-        """Build from a plain mapping (a recipe YAML as Hydra composes it, or a dict). Keys the recipe
-        does not read (w_bits, a_bits, calib, ...) are ignored; the method's switches are read by name."""
+    def from_config(cls, cfg: Mapping[str, Any], run_keys: frozenset[str] = RUN_KEYS) -> "Recipe":
+        """Build from a plain mapping (a recipe YAML as Hydra composes it, or a dict). `run_keys` are read
+        by the run, not the recipe (w_bits, calib, ...) and pass; any other unknown key is an error. The
+        method's switches are read by name."""
+        from ..methods import build_method, get_method
+
+        method = str(cfg.get("method") or "ptq")
+        impl = get_method(method)
+        _check_keys(cfg, impl.option_names(), frozenset(run_keys))
         specs: dict[str, PointSpec] = {}
         for section in ("weight", "activation", *[k for k in Kind.ALL if k != Kind.WEIGHT]):
             if cfg.get(section) is None:
@@ -83,11 +111,7 @@ class Recipe:
                     spec = _spec(dict(cfg[section]), f"quant.{section}")  # validates the keys either way
                     if cfg[section].get("bits") is not None:
                         specs[kind] = spec
-        from ..methods import build_method, get_method
-
-        method = str(cfg.get("method") or "ptq")
-        names = get_method(method).option_names()
-        impl = build_method(method, {k: cfg[k] for k in names if k in cfg})
+        impl = build_method(method, {k: cfg[k] for k in impl.option_names() if k in cfg})
         scope = str(cfg.get("scope", "matmul"))
         specs = impl.specs(specs, scope)
         overrides = []
@@ -117,20 +141,44 @@ class Recipe:
 
     def resolve(self, name: str, kind: str) -> PointSpec | None:
         """The spec for one point, or None when it stays float."""
+        return self._resolve(name, kind)[0]
+
+    def _resolve(self, name: str, kind: str) -> tuple[PointSpec | None, list[int]]:
+        """The spec and the indices of the overrides that changed it."""
         spec = self.specs.get(kind) if kind in SCOPES[self.scope] else None
-        for o in self.overrides:
+        applied = []
+        for i, o in enumerate(self.overrides):
             if not o.matches(name, kind):
                 continue
             if spec is None and not o.values.get("enable", False):
                 continue  # out of scope: only an explicit `enable: true` brings a point in
             spec = _spec(o.values, f"override {o.pattern!r}", spec or self.specs.get(kind) or PointSpec())
+            applied.append(i)
         if spec is None or not spec.enable:
-            return None
+            return None, applied
         only = get_grid(spec.quantizer).kinds
         if only is not None and kind not in only:
             raise ValueError(f"{name}: the {spec.quantizer} quantizer stands only at {', '.join(sorted(only))} "
                              f"points, not {kind}")
-        return spec
+        return spec, applied
+
+    def assign(self, names: list[str], kinds: list[str]) -> list[PointSpec | None]:
+        """The spec of every point, refusing overrides that change nothing: a pattern that matches no point
+        (almost always a typo), or one that matches only points out of scope without `enable: true`."""
+        self.check_patterns(names, kinds)
+        specs, used = [], set()
+        for n, k in zip(names, kinds):
+            spec, applied = self._resolve(n, k)
+            specs.append(spec)
+            used.update(applied)
+        for i, o in enumerate(self.overrides):
+            if i not in used:
+                matched = sorted({k for n, k in zip(names, kinds) if o.matches(n, k)})
+                raise ValueError(
+                    f"recipe override pattern {o.pattern!r} matches only points outside scope={self.scope} "
+                    f"(kinds {', '.join(matched)}), so it changes nothing: add enable: true to the override to "
+                    "quantize them" + (", or use scope=full" if self.scope != "full" else ""))
+        return specs
 
     def check_patterns(self, names: list[str], kinds: list[str]) -> None:
         """A pattern that matches no point is almost always a typo: say so."""

@@ -92,7 +92,17 @@ def print_results(rows: Iterable[dict], metrics: tuple[str, ...], console: Conso
     (console or _console()).print(table)
 
 
-def print_points(points: list[dict], console: Console | None = None) -> None:
+def float_layers_line(layers: list[tuple[str, str]]) -> str | None:
+    """One line naming the weighted layers that stay float because no adapter covers them."""
+    if not layers:
+        return None
+    names = ", ".join(f"{n} ({t})" for n, t in layers[:4]) + (f", ... ({len(layers) - 4} more)" if len(layers) > 4 else "")
+    return (f"{len(layers)} weighted layer(s) stay float under every recipe (no adapter covers them): {names}. "
+            "Add a twin for their class in the model's adapter to quantize them (docs/adding.md)")
+
+
+def print_points(points: list[dict], console: Console | None = None,
+                 float_layers: list[tuple[str, str]] | None = None) -> None:
     table = Table(title=f"{len(points)} quant points")
     for c in ("name", "kind", "mode", "bits", "granularity", "channel_axis", "observer", "scale_min", "scale_max"):
         table.add_column(c)
@@ -100,4 +110,7 @@ def print_points(points: list[dict], console: Console | None = None) -> None:
         table.add_row(p["name"], p["kind"], p["mode"], _fmt(p["bits"]), p["granularity"], str(p["channel_axis"]),
                       _fmt(p["observer"]), "" if p["scale_min"] is None else f"{p['scale_min']:.3g}",
                       "" if p["scale_max"] is None else f"{p['scale_max']:.3g}")
-    (console or _console()).print(table)
+    console = console or _console()
+    console.print(table)
+    if line := float_layers_line(float_layers or []):
+        console.print(f"[yellow]{line}[/yellow]")

@@ -1,0 +1,21 @@
+"""The tiny MNIST configuration the engine tests run (one block, 512 training images, one epoch)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF = str(ROOT / "conf")
+TINY = [
+    "model.kwargs.embed_dim=32", "model.kwargs.depth=1", "model.kwargs.num_heads=2",
+    "task.fit.epochs=1", "task.train_limit=512", "task.eval_limit=256", "task.batch_size=64",
+    "quant=minmax", "quant.calib.num_samples=64", "logger=csv",
+]
+
+
+def tiny_cfg(tmp_path: Path, *overrides: str, hydra: bool = False):
+    base = [o for o in TINY if not (o.startswith("quant=") and any(x.startswith("quant=") for x in overrides))]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=[*base, f"paths.cache_dir={tmp_path / 'cache'}", *overrides],
+                       return_hydra_config=hydra)
