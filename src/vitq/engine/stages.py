@@ -176,7 +176,8 @@ def test_stage(ctx: RunContext) -> None:
         row["setting"] += " integer"
     ctx.row = row
     if rank_zero_only.rank == 0:  # per-image outcomes, so two runs can be compared with a paired interval
-        torch.save({m: quant[m].cpu() for m in metrics}, ctx.out_dir / "outcomes.pt")
+        with written_atomically(ctx.out_dir / "outcomes.pt") as tmp:
+            torch.save({m: quant[m].cpu() for m in metrics}, tmp)
     points = vitq.summary(ctx.qmodel)
     for lg in ctx.loggers:
         lg.log_metrics({**{f"fp/{m}": row[f"fp_{m}"] for m in metrics},
