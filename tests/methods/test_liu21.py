@@ -195,7 +195,7 @@ def test_fixed_width_reloads_exactly(data, tmp_path):
 
 @pytest.mark.parametrize("kw,message", [
     ({"mixed_precision": True, "w_bits": 6, "a_bits": 8}, "same target"),
-    ({"mixed_precision": True, "w_bits": 3, "a_bits": 3}, "out of range"),
+    ({"mixed_precision": True, "w_bits": 3, "a_bits": 3}, "target 3 gives 1..5, outside 2..16"),
     ({"scope": "full"}, "quant.scope=matmul"),
     ({"activation": {"symmetric": False}}, "symmetric uniform"),
     ({"candidates": 1}, "at least 2 candidates"),

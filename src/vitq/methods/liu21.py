@@ -31,7 +31,7 @@ from torch import nn
 
 from ..quant.modules import QuantMatMul, QuantSoftmax, _QuantWeight
 from ..quant.points import SCOPES, Kind, PointSpec, QuantPoint
-from ..quant.quantizers import check_bits
+from ..quant.quantizers import MAX_BITS, MIN_BITS
 from ..quant.recipe import Override
 from . import capture
 from .base import Method, register_method
@@ -102,8 +102,11 @@ class Liu21(Method):
             if w is None or a is None or w.bits != a.bits:
                 raise ValueError("quant.mixed_precision=true gives each MSA/MLP one width for weights and inputs: "
                                  "set quant.w_bits and quant.a_bits to the same target (e.g. 6)")
-            for b in mp_candidates(w.bits):
-                check_bits(b, f"mixed-precision candidate of target {w.bits}")
+            lo, hi = mp_candidates(w.bits)[0], mp_candidates(w.bits)[-1]
+            if lo < MIN_BITS or hi > MAX_BITS:
+                raise ValueError(f"quant.mixed_precision=true tries widths target-2 .. target+2; target {w.bits} gives "
+                                 f"{lo}..{hi}, outside {MIN_BITS}..{MAX_BITS}: set quant.w_bits=quant.a_bits between "
+                                 f"{MIN_BITS + 2} and {MAX_BITS - 2}")
         return specs
 
     def prepare(self, model: nn.Module) -> None:
