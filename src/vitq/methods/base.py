@@ -26,7 +26,8 @@ ADDONS: dict[str, type["Addon"]] = {}
 def register_method(cls: type["Method"]) -> type["Method"]:
     """Class decorator: make a method available to recipes as `method: <cls.name>`."""
     if "own_options" not in cls.__dict__:  # the options the class itself declares (or inherits)
-        cls.own_options = cls.__dict__["Options"] if "Options" in cls.__dict__ else getattr(cls, "own_options", cls.Options)
+        own = cls.__dict__.get("Options")
+        cls.own_options = own if own is not None else getattr(cls, "own_options", cls.Options)
     METHODS[cls.name] = cls
     cls.Options = _with_addon_fields(cls)
     return cls

@@ -306,7 +306,8 @@ def _base_scale(point: QuantPoint | None, x: torch.Tensor) -> torch.Tensor | Non
     if point is None:
         return None
     q = point.quantizer
-    return q._shape(q.scale.detach().clone(), x) if q.per_channel and q.scale.numel() > 1 else q.scale.detach().clone().reshape([1] * x.dim())
+    scale = q.scale.detach().clone()
+    return q._shape(scale, x) if q.per_channel and scale.numel() > 1 else scale.reshape([1] * x.dim())
 
 
 def _grid(point: QuantPoint | None) -> tuple[int, int] | None:
@@ -359,7 +360,7 @@ def pair_matrix(keys: int, count: int) -> torch.Tensor:
     return d
 
 
-# ---- mixed precision helpers ----------------------------------------------------------------------------
+# ---- mixed precision --------------------------------------------------------------------------------------
 def block_groups(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
     """(name, module, 'msa' | 'mlp') for every child of a transformer block that gets one width: the child
     holding the softmax is the MSA, every other child with weighted layers an MLP. Blocks are the
@@ -411,7 +412,8 @@ def snapshot_bits(group: nn.Module, bits: int) -> None:
 
 def snapshot(group: nn.Module) -> dict:
     pts = {id(p): (p.spec, p.quantizer.scale.detach().clone()) for p in _points(group)}
-    biases = {id(m): m.bias.detach().clone() for m in group.modules() if isinstance(m, _QuantWeight) and m.bias is not None}
+    biases = {id(m): m.bias.detach().clone() for m in group.modules()
+              if isinstance(m, _QuantWeight) and m.bias is not None}
     return {"points": pts, "biases": biases}
 
 

@@ -128,9 +128,8 @@ class NoisyQuant(Addon):
                 log.info("noisyquant %s: amplitude %.3g input steps", name, k)
         finally:
             capture.detach_all(model, self.name)
-        capture.broadcast_from_rank0([t for _, layer in noisy_layers(model) for t in
-                                      (layer.bias, layer.input_quantizer.quantizer.noise,
-                                       layer.input_quantizer.quantizer.scale, layer.input_quantizer.quantizer.zero_point)])
+        grids = [(layer, layer.input_quantizer.quantizer) for _, layer in noisy_layers(model)]
+        capture.broadcast_from_rank0([t for layer, g in grids for t in (layer.bias, g.noise, g.scale, g.zero_point)])
 
     def before_load(self, model: nn.Module, state: Mapping[str, Any]) -> None:
         for name, layer in model.named_modules():
