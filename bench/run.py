@@ -4,6 +4,7 @@ and the quick start's wall time. Writes docs/results.md and the README summary.
 
     make bench                                   # everything
     python -m bench.run --only accuracy --models mnist
+    python -m bench.run --only reconstruct                    # QDrop, I&S-ViT and its ablation on vit_cifar
     python -m bench.run --only fidelity|speed|quickstart|report
 """
 from __future__ import annotations
@@ -62,6 +63,19 @@ SEARCH = {
     "noisyquant": (["quant=noisyquant"], "minmax", "NoisyQuant (paper setting: symmetric, clip search + noise)"),
 }
 SPEED_CASES = {"float": None, "minmax": ("minmax", {}), "fqvit": ("fqvit", {}), "repq": ("repq", {})}
+# Reconstruction methods on vit_cifar at CPU scale: 256 calibration images (= the reconstruction set),
+# mini-batches of 32, 100 iterations per unit and pass (20 at W6A6: the paper's 1000/200 ratio).
+RECON_BITS = [(3, 3), (4, 4), (6, 6)]
+RECON_CPU = ["quant.calib.num_samples=256", "quant.calib.batch_size=64", "quant.recon_batch_size=32"]
+RECON_METHODS = {  # label -> (overrides, text); the ablation rows are I&S-ViT with SULQ / SOS switched off
+    "minmax": (["quant=minmax"], "MinMax (256 images)"),
+    "repq": (["quant=repq"], "RepQ-ViT (32 images)"),
+    "qdrop": (["quant=qdrop", *RECON_CPU], "QDrop"),
+    "isvit": (["quant=isvit", *RECON_CPU], "I&S-ViT (SULQ + SOS)"),
+    "isvit-neither": (["quant=isvit", "quant.sulq=false", "quant.sos=false", *RECON_CPU], "ablation: neither"),
+    "isvit-sulq": (["quant=isvit", "quant.sos=false", *RECON_CPU], "ablation: SULQ only"),
+    "isvit-sos": (["quant=isvit", "quant.sulq=false", *RECON_CPU], "ablation: SOS only"),
+}
 
 
 def machine() -> str:
@@ -92,7 +106,7 @@ def shared(name: str) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------- accuracy
-def accuracy_rows(model_key: str, recipes: dict[str, list[str]]) -> list[dict]:
+def accuracy_rows(model_key: str, recipes: dict[str, list[str]], on_row=None) -> list[dict]:  # noqa: ANN001
     """The real pipeline (vitq.engine.run) per recipe; the float model is trained once and cached."""
     from vitq.engine.run import run
 
@@ -109,6 +123,8 @@ def accuracy_rows(model_key: str, recipes: dict[str, list[str]]) -> list[dict]:
         row = run(cfg, OUT / model_key / label)
         row.update(label=label, seconds=round(time.perf_counter() - start, 1))
         rows.append(row)
+        if on_row is not None:  # a long section keeps what it measured so far
+            on_row(rows)
         print(f"{model_key} {label}: fp {row['fp_top1']:.2f} quant {row['quant_top1']:.2f} "
               f"delta {row['delta_top1']:+.2f} {row['delta_top1_ci']}", flush=True)
     return rows
@@ -146,6 +162,23 @@ def paired_deltas(model_key: str, rows: list[dict]) -> list[dict]:
 def method_recipes() -> dict[str, list[str]]:
     return {f"{m}-w{w}a{a}": [f"quant={m}", f"quant.w_bits={w}", f"quant.a_bits={a}", "quant.scope=matmul"]
             for m in METHODS for w, a in BITS}
+
+
+def recon_recipes() -> dict[str, list[str]]:
+    """Every reconstruction row: the four methods at W3A3 and W4A4 first (where they differ most), then the
+    W3A3 ablation, the methods at W6A6, and the remaining ablation rows."""
+    main = ["minmax", "repq", "isvit", "qdrop"]
+    ablation = [m for m in RECON_METHODS if m not in main]
+    order = [(m, 3) for m in main] + [(m, 4) for m in main] + [(m, 3) for m in ablation] + [(m, 6) for m in main] \
+        + [(m, 4) for m in ablation] + [(m, 6) for m in ablation]
+    rows = {}
+    for m, bits in order:
+        overrides = RECON_METHODS[m][0]
+        iters = 20 if bits >= 6 else 100
+        extra = [f"quant.iters={iters}"] if any(o in overrides for o in ("quant=isvit", "quant=qdrop")) else []
+        rows[f"recon-{m}-w{bits}a{bits}"] = [*overrides, f"quant.w_bits={bits}", f"quant.a_bits={bits}",
+                                             "quant.scope=matmul", *extra]
+    return rows
 
 
 def float_training_info(model_key: str) -> dict:
@@ -283,7 +316,7 @@ def write_report(data: dict, argv: list[str]) -> str:
         "drop. No setting here was chosen by looking at evaluation images.", "",
     ]
     for key, rows in acc.items():
-        methods = [r for r in rows if not r["label"].startswith("fqvit")]
+        methods = [r for r in rows if not r["label"].startswith(("fqvit", "recon-"))]
         if not methods:
             continue
         info = float_training_info(key)
@@ -299,6 +332,7 @@ def write_report(data: dict, argv: list[str]) -> str:
                   "(per-channel post-LayerNorm calibration folded into per-tensor scales, log-sqrt2 attention, "
                   "quantile-searched clips, asymmetric per-row weights, 8-bit image input), 32 calibration images.",
                   "", *_method_table(methods), ""]
+    lines += _recon_section(data.get("reconstruct", []))
     fq = {k: {r["label"]: r for r in rows if r["label"].startswith("fqvit")} for k, rows in acc.items()}
     keys = [k for k in fq if fq[k]]
     if keys:
@@ -389,6 +423,53 @@ def _search_section(key: str, block: dict) -> list[str]:
         lines.append(f"| {d['label'].rsplit('-w', 1)[0]} vs {d['base'].rsplit('-w', 1)[0]} | {d['bits']} | "
                      f"{d['delta']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] | {d['calib_seconds']:.1f} "
                      f"({d['base_calib_seconds']:.1f}) | {note} |")
+def _recon_section(rows: list[dict]) -> list[str]:
+    """The reconstruction table (methods x bits with intervals) and the per-unit cost of each run."""
+    if not rows:
+        return []
+    by = {r["label"]: r for r in rows}
+    r0 = rows[0]
+    lines = ["## Block reconstruction: QDrop, I&S-ViT and its ablation (vit_cifar, scope `matmul`)", "",
+             f"Float top-1 {r0['fp_top1']:.2f} % on {r0['eval_samples']} evaluation images (cifar10-eval); every "
+             "row measured in one invocation (`python -m bench.run --only reconstruct`), one intra-op thread. "
+             "Quantized top-1 % (delta [95% CI]). CPU scale: QDrop and I&S-ViT calibrate and reconstruct on 256 "
+             "images of cifar10-small/train (the paper: 1024), mini-batches of 32 (the paper: 64; QDrop 32), 100 "
+             "iterations per unit and pass at W3A3/W4A4 and 20 at W6A6 (the paper: 1000/200; QDrop 20000), all "
+             "other hyper-parameters as published. Ablation rows are I&S-ViT with `quant.sulq=false` (uniform "
+             "attention probabilities) and/or `quant.sos=false` (post-LayerNorm inputs per tensor, stage 3 alone).",
+             "", "| method | " + " | ".join(f"W{w}A{a}" for w, a in RECON_BITS) + " |",
+             "|---|" + "---|" * len(RECON_BITS)]
+    for m, (_, text) in RECON_METHODS.items():
+        lines.append(f"| {text} | " + " | ".join(_cell(by.get(f"recon-{m}-w{w}a{a}")) for w, a in RECON_BITS) + " |")
+    lines += ["", "Against the paper's expectations (I&S-ViT >= RepQ-ViT >= MinMax at W4A4 and W3A3; I&S-ViT at W3A3 "
+              "at least 20 points above MinMax), computed from the rows above:", ""]
+    for w, a in RECON_BITS[:2]:
+        mm, rq, isv = (by.get(f"recon-{m}-w{w}a{a}") for m in ("minmax", "repq", "isvit"))
+        if mm and rq and isv:
+            holds = isv["quant_top1"] >= rq["quant_top1"] >= mm["quant_top1"]
+            lines.append(f"- W{w}A{a}: I&S-ViT {isv['quant_top1']:.2f}, RepQ-ViT {rq['quant_top1']:.2f}, MinMax "
+                         f"{mm['quant_top1']:.2f}: the order {'holds' if holds else 'does not hold'}; I&S-ViT - MinMax "
+                         f"= {isv['quant_top1'] - mm['quant_top1']:+.2f} points (MinMax is {-mm['delta_top1']:.2f} "
+                         "points below float, the most any method can gain over it).")
+    lines += ["", "Reconstruction cost per run (wall seconds of the stage; per unit: mean seconds, largest cache, "
+              "peak resident memory of the process during the unit):", "",
+              "| run | passes x units | stage s | unit s (mean / max) | cache MiB (max) | peak MiB (max) |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        units = r.get("reconstruct_units") or []
+        if not units:
+            continue
+        secs = [u["seconds"] for u in units]
+        lines.append(f"| {r['label']} | {r['reconstruct_passes']} x {len(units) // max(r['reconstruct_passes'], 1)} | "
+                     f"{r['reconstruct_seconds']:.0f} | {sum(secs) / len(secs):.1f} / {max(secs):.1f} | "
+                     f"{max(u['cache_mib'] for u in units):.1f} | {max(u['peak_mib'] for u in units):.0f} |")
+    detail = next((r for r in rows if r["label"] == "recon-isvit-w3a3"), None)
+    if detail is not None:
+        lines += ["", f"Per unit, {detail['label']} (error = squared error per token against the float unit on the "
+                  "cached calibration inputs, before -> after):", "",
+                  "| pass | unit | seconds | cache MiB | peak MiB | error before | error after |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {u['pass']} | {u['name']} | {u['seconds']:.1f} | {u['cache_mib']:.1f} | {u['peak_mib']:.0f} | "
+                  f"{u['loss_before']:.4g} | {u['loss_after']:.4g} |" for u in detail["reconstruct_units"]]
     return lines + [""]
 
 
@@ -430,7 +511,8 @@ def update_readme(summary: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", choices=["accuracy", "fqvit", "search", "fidelity", "speed", "quickstart", "report"])
+    parser.add_argument("--only", choices=["accuracy", "fqvit", "search", "reconstruct", "fidelity", "speed",
+                                           "quickstart", "report"])
     parser.add_argument("--models", default="mnist,cifar")
     parser.add_argument("--speed-child", default=None)
     parser.add_argument("--trim", action="store_true")
@@ -465,6 +547,13 @@ def main() -> None:
             rows = accuracy_rows(key, search_recipes())
             data["search"][key] = {"rows": rows, "deltas": paired_deltas(key, rows), "argv": " ".join(sys.argv[1:]),
                                    "load": " / ".join(f"{v:.1f}" for v in os.getloadavg())}
+    if args.only in (None, "reconstruct"):
+        torch.set_num_threads(1)  # a shared 2-core machine: one thread, every row in this one process
+        def keep(rows: list[dict]) -> None:
+            data["reconstruct"] = rows
+            store.write_text(json.dumps(data, indent=2, default=str))
+
+        keep(accuracy_rows("cifar", recon_recipes(), on_row=keep))
     if args.only in (None, "fidelity"):
         data["fidelity"] = fidelity_rows()
     if args.only in (None, "speed"):

@@ -196,3 +196,6 @@ def test_stage(ctx: RunContext) -> None:
     if line := float_layers_line(float_layers):
         print(line)
     ctx.artifacts["points"] = points
+
+
+from . import reconstruct as _reconstruct  # noqa: E402,F401  (registers the `reconstruct` stage)

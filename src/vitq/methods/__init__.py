@@ -1,5 +1,5 @@
 """Methods: one file each; importing this package registers the built-in ones."""
-from . import fqvit, liu21, noisyquant, repq  # noqa: F401  (registration side effects)
+from . import fqvit, isvit, liu21, noisyquant, qdrop, repq  # noqa: F401  (registration side effects)
 from .base import (ADDONS, METHODS, Addon, Method, NoOptions, build_method, get_method, register_addon,
                    register_method)
 

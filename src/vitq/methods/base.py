@@ -18,6 +18,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from ..quant.points import PointSpec
+    from ..quant.reconstruct import ReconstructOptions
 
 METHODS: dict[str, type["Method"]] = {}
 ADDONS: dict[str, type["Addon"]] = {}
@@ -132,6 +133,17 @@ class Method:
         """Extra result-row columns about the calibrated model (e.g. a chosen bit map)."""
         return {}
 
+    # ---- block reconstruction (the `reconstruct` stage) ------------------------------------------
+    def reconstruct_passes(self, model: nn.Module) -> list["ReconstructOptions"]:
+        """The reconstruction passes the `reconstruct` stage runs on this calibrated model, in order."""
+        return []
+
+    def before_pass(self, model: nn.Module, index: int) -> None:
+        """Pass `index` is about to run: switch what it needs (a fold, weight grids on or off)."""
+
+    def after_reconstruct(self, model: nn.Module) -> None:
+        """Every pass has run."""
+
 
 register_method(Method)
 
@@ -170,6 +182,9 @@ class Addon:
 
     def describe_model(self, model: nn.Module) -> dict[str, Any]:
         return {}
+
+    def after_reconstruct(self, model: nn.Module) -> None:
+        """The method's reconstruction passes changed weights (runs after the method's own hook)."""
 
 
 class WithAddons(Method):
@@ -215,6 +230,16 @@ class WithAddons(Method):
         for hook in (self.method, *self.addons):
             out.update(hook.describe_model(model))
         return out
+
+    def reconstruct_passes(self, model: nn.Module) -> list["ReconstructOptions"]:
+        return self.method.reconstruct_passes(model)
+
+    def before_pass(self, model: nn.Module, index: int) -> None:
+        self.method.before_pass(model, index)
+
+    def after_reconstruct(self, model: nn.Module) -> None:
+        for hook in (self.method, *self.addons):
+            hook.after_reconstruct(model)
 
 
 def build_method(name: str, options: Mapping[str, Any] | None = None) -> Method:

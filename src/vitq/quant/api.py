@@ -207,8 +207,12 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, meta: Mapping[str,
     path.parent.mkdir(parents=True, exist_ok=True)
     integer = [n for n, m in model.named_modules() if getattr(m, "integer", False)]
     with written_atomically(path) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, "recipe": recipe.to_config(), "integer": integer,
-                    "state_dict": model.state_dict(), "meta": dict(meta or {})}, tmp)
+        ckpt = {"format": CHECKPOINT_FORMAT, "recipe": recipe.to_config(), "integer": integer,
+                "state_dict": model.state_dict(), "meta": dict(meta or {})}
+        float_state = getattr(model, "vitq_float_state", None)
+        if float_state is not None:  # weights were changed non-equivalently (reconstruction): keep the float ones
+            ckpt["float_state_dict"] = float_state
+        torch.save(ckpt, tmp)
     return path
 
 
@@ -263,13 +267,18 @@ def load_quantized(model: nn.Module, path: str | os.PathLike | Mapping[str, Any]
         modules[name].integer = modules[name].can_run_integer()
     recipe.method_impl().after_load(model)
     model.vitq_calibrated = True
+    if ckpt.get("float_state_dict") is not None:
+        model.vitq_float_state = ckpt["float_state_dict"]
     return model
 
 
 def float_state_dict(ckpt: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
-    """The float weights inside a quantized checkpoint, keyed for the float architecture `model`."""
+    """The float weights inside a quantized checkpoint, keyed for the float architecture `model`: the
+    weights from before reconstruction where a stage changed them (`float_state_dict`), else the stored
+    weights (a float-equivalent fold, such as a LayerNorm reparameterization, keeps the float model's function)."""
     own = model.state_dict()
-    state = {k: v for k, v in ckpt["state_dict"].items() if k in own}
+    source = ckpt.get("float_state_dict") or ckpt["state_dict"]
+    state = {k: v for k, v in source.items() if k in own}
     missing = sorted(set(own) - set(state))
     if missing:
         raise ValueError(f"the quantized checkpoint does not fit {type(model).__name__}: missing "
