@@ -512,9 +512,16 @@ def readme_summary(data: dict) -> str:
             f"{(by[label]['delta_top1_ci'][1] - by[label]['delta_top1_ci'][0]) / 2:.2f})" if label in by else "–"
             for label in ("minmax-w4a4", "omse-w4a4", "repq-w4a4", "repq-w6a6", "fqvit-ptf-lis-884-minmax")]
         lines.append(f"| {MODELS[key][0]} ({MODELS[key][1]}, {rows[0]['eval_samples']} images) | " + " | ".join(cells) + " |")
-    return ("Top-1 % (delta vs float ± half its 95% interval), `make bench`; details, the FQ-ViT ablation, DeiT-S "
+    text = ("Top-1 % (delta vs float ± half its 95% interval), `make bench`; details, the FQ-ViT ablation, DeiT-S "
             "fidelity beside the published RepQ-ViT / FQ-ViT code, and speed in [docs/results.md](docs/results.md):"
             "\n\n" + "\n".join(lines) + "\n")
+    for key, block in data.get("search", {}).items():
+        by = {r["label"]: r for r in block["rows"]}
+        cells = [f"{name} {by[f'{name}-w6a6']['quant_top1']:.2f}" for name in ("liu21", "liu21-mp", "minmax+noisy",
+                                                                              "noisyquant") if f"{name}-w6a6" in by]
+        text += (f"\nLiu et al. 2021 and NoisyQuant on {MODELS[key][0]} at W6A6 (top-1 %): " + ", ".join(cells)
+                 + "; every comparison with its paired interval and calibration time in docs/results.md.\n")
+    return text
 
 
 def update_readme(summary: str) -> None:

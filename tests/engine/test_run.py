@@ -220,8 +220,8 @@ def test_imagefolder_task_uses_the_model_data_config_and_trains(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,columns", [
-    (["quant=liu21", "quant.mixed_precision=true", "quant.candidates=6", "quant.rounds=3",
-      "quant.search_samples=16"], ("bit_map", "avg_block_bits")),
+    pytest.param(["quant=liu21", "quant.mixed_precision=true", "quant.candidates=6", "quant.rounds=3",
+                  "quant.search_samples=16"], ("bit_map", "avg_block_bits"), marks=pytest.mark.slow),
     (["quant=minmax", "quant.noisy=true", "quant.noisy_candidates=11"], ("noisy_layers", "noisy_max_steps")),
 ])
 def test_method_columns_reach_the_row_the_log_and_a_reload(first_run, overrides, columns):

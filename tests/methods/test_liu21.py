@@ -195,7 +195,7 @@ def test_fixed_width_reloads_exactly(data, tmp_path):
 
 @pytest.mark.parametrize("kw,message", [
     ({"mixed_precision": True, "w_bits": 6, "a_bits": 8}, "same target"),
-    ({"mixed_precision": True, "w_bits": 3, "a_bits": 3}, "out of range"),
+    ({"mixed_precision": True, "w_bits": 3, "a_bits": 3}, "target 3 gives 1..5, outside 2..16"),
     ({"scope": "full"}, "quant.scope=matmul"),
     ({"activation": {"symmetric": False}}, "symmetric uniform"),
     ({"candidates": 1}, "at least 2 candidates"),
@@ -204,3 +204,15 @@ def test_fixed_width_reloads_exactly(data, tmp_path):
 def test_bad_options_fail_with_the_fix(kw, message):
     with pytest.raises(ValueError, match=message):
         vitq.recipe("liu21", **kw)
+
+
+def test_a_deep_copy_records_its_own_inputs_and_a_second_calibration_says_what_to_do(data):
+    model, x = data
+    q = vitq.quantize(copy.deepcopy(model), vitq.recipe("liu21", **FAST))
+    twin = copy.deepcopy(q)  # made before calibration: its hooks must fill its own caches
+    for m in (q, twin):
+        vitq.calibrate(m, lambda mm: mm(x[:16]))
+    with torch.no_grad():
+        assert torch.equal(q(x), twin(x))
+    with pytest.raises(RuntimeError, match="no cached calibration inputs; calibrate a model freshly made"):
+        vitq.calibrate(q, lambda mm: mm(x[:16]))  # the cached inputs were dropped after the search

@@ -12,7 +12,7 @@ import vitq
 from vitq.engine.config import quant_schema
 from vitq.methods import ADDONS, METHODS, build_method
 from vitq.methods.base import WithAddons
-from vitq.methods.noisyquant import NoisyGrid, add_noise, layer_output, noisy_layers, search_amplitude
+from vitq.methods.noisyquant import NoisyGrid, add_noise, layer_output, noisy_layers, refold, search_amplitude
 from vitq.quant.modules import QuantLinear
 from vitq.quant.quantizers import UniformQuantizer
 
@@ -81,6 +81,25 @@ def test_folded_layer_equals_the_unfolded_computation(data):
         torch.testing.assert_close(folded, unfolded, rtol=0, atol=1e-5)
         checked += noise.abs().max() > 0
     assert checked >= 1  # at least one layer carries noise (else the comparison is the plain layer)
+
+
+def test_changed_weights_are_folded_again_after_reconstruction(data):
+    model, x = data
+    q = calibrated(model, vitq.recipe("minmax", noisy=True, w_bits=6, a_bits=6, **FAST), x)
+    name, layer = next((n, m) for n, m in noisy_layers(q) if m.input_quantizer.quantizer.noise.abs().max() > 0)
+    bias = dict(model.named_modules())[name].bias.detach()
+    with torch.no_grad():
+        layer.weight.mul_(1.3)  # what a reconstruction pass does: new weights
+    q.vitq_recipe.method_impl().after_reconstruct(q)
+    grid = layer.input_quantizer.quantizer
+    inp = torch.randn(3, 5, layer.in_features)
+    wq = layer.weight_quantizer(layer.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(inp), grid.inner(inp + grid.noise) @ wq.t() - grid.noise @ wq.t() + bias,
+                                   rtol=0, atol=1e-5)
+    refold(layer)  # idempotent once the fold matches the weights
+    with torch.no_grad():
+        torch.testing.assert_close(layer.bias, bias - grid.noise @ wq.t(), rtol=0, atol=1e-5)
 
 
 def test_zero_noise_is_exactly_the_base_quantizer(data):

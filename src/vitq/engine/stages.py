@@ -177,7 +177,8 @@ def test_stage(ctx: RunContext) -> None:
         row["setting"] += " integer"
     ctx.row = row
     if rank_zero_only.rank == 0:  # per-image outcomes, so two runs can be compared with a paired interval
-        torch.save({m: v.cpu() if torch.is_tensor(v) else v for m, v in quant.items()}, ctx.out_dir / "outcomes.pt")
+        with written_atomically(ctx.out_dir / "outcomes.pt") as tmp:
+            torch.save({m: v.cpu() if torch.is_tensor(v) else v for m, v in quant.items()}, tmp)
     points = vitq.summary(ctx.qmodel)
     for lg in ctx.loggers:
         lg.log_metrics({**{f"fp/{m}": row[f"fp_{m}"] for m in metrics},

@@ -27,7 +27,8 @@ ADDONS: dict[str, type["Addon"]] = {}
 def register_method(cls: type["Method"]) -> type["Method"]:
     """Class decorator: make a method available to recipes as `method: <cls.name>`."""
     if "own_options" not in cls.__dict__:  # the options the class itself declares (or inherits)
-        cls.own_options = cls.__dict__["Options"] if "Options" in cls.__dict__ else getattr(cls, "own_options", cls.Options)
+        own = cls.__dict__.get("Options")
+        cls.own_options = own if own is not None else getattr(cls, "own_options", cls.Options)
     METHODS[cls.name] = cls
     cls.Options = _with_addon_fields(cls)
     return cls
@@ -182,6 +183,9 @@ class Addon:
     def describe_model(self, model: nn.Module) -> dict[str, Any]:
         return {}
 
+    def after_reconstruct(self, model: nn.Module) -> None:
+        """The method's reconstruction passes changed weights (runs after the method's own hook)."""
+
 
 class WithAddons(Method):
     """A method and its active add-ons behind the one `Method` interface: every hook runs the method's,
@@ -226,6 +230,16 @@ class WithAddons(Method):
         for hook in (self.method, *self.addons):
             out.update(hook.describe_model(model))
         return out
+
+    def reconstruct_passes(self, model: nn.Module) -> list["ReconstructOptions"]:
+        return self.method.reconstruct_passes(model)
+
+    def before_pass(self, model: nn.Module, index: int) -> None:
+        self.method.before_pass(model, index)
+
+    def after_reconstruct(self, model: nn.Module) -> None:
+        for hook in (self.method, *self.addons):
+            hook.after_reconstruct(model)
 
 
 def build_method(name: str, options: Mapping[str, Any] | None = None) -> Method:

@@ -46,6 +46,11 @@ class Capture:
             return self.args[0].numel() // max(self.args[0].shape[-1], 1) >= self.max_tokens
         return self.rows >= self.max_rows
 
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """The forward hook itself: an object, not a closure, so a deep copy of the model records into
+        its own copy of the capture."""
+        self.record(module, args, kwargs, output)
+
     def record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.full or not _observing(module):
             return
@@ -74,8 +79,7 @@ def attach(modules: Iterable[nn.Module], max_rows: int, owner: str, keep_output:
     for module in modules:
         detach(module, owner)
         cap = Capture(max_rows, keep_output, max_tokens)
-        cap.handle = module.register_forward_hook(
-            lambda m, a, k, o, cap=cap: cap.record(m, a, k, o), with_kwargs=True)
+        cap.handle = module.register_forward_hook(cap, with_kwargs=True)
         module.__dict__.setdefault(_KEY, {})[owner] = cap
 
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..quant.modules import QuantMatMul, QuantSoftmax, _QuantWeight
 from ..quant.points import SCOPES, Kind, PointSpec, QuantPoint
-from ..quant.quantizers import check_bits
+from ..quant.quantizers import MAX_BITS, MIN_BITS
 from ..quant.recipe import Override
 from . import capture
 from .base import Method, register_method
@@ -102,8 +102,11 @@ class Liu21(Method):
             if w is None or a is None or w.bits != a.bits:
                 raise ValueError("quant.mixed_precision=true gives each MSA/MLP one width for weights and inputs: "
                                  "set quant.w_bits and quant.a_bits to the same target (e.g. 6)")
-            for b in mp_candidates(w.bits):
-                check_bits(b, f"mixed-precision candidate of target {w.bits}")
+            lo, hi = mp_candidates(w.bits)[0], mp_candidates(w.bits)[-1]
+            if lo < MIN_BITS or hi > MAX_BITS:
+                raise ValueError(f"quant.mixed_precision=true tries widths target-2 .. target+2; target {w.bits} gives "
+                                 f"{lo}..{hi}, outside {MIN_BITS}..{MAX_BITS}: set quant.w_bits=quant.a_bits between "
+                                 f"{MIN_BITS + 2} and {MAX_BITS - 2}")
         return specs
 
     def prepare(self, model: nn.Module) -> None:
@@ -303,7 +306,8 @@ def _base_scale(point: QuantPoint | None, x: torch.Tensor) -> torch.Tensor | Non
     if point is None:
         return None
     q = point.quantizer
-    return q._shape(q.scale.detach().clone(), x) if q.per_channel and q.scale.numel() > 1 else q.scale.detach().clone().reshape([1] * x.dim())
+    scale = q.scale.detach().clone()
+    return q._shape(scale, x) if q.per_channel and scale.numel() > 1 else scale.reshape([1] * x.dim())
 
 
 def _grid(point: QuantPoint | None) -> tuple[int, int] | None:
@@ -356,7 +360,7 @@ def pair_matrix(keys: int, count: int) -> torch.Tensor:
     return d
 
 
-# ---- mixed precision helpers ----------------------------------------------------------------------------
+# ---- mixed precision --------------------------------------------------------------------------------------
 def block_groups(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
     """(name, module, 'msa' | 'mlp') for every child of a transformer block that gets one width: the child
     holding the softmax is the MSA, every other child with weighted layers an MLP. Blocks are the
@@ -408,7 +412,8 @@ def snapshot_bits(group: nn.Module, bits: int) -> None:
 
 def snapshot(group: nn.Module) -> dict:
     pts = {id(p): (p.spec, p.quantizer.scale.detach().clone()) for p in _points(group)}
-    biases = {id(m): m.bias.detach().clone() for m in group.modules() if isinstance(m, _QuantWeight) and m.bias is not None}
+    biases = {id(m): m.bias.detach().clone() for m in group.modules()
+              if isinstance(m, _QuantWeight) and m.bias is not None}
     return {"points": pts, "biases": biases}
 
 

@@ -128,9 +128,14 @@ class NoisyQuant(Addon):
                 log.info("noisyquant %s: amplitude %.3g input steps", name, k)
         finally:
             capture.detach_all(model, self.name)
-        capture.broadcast_from_rank0([t for _, layer in noisy_layers(model) for t in
-                                      (layer.bias, layer.input_quantizer.quantizer.noise,
-                                       layer.input_quantizer.quantizer.scale, layer.input_quantizer.quantizer.zero_point)])
+        grids = [(layer, layer.input_quantizer.quantizer) for _, layer in noisy_layers(model)]
+        capture.broadcast_from_rank0([t for layer, g in grids for t in (layer.bias, g.noise, g.scale, g.zero_point)])
+
+    def after_reconstruct(self, model: nn.Module) -> None:
+        """Reconstruction changed the weights: fold the denoising bias again with the new q(W)."""
+        for _, layer in noisy_layers(model):
+            if isinstance(layer.input_quantizer.quantizer, NoisyGrid):
+                refold(layer)
 
     def before_load(self, model: nn.Module, state: Mapping[str, Any]) -> None:
         for name, layer in model.named_modules():
@@ -230,3 +235,17 @@ def add_noise(layer: QuantLinear, noise: torch.Tensor) -> None:
         layer.bias = nn.Parameter(-fold)
     else:
         layer.bias.sub_(fold)
+    point.quantizer.folded = fold  # what the bias holds for q(W) N (kept in memory, for `refold`)
+
+
+@torch.no_grad()
+def refold(layer: QuantLinear) -> None:
+    """Replace the folded q(W_old) N by q(W_new) N after the weights changed (block reconstruction)."""
+    grid = layer.input_quantizer.quantizer
+    fold = grid.noise.to(layer.weight.dtype) @ _qweight(layer).t()
+    old = grid.__dict__.get("folded")
+    if old is None:
+        raise RuntimeError("the noise's folded bias is unknown in this process (a reloaded checkpoint): "
+                           "reconstruct before saving, or calibrate again")
+    layer.bias.add_(old - fold)
+    grid.folded = fold
