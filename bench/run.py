@@ -449,6 +449,9 @@ def _search_section(key: str, block: dict) -> list[str]:
         lines.append(f"| {d['label'].rsplit('-w', 1)[0]} vs {d['base'].rsplit('-w', 1)[0]} | {d['bits']} | "
                      f"{d['delta']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] | {d['calib_seconds']:.1f} "
                      f"({d['base_calib_seconds']:.1f}) | {note} |")
+    return lines + [""]
+
+
 def _recon_section(rows: list[dict]) -> list[str]:
     """The reconstruction table (methods x bits with intervals) and the per-unit cost of each run."""
     if not rows:
