@@ -74,22 +74,24 @@ def speed_child(case: str, root: Path, img_size: int = 800) -> dict:
     if SPEED_CASES[case] is not None:
         name, overrides = SPEED_CASES[case]
         vitq.quantize(model, vitq.recipe(name, **overrides))
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         vitq.calibrate(model, lambda m: [m.test_step(b) for b in calib])
         result["calib_seconds"] = time.perf_counter() - start
+        result["calib_cpu_seconds"] = time.process_time() - cpu  # CPU time of all threads: less load-dependent
         result["recipe"] = model.vitq_recipe.describe()
     with torch.inference_mode():
         model.test_step(evaluate[0])  # warm-up
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for b in evaluate:
             model.test_step(b)
         result["infer_seconds_per_image"] = (time.perf_counter() - start) / len(evaluate)
+        result["infer_cpu_seconds_per_image"] = (time.process_time() - cpu) / len(evaluate)
     result["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result["load_avg_1min"] = os.getloadavg()[0]  # other work on the machine at the end of the case
     return result
 
 
-def sqnr_rows(root: Path, img_size: int = 800) -> list[dict]:
+def sqnr_rows(root: Path, img_size: int = 800, recipes: list[str] | None = None) -> list[dict]:
     """SQNR (dB) of each backbone output level (strides 4, 8, 16, 32), quantized vs float, per recipe:
     calibrated on SQNR_CALIB images, measured on SQNR_EVAL others, random weights (seed 0)."""
     import vitq
@@ -111,6 +113,8 @@ def sqnr_rows(root: Path, img_size: int = 800) -> list[dict]:
     fp.eval()  # mmdet's SwinTransformer.train returns None
     rows = []
     for label, (name, overrides) in SQNR_RECIPES.items():
+        if recipes is not None and label not in recipes:
+            continue
         model = vitq.quantize(copy.deepcopy(fp), vitq.recipe(name, **overrides))
         start = time.perf_counter()
         vitq.calibrate(model, lambda m: [m(x) for x in calib])
@@ -129,28 +133,35 @@ def report_lines(data: dict) -> list[str]:
              "`python -m bench.run --only coco`. Random weights (seed 0), real images: coco-mini through the task's "
              f"test pipeline at short side 800 (its 640x480 images become 1067x800, padded to 1088x800), "
              f"`torch.set_num_threads({THREADS})` in every case, on a shared 2-core machine (timings are noisy). "
-             "Each speed case runs in its own process (peak = max RSS). The detector's test config is mmdet's "
-             "(score threshold 0.05), so random weights give few boxes and the RoI heads do little work; a "
-             "trained detector spends more time in the mask head.", ""]
+             "Each speed case runs in its own process (peak = max RSS). The detector's test config is mmdet's: "
+             "the three 4conv1fc box heads run on all 1,000 proposals (most of the time), while random weights "
+             "give few boxes above the 0.05 score threshold, so the mask heads do little work (a trained "
+             "detector spends more there).", ""]
     if speed:
         fl = next((r for r in speed if r["case"] == "float"), None)
-        lines += [f"Calibration on {CALIB} images (batch 1), inference on {EVAL} others (after one warm-up image); "
-                  "the 1-minute load average at the end of each case says how busy the machine was:", "",
-                  "| case | recipe | calibration s | inference s/image | vs float | peak GiB | load avg |",
+        lines += [f"Calibration on {CALIB} images (batch 1), inference on {EVAL} others (after one warm-up image). "
+                  "Wall seconds, and where recorded the process's CPU seconds (all threads; less dependent on other "
+                  "work); the 1-minute load average at the end of each case says how busy the machine was:", "",
+                  "| case | recipe | calibration s (CPU s) | inference s/image (CPU s) | vs float | peak GiB | load avg |",
                   "|---|---|---|---|---|---|---|"]
         for r in speed:
-            calib = "" if r.get("calib_seconds") is None else f"{r['calib_seconds']:.1f}"
+            calib = "" if r.get("calib_seconds") is None else f"{r['calib_seconds']:.1f}" + (
+                f" ({r['calib_cpu_seconds']:.1f})" if "calib_cpu_seconds" in r else "")
+            infer = f"{r['infer_seconds_per_image']:.2f}" + (
+                f" ({r['infer_cpu_seconds_per_image']:.2f})" if "infer_cpu_seconds_per_image" in r else "")
             ratio = f"{r['infer_seconds_per_image'] / fl['infer_seconds_per_image']:.2f}x" if fl else ""
-            lines.append(f"| {r['case']} | {r.get('recipe', 'float')} | {calib} | {r['infer_seconds_per_image']:.2f} | "
+            lines.append(f"| {r['case']} | {r.get('recipe', 'float')} | {calib} | {infer} | "
                          f"{ratio} | {r['peak_gib']:.2f} | {r.get('load_avg_1min', float('nan')):.1f} |")
         lines.append("")
     if sqnr:
         lines += ["Backbone SQNR per output level (dB, quantized vs float; the four FPN inputs at strides 4, 8, 16, 32), "
                   f"calibrated on {SQNR_CALIB} images and measured on {SQNR_EVAL} others, backbone only (`quant.detector_scope="
-                  "backbone`):", "", "| recipe | setting | stride 4 | stride 8 | stride 16 | stride 32 | calibration s |",
-                  "|---|---|---|---|---|---|---|"]
+                  "backbone`), random weights; `--only coco-sqnr --coco-sqnr-size N` measures at short side N:", "",
+                  "| image (HxW) | recipe | setting | stride 4 | stride 8 | stride 16 | stride 32 | calibration s | load avg |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in sqnr:
-            lines.append(f"| {r['label']} | {r['setting']} | " + " | ".join(f"{v:.1f}" for v in r["sqnr_db"])
-                         + f" | {r['calib_seconds']:.1f} |")
+            shape = "x".join(str(v) for v in r.get("img_shape", []))
+            lines.append(f"| {shape} | {r['label']} | {r['setting']} | " + " | ".join(f"{v:.1f}" for v in r["sqnr_db"])
+                         + f" | {r['calib_seconds']:.1f} | {r.get('load_avg_1min', float('nan')):.1f} |")
         lines.append("")
     return lines

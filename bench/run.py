@@ -7,6 +7,7 @@ and the quick start's wall time. Writes docs/results.md and the README summary.
     python -m bench.run --only reconstruct                    # QDrop, I&S-ViT and its ablation on vit_cifar
     python -m bench.run --only fidelity|speed|quickstart|report
     python -m bench.run --only coco                  # COCO detector: calibration, inference, backbone SQNR
+    python -m bench.run --only coco-sqnr --coco-sqnr-size 320   # backbone SQNR only, at another size
 """
 from __future__ import annotations
 
@@ -305,8 +306,9 @@ def _method_table(rows: list[dict]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- coco
-def coco_rows() -> dict:
-    """The COCO detector section (bench/coco.py); each speed case in its own process."""
+def coco_rows(previous: dict, sqnr_only: bool = False, sqnr_size: int = 800, recipes: list[str] | None = None) -> dict:
+    """The COCO detector section (bench/coco.py); each speed case in its own process. `sqnr_only` keeps
+    the previous speed rows; SQNR rows are kept per image size."""
     import tempfile
 
     from bench import coco
@@ -314,15 +316,20 @@ def coco_rows() -> dict:
     mini = shared("coco-mini")
     if mini is None:
         print("skipping coco: ../shared/data/coco-mini not found")
-        return {}
+        return previous
     root = coco.coco_mini_root(mini, Path(tempfile.mkdtemp()))
+    fresh = [{**r, "short_side": sqnr_size} for r in coco.sqnr_rows(root, sqnr_size, recipes)]
+    done = {(r["short_side"], r["label"]) for r in fresh}
+    sqnr = [r for r in previous.get("sqnr", []) if (r.get("short_side"), r["label"]) not in done] + fresh
+    if sqnr_only:
+        return {**previous, "sqnr": sqnr}
     speed = []
     for case in coco.SPEED_CASES:
         proc = subprocess.run([sys.executable, "-m", "bench.run", "--coco-child", case, "--coco-root", str(root)],
                               cwd=ROOT, capture_output=True, text=True, check=True)
         speed.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(speed[-1], flush=True)
-    return {"speed": speed, "sqnr": coco.sqnr_rows(root)}
+    return {"speed": speed, "sqnr": sqnr}
 
 
 def write_report(data: dict, argv: list[str]) -> str:
@@ -541,7 +548,9 @@ def update_readme(summary: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", choices=["accuracy", "fqvit", "search", "reconstruct", "fidelity", "speed",
-                                           "quickstart", "coco", "report"])
+                                           "quickstart", "coco", "coco-sqnr", "report"])
+    parser.add_argument("--coco-sqnr-size", type=int, default=800, help="short side of the SQNR images")
+    parser.add_argument("--coco-recipes", default=None, help="comma-separated SQNR labels (bench/coco.py); all if unset")
     parser.add_argument("--coco-child", default=None)
     parser.add_argument("--coco-root", default=None)
     parser.add_argument("--models", default="mnist,cifar")
@@ -596,8 +605,9 @@ def main() -> None:
         data["speed"] = speed_rows(args.calib, args.eval, args.batch)
     if args.only in (None, "quickstart"):
         data["quickstart"] = quickstart_rows()
-    if args.only in (None, "coco"):
-        data["coco"] = coco_rows()
+    if args.only in (None, "coco", "coco-sqnr"):
+        data["coco"] = coco_rows(data.get("coco") or {}, args.only == "coco-sqnr", args.coco_sqnr_size,
+                                 args.coco_recipes.split(",") if args.coco_recipes else None)
     store.write_text(json.dumps(data, indent=2, default=str))
     report = write_report(data, sys.argv[1:])
     DOC.write_text(report)
