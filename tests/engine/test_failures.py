@@ -15,7 +15,7 @@ import timm
 import torch
 
 from vitq.engine.float_model import load_checkpoint
-from vitq.engine.lifecycle import LOCK, DirectoryInUse
+from vitq.engine.lifecycle import LOCK, DirectoryInUse, RunInterrupted, signals_end_the_run
 from vitq.engine.run import RESULT_FILES, run
 
 from tiny import ROOT, TINY, tiny_cfg
@@ -181,3 +181,15 @@ def test_an_interrupted_run_exits_non_zero_and_says_so(tmp_path, sig):
     (out,) = (tmp_path / "outputs").iterdir()
     assert (out / "FAILED").read_text().startswith(f"interrupted ({name})")
     assert _results(out) == {"FAILED"} and not (out / LOCK).exists()
+
+def test_an_exception_raised_while_handling_the_signal_still_reports_the_interruption():
+    with pytest.raises(RunInterrupted, match=r"interrupted \(SIGINT\)") as info:
+        with signals_end_the_run():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+            except RunInterrupted:
+                raise RuntimeError("cannot join thread before it is started")  # cleanup failing mid-handling
+    assert isinstance(info.value.__cause__, RuntimeError) and info.value.exit_code == 130
+    with pytest.raises(ValueError):  # without a signal, errors pass unchanged
+        with signals_end_the_run():
+            raise ValueError("x")

@@ -89,11 +89,24 @@ def signals_end_the_run() -> Iterator[None]:
         return
 
     def interrupt(signum: int, _frame: object) -> None:
+        global _received
+        _received = signum
         raise RunInterrupted(signum)
 
+    global _received
+    _received = None
     before = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
+    except BaseException as e:
+        # the interruption may surface as another exception (a progress-bar thread torn down mid-start
+        # while Lightning handles it): the run still ended because of the signal
+        if _received is not None and not isinstance(e, RunInterrupted):
+            raise RunInterrupted(_received) from e
+        raise
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
+
+
+_received: int | None = None  # the signal that interrupted the current run, if any
