@@ -4,6 +4,7 @@ and the quick start's wall time. Writes docs/results.md and the README summary.
 
     make bench                                   # everything
     python -m bench.run --only accuracy --models mnist
+    python -m bench.run --only reconstruct                    # QDrop, I&S-ViT and its ablation on vit_cifar
     python -m bench.run --only fidelity|speed|quickstart|report
     python -m bench.run --only coco                  # COCO detector: calibration, inference, backbone SQNR
     python -m bench.run --only coco-sqnr --coco-sqnr-size 320   # backbone SQNR only, at another size
@@ -51,7 +52,32 @@ FIDELITY = {  # label -> (recipe name, overrides)
     "vitq fqvit 8/8/4": ("fqvit", {}),
     "vitq fqvit 8/8/8, no LIS": ("fqvit", {"lis": False, "attn_bits": 8}),
 }
+# Liu et al. 2021 and NoisyQuant on vit_cifar: label -> (overrides, the row it is compared with, text).
+# RepQ-ViT stands for "the best uniform recipe": the strongest of vitq's uniform-input recipes in the
+# published ImageNet tables (docs/methods.md), not a choice made on these evaluation images.
+SEARCH_BASES = {"minmax": ["quant=minmax"], "omse": ["quant=omse"], "repq": ["quant=repq"]}
+SEARCH = {
+    "liu21": (["quant=liu21"], "minmax", "Liu et al., fixed width"),
+    "liu21-mp": (["quant=liu21", "quant.mixed_precision=true"], "liu21", "Liu et al., mixed precision (same average)"),
+    "minmax+noisy": (["quant=minmax", "quant.noisy=true"], "minmax", "MinMax + NoisyQuant noise"),
+    "omse+noisy": (["quant=omse", "quant.noisy=true"], "omse", "OMSE + NoisyQuant noise"),
+    "repq+noisy": (["quant=repq", "quant.noisy=true"], "repq", "RepQ-ViT + NoisyQuant noise"),
+    "noisyquant": (["quant=noisyquant"], "minmax", "NoisyQuant (paper setting: symmetric, clip search + noise)"),
+}
 SPEED_CASES = {"float": None, "minmax": ("minmax", {}), "fqvit": ("fqvit", {}), "repq": ("repq", {})}
+# Reconstruction methods on vit_cifar at CPU scale: 256 calibration images (= the reconstruction set),
+# mini-batches of 32, 100 iterations per unit and pass (20 at W6A6: the paper's 1000/200 ratio).
+RECON_BITS = [(3, 3), (4, 4), (6, 6)]
+RECON_CPU = ["quant.calib.num_samples=256", "quant.calib.batch_size=64", "quant.recon_batch_size=32"]
+RECON_METHODS = {  # label -> (overrides, text); the ablation rows are I&S-ViT with SULQ / SOS switched off
+    "minmax": (["quant=minmax"], "MinMax (256 images)"),
+    "repq": (["quant=repq"], "RepQ-ViT (32 images)"),
+    "qdrop": (["quant=qdrop", *RECON_CPU], "QDrop"),
+    "isvit": (["quant=isvit", *RECON_CPU], "I&S-ViT (SULQ + SOS)"),
+    "isvit-neither": (["quant=isvit", "quant.sulq=false", "quant.sos=false", *RECON_CPU], "ablation: neither"),
+    "isvit-sulq": (["quant=isvit", "quant.sos=false", *RECON_CPU], "ablation: SULQ only"),
+    "isvit-sos": (["quant=isvit", "quant.sulq=false", *RECON_CPU], "ablation: SOS only"),
+}
 
 
 def machine() -> str:
@@ -82,7 +108,7 @@ def shared(name: str) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------- accuracy
-def accuracy_rows(model_key: str, recipes: dict[str, list[str]]) -> list[dict]:
+def accuracy_rows(model_key: str, recipes: dict[str, list[str]], on_row=None) -> list[dict]:  # noqa: ANN001
     """The real pipeline (vitq.engine.run) per recipe; the float model is trained once and cached."""
     from vitq.engine.run import run
 
@@ -99,14 +125,62 @@ def accuracy_rows(model_key: str, recipes: dict[str, list[str]]) -> list[dict]:
         row = run(cfg, OUT / model_key / label)
         row.update(label=label, seconds=round(time.perf_counter() - start, 1))
         rows.append(row)
+        if on_row is not None:  # a long section keeps what it measured so far
+            on_row(rows)
         print(f"{model_key} {label}: fp {row['fp_top1']:.2f} quant {row['quant_top1']:.2f} "
               f"delta {row['delta_top1']:+.2f} {row['delta_top1_ci']}", flush=True)
     return rows
 
 
+def search_recipes() -> dict[str, list[str]]:
+    """The Liu et al. / NoisyQuant rows and the rows they are compared with, at every bit width."""
+    rows = {**SEARCH_BASES, **{k: v[0] for k, v in SEARCH.items()}}
+    return {f"{k}-w{w}a{a}": [*o, f"quant.w_bits={w}", f"quant.a_bits={a}", "quant.scope=matmul"]
+            for k, o in rows.items() for w, a in BITS}
+
+
+def paired_deltas(model_key: str, rows: list[dict]) -> list[dict]:
+    """Each compared pair: quantized top-1 difference with its paired 95% bootstrap interval over the
+    same evaluation images (from the runs' per-image outcomes)."""
+    from vitq.report.ci import paired_bootstrap
+
+    by = {r["label"]: r for r in rows}
+    out = []
+    for key, (_, base, text) in SEARCH.items():
+        for w, a in BITS:
+            label, ref = f"{key}-w{w}a{a}", f"{base}-w{w}a{a}"
+            if label not in by or ref not in by:
+                continue
+            mine = torch.load(OUT / model_key / label / "outcomes.pt")["top1"]
+            theirs = torch.load(OUT / model_key / ref / "outcomes.pt")["top1"]
+            delta, low, high = paired_bootstrap(theirs, mine)
+            out.append({"label": label, "base": ref, "text": text, "bits": f"W{w}A{a}", "delta": delta,
+                        "ci": [low, high], "calib_seconds": by[label]["calib_seconds"],
+                        "base_calib_seconds": by[ref]["calib_seconds"], "bit_map": by[label].get("bit_map"),
+                        "avg_block_bits": by[label].get("avg_block_bits")})
+    return out
+
+
 def method_recipes() -> dict[str, list[str]]:
     return {f"{m}-w{w}a{a}": [f"quant={m}", f"quant.w_bits={w}", f"quant.a_bits={a}", "quant.scope=matmul"]
             for m in METHODS for w, a in BITS}
+
+
+def recon_recipes() -> dict[str, list[str]]:
+    """Every reconstruction row: the four methods at W3A3 and W4A4 first (where they differ most), then the
+    W3A3 ablation, the methods at W6A6, and the remaining ablation rows."""
+    main = ["minmax", "repq", "isvit", "qdrop"]
+    ablation = [m for m in RECON_METHODS if m not in main]
+    order = [(m, 3) for m in main] + [(m, 4) for m in main] + [(m, 3) for m in ablation] + [(m, 6) for m in main] \
+        + [(m, 4) for m in ablation] + [(m, 6) for m in ablation]
+    rows = {}
+    for m, bits in order:
+        overrides = RECON_METHODS[m][0]
+        iters = 20 if bits >= 6 else 100
+        extra = [f"quant.iters={iters}"] if any(o in overrides for o in ("quant=isvit", "quant=qdrop")) else []
+        rows[f"recon-{m}-w{bits}a{bits}"] = [*overrides, f"quant.w_bits={bits}", f"quant.a_bits={bits}",
+                                             "quant.scope=matmul", *extra]
+    return rows
 
 
 def float_training_info(model_key: str) -> dict:
@@ -271,7 +345,7 @@ def write_report(data: dict, argv: list[str]) -> str:
         "drop. No setting here was chosen by looking at evaluation images.", "",
     ]
     for key, rows in acc.items():
-        methods = [r for r in rows if not r["label"].startswith("fqvit")]
+        methods = [r for r in rows if not r["label"].startswith(("fqvit", "recon-"))]
         if not methods:
             continue
         info = float_training_info(key)
@@ -287,6 +361,7 @@ def write_report(data: dict, argv: list[str]) -> str:
                   "(per-channel post-LayerNorm calibration folded into per-tensor scales, log-sqrt2 attention, "
                   "quantile-searched clips, asymmetric per-row weights, 8-bit image input), 32 calibration images.",
                   "", *_method_table(methods), ""]
+    lines += _recon_section(data.get("reconstruct", []))
     fq = {k: {r["label"]: r for r in rows if r["label"].startswith("fqvit")} for k, rows in acc.items()}
     keys = [k for k in fq if fq[k]]
     if keys:
@@ -303,6 +378,9 @@ def write_report(data: dict, argv: list[str]) -> str:
             fig = ROOT / "docs" / "figures" / f"layernorm_ranges_{MODELS[k][0]}.png"
             if fig.exists():
                 lines += [f"![LayerNorm input ranges, {MODELS[k][0]}](figures/{fig.name})", ""]
+    search = data.get("search", {})
+    for key, block in search.items():
+        lines += _search_section(key, block)
     if fid:
         peer = json.loads(PEER.read_text()) if PEER.exists() else {"runs": []}
         lines += ["## Fidelity on DeiT-S beside the published code", "", peer.get("protocol", ""), "",
@@ -347,6 +425,90 @@ def write_report(data: dict, argv: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _search_section(key: str, block: dict) -> list[str]:
+    rows, deltas = block["rows"], block["deltas"]
+    by = {r["label"]: r for r in rows}
+    model, task, _ = MODELS[key]
+    fp = rows[0]["fp_top1"] if rows else float("nan")
+    lines = [f"## Liu et al. 2021 and NoisyQuant on {model} ({task})", "",
+             f"`python -m bench.run {block['argv']}`, all rows in that one invocation with one intra-op thread "
+             f"(`torch.set_num_threads(1)`) on the shared 2-core machine (load average {block['load']}), so the "
+             "calibration seconds compare with each other but are noisy. Scope `matmul`, 256 calibration images "
+             "(RepQ-ViT: 32), float top-1 " f"{fp:.2f} % on {rows[0]['eval_samples'] if rows else 0} evaluation "
+             "images. Top-1 % (delta vs float [95% CI]); calibration seconds in the second column of each cell.",
+             "", "| recipe | " + " | ".join(f"W{w}A{a}" for w, a in BITS) + " |", "|---|" + "---|" * len(BITS)]
+    names = [*SEARCH_BASES, *SEARCH]
+    for name in names:
+        cells = []
+        for w, a in BITS:
+            r = by.get(f"{name}-w{w}a{a}")
+            cells.append("–" if r is None else f"{_cell(r)}, {r['calib_seconds']:.1f} s")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Each technique against the row it builds on: difference of quantized top-1 (points) with its "
+              "paired 95% bootstrap interval over the same images (1000 resamples, seed 0), and both "
+              "calibration times.", "", "| comparison | bits | delta [95% CI] | calibration s (base) | note |",
+              "|---|---|---|---|---|"]
+    for d in deltas:
+        note = ""
+        if d.get("bit_map"):
+            note = f"average {d['avg_block_bits']:.2f} bits: " + ", ".join(
+                f"{k.replace('blocks.', 'b')}={v}" for k, v in d["bit_map"].items())
+        lines.append(f"| {d['label'].rsplit('-w', 1)[0]} vs {d['base'].rsplit('-w', 1)[0]} | {d['bits']} | "
+                     f"{d['delta']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] | {d['calib_seconds']:.1f} "
+                     f"({d['base_calib_seconds']:.1f}) | {note} |")
+    return lines + [""]
+
+
+def _recon_section(rows: list[dict]) -> list[str]:
+    """The reconstruction table (methods x bits with intervals) and the per-unit cost of each run."""
+    if not rows:
+        return []
+    by = {r["label"]: r for r in rows}
+    r0 = rows[0]
+    lines = ["## Block reconstruction: QDrop, I&S-ViT and its ablation (vit_cifar, scope `matmul`)", "",
+             f"Float top-1 {r0['fp_top1']:.2f} % on {r0['eval_samples']} evaluation images (cifar10-eval); every "
+             "row measured in one invocation (`python -m bench.run --only reconstruct`), one intra-op thread. "
+             "Quantized top-1 % (delta [95% CI]). CPU scale: QDrop and I&S-ViT calibrate and reconstruct on 256 "
+             "images of cifar10-small/train (the paper: 1024), mini-batches of 32 (the paper: 64; QDrop 32), 100 "
+             "iterations per unit and pass at W3A3/W4A4 and 20 at W6A6 (the paper: 1000/200; QDrop 20000), all "
+             "other hyper-parameters as published. Ablation rows are I&S-ViT with `quant.sulq=false` (uniform "
+             "attention probabilities) and/or `quant.sos=false` (post-LayerNorm inputs per tensor, stage 3 alone).",
+             "", "| method | " + " | ".join(f"W{w}A{a}" for w, a in RECON_BITS) + " |",
+             "|---|" + "---|" * len(RECON_BITS)]
+    for m, (_, text) in RECON_METHODS.items():
+        lines.append(f"| {text} | " + " | ".join(_cell(by.get(f"recon-{m}-w{w}a{a}")) for w, a in RECON_BITS) + " |")
+    lines += ["", "Against the paper's expectations (I&S-ViT >= RepQ-ViT >= MinMax at W4A4 and W3A3; I&S-ViT at W3A3 "
+              "at least 20 points above MinMax), computed from the rows above:", ""]
+    for w, a in RECON_BITS[:2]:
+        mm, rq, isv = (by.get(f"recon-{m}-w{w}a{a}") for m in ("minmax", "repq", "isvit"))
+        if mm and rq and isv:
+            holds = isv["quant_top1"] >= rq["quant_top1"] >= mm["quant_top1"]
+            lines.append(f"- W{w}A{a}: I&S-ViT {isv['quant_top1']:.2f}, RepQ-ViT {rq['quant_top1']:.2f}, MinMax "
+                         f"{mm['quant_top1']:.2f}: the order {'holds' if holds else 'does not hold'}; I&S-ViT - MinMax "
+                         f"= {isv['quant_top1'] - mm['quant_top1']:+.2f} points (MinMax is {-mm['delta_top1']:.2f} "
+                         "points below float, the most any method can gain over it).")
+    lines += ["", "Reconstruction cost per run (wall seconds of the stage; per unit: mean seconds, largest cache, "
+              "peak resident memory of the process during the unit):", "",
+              "| run | passes x units | stage s | unit s (mean / max) | cache MiB (max) | peak MiB (max) |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        units = r.get("reconstruct_units") or []
+        if not units:
+            continue
+        secs = [u["seconds"] for u in units]
+        lines.append(f"| {r['label']} | {r['reconstruct_passes']} x {len(units) // max(r['reconstruct_passes'], 1)} | "
+                     f"{r['reconstruct_seconds']:.0f} | {sum(secs) / len(secs):.1f} / {max(secs):.1f} | "
+                     f"{max(u['cache_mib'] for u in units):.1f} | {max(u['peak_mib'] for u in units):.0f} |")
+    detail = next((r for r in rows if r["label"] == "recon-isvit-w3a3"), None)
+    if detail is not None:
+        lines += ["", f"Per unit, {detail['label']} (error = squared error per token against the float unit on the "
+                  "cached calibration inputs, before -> after):", "",
+                  "| pass | unit | seconds | cache MiB | peak MiB | error before | error after |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {u['pass']} | {u['name']} | {u['seconds']:.1f} | {u['cache_mib']:.1f} | {u['peak_mib']:.0f} | "
+                  f"{u['loss_before']:.4g} | {u['loss_after']:.4g} |" for u in detail["reconstruct_units"]]
+    return lines + [""]
+
+
 def readme_summary(data: dict) -> str:
     """A few headline rows for the README; the full tables are in docs/results.md."""
     lines = ["| model | float | MinMax W4A4 | OMSE W4A4 | RepQ-ViT W4A4 | RepQ-ViT W6A6 | FQ-ViT 8/8/4 (full) |",
@@ -360,9 +522,16 @@ def readme_summary(data: dict) -> str:
             f"{(by[label]['delta_top1_ci'][1] - by[label]['delta_top1_ci'][0]) / 2:.2f})" if label in by else "–"
             for label in ("minmax-w4a4", "omse-w4a4", "repq-w4a4", "repq-w6a6", "fqvit-ptf-lis-884-minmax")]
         lines.append(f"| {MODELS[key][0]} ({MODELS[key][1]}, {rows[0]['eval_samples']} images) | " + " | ".join(cells) + " |")
-    return ("Top-1 % (delta vs float ± half its 95% interval), `make bench`; details, the FQ-ViT ablation, DeiT-S "
+    text = ("Top-1 % (delta vs float ± half its 95% interval), `make bench`; details, the FQ-ViT ablation, DeiT-S "
             "fidelity beside the published RepQ-ViT / FQ-ViT code, and speed in [docs/results.md](docs/results.md):"
             "\n\n" + "\n".join(lines) + "\n")
+    for key, block in data.get("search", {}).items():
+        by = {r["label"]: r for r in block["rows"]}
+        cells = [f"{name} {by[f'{name}-w6a6']['quant_top1']:.2f}" for name in ("liu21", "liu21-mp", "minmax+noisy",
+                                                                              "noisyquant") if f"{name}-w6a6" in by]
+        text += (f"\nLiu et al. 2021 and NoisyQuant on {MODELS[key][0]} at W6A6 (top-1 %): " + ", ".join(cells)
+                 + "; every comparison with its paired interval and calibration time in docs/results.md.\n")
+    return text
 
 
 def update_readme(summary: str) -> None:
@@ -378,8 +547,8 @@ def update_readme(summary: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", choices=["accuracy", "fqvit", "fidelity", "speed", "quickstart", "coco", "coco-sqnr",
-                                           "report"])
+    parser.add_argument("--only", choices=["accuracy", "fqvit", "search", "reconstruct", "fidelity", "speed",
+                                           "quickstart", "coco", "coco-sqnr", "report"])
     parser.add_argument("--coco-sqnr-size", type=int, default=800, help="short side of the SQNR images")
     parser.add_argument("--coco-recipes", default=None, help="comma-separated SQNR labels (bench/coco.py); all if unset")
     parser.add_argument("--coco-child", default=None)
@@ -416,6 +585,20 @@ def main() -> None:
             if src.exists():
                 (ROOT / "docs" / "figures").mkdir(parents=True, exist_ok=True)
                 shutil.copy(src, ROOT / "docs" / "figures" / f"layernorm_ranges_{MODELS[key][0]}.png")
+    if args.only in (None, "search"):
+        torch.set_num_threads(1)  # calibration times of every compared row under the same setting
+        data.setdefault("search", {})
+        for key in [k for k in args.models.split(",") if k == "cifar"]:
+            rows = accuracy_rows(key, search_recipes())
+            data["search"][key] = {"rows": rows, "deltas": paired_deltas(key, rows), "argv": " ".join(sys.argv[1:]),
+                                   "load": " / ".join(f"{v:.1f}" for v in os.getloadavg())}
+    if args.only in (None, "reconstruct"):
+        torch.set_num_threads(1)  # a shared 2-core machine: one thread, every row in this one process
+        def keep(rows: list[dict]) -> None:
+            data["reconstruct"] = rows
+            store.write_text(json.dumps(data, indent=2, default=str))
+
+        keep(accuracy_rows("cifar", recon_recipes(), on_row=keep))
     if args.only in (None, "fidelity"):
         data["fidelity"] = fidelity_rows()
     if args.only in (None, "speed"):

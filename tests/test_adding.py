@@ -65,7 +65,8 @@ def test_method_yaml_composes_with_its_option(doc, tmp_path):
     from vitq.recipes import _load
 
     recipe = Recipe.from_config(OmegaConf.to_container(_load(quant / "shrink.yaml"), resolve=True))
-    assert recipe.method == "shrink" and recipe.options == {"factor": 0.9}
+    assert recipe.method == "shrink" and recipe.options["factor"] == 0.9
+    assert recipe.options["noisy"] is False  # add-on switches (NoisyQuant) join every method's options
 
 
 def test_grid_steps_are_powers_of_two_and_search_scores_it(doc):

@@ -29,7 +29,7 @@ def test_plain_python_recipe_equals_the_hydra_composed_one(name):
 
 def test_recipe_overrides_and_errors():
     r = vitq.recipe("repq", w_bits=6, a_bits=6, reparameterize=False)
-    assert r.specs["weight"].bits == 6 and r.specs["softmax_output"].bits == 6 and r.options == {"reparameterize": False}
+    assert r.specs["weight"].bits == 6 and r.specs["softmax_output"].bits == 6 and r.options["reparameterize"] is False
     assert vitq.recipe("minmax", **{"calib.num_samples": 8}).name == "minmax"
     with pytest.raises(ValueError, match="unknown recipe 'nope'.*fqvit"):
         vitq.recipe("nope")

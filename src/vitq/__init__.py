@@ -3,13 +3,14 @@
     qmodel = vitq.quantize(model, "repq")          # or vitq.recipe("repq", w_bits=4, a_bits=4)
     vitq.calibrate(qmodel, forward_loop)            # forward_loop(model) pushes calibration data through
     vitq.summary(qmodel)
+    vitq.reconstruct(qmodel, float_model, batches, run_batch, vitq.ReconstructOptions(adaround=True))
 """
 from typing import Any, Mapping
 
 from torch import nn
 
-from .quant import (CalibrationError, Kind, PointSpec, Recipe, calibrate, iter_points, load_quantized, save_quantized,
-                    set_integer, set_mode, summary)
+from .quant import (CalibrationError, Kind, PointSpec, Recipe, ReconstructOptions, calibrate, iter_points, load_quantized,
+                    reconstruct, save_quantized, set_integer, set_mode, summary)
 from .quant import quantize as _quantize
 from .recipes import recipe, recipes
 from .recipes import recipe as _recipe_named
@@ -22,5 +23,5 @@ def quantize(model: nn.Module, recipe: "Recipe | Mapping[str, Any] | str", inpla
     return _quantize(model, _recipe_named(recipe) if isinstance(recipe, str) else recipe, inplace)
 
 
-__all__ = ["CalibrationError", "Kind", "PointSpec", "Recipe", "calibrate", "iter_points", "load_quantized", "quantize", "recipe",
-           "recipes", "save_quantized", "set_integer", "set_mode", "summary"]
+__all__ = ["CalibrationError", "Kind", "PointSpec", "Recipe", "ReconstructOptions", "calibrate", "iter_points", "load_quantized",
+           "quantize", "recipe", "recipes", "reconstruct", "save_quantized", "set_integer", "set_mode", "summary"]

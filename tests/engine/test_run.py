@@ -172,16 +172,6 @@ def test_fqvit_integer_run(first_run, fqvit_run):
     assert all(r["max_range"] >= r["median_range"] > 0 for r in ranges)
 
 
-def test_slurm_launcher_config_composes():
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4"],
-                      return_hydra_config=True)
-    launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("SlurmLauncher")
-    assert launcher.tasks_per_node == 4 and launcher.gpus_per_node == 4  # one rank per GPU
-
-
 @pytest.mark.parametrize("scope", ["matmul", "full"])
 def test_fp32_recipe_quantizes_nothing(scope):
     from vitq.engine.config import validate
@@ -227,3 +217,22 @@ def test_imagefolder_task_uses_the_model_data_config_and_trains(tmp_path):
     lo, hi = row["delta_top1_ci"]  # the paired bootstrap interval holds the measured difference
     assert lo <= row["delta_top1"] == row["quant_top1"] - row["fp_top1"] <= hi
     assert (tmp_path / "out" / "quantized.ckpt").is_file()
+
+
+@pytest.mark.parametrize("overrides,columns", [
+    pytest.param(["quant=liu21", "quant.mixed_precision=true", "quant.candidates=6", "quant.rounds=3",
+                  "quant.search_samples=16"], ("bit_map", "avg_block_bits"), marks=pytest.mark.slow),
+    (["quant=minmax", "quant.noisy=true", "quant.noisy_candidates=11"], ("noisy_layers", "noisy_max_steps")),
+])
+def test_method_columns_reach_the_row_the_log_and_a_reload(first_run, overrides, columns):
+    """Liu et al.'s bit map and NoisyQuant's noise: in results.json and the CSV log, and reproduced
+    from the checkpoint."""
+    tmp, _, _ = first_run
+    out = tmp / f"out-{overrides[0].split('=')[1]}"
+    row = run(tiny_cfg(tmp, *overrides), out)
+    assert all(row[c] is not None for c in columns)
+    logged = (out / "csv" / "hparams.yaml").read_text()
+    assert all(f"method/{c}" in logged for c in columns)
+    again = run(tiny_cfg(tmp, *overrides, "stage=test", f"quant.from_checkpoint={out / 'quantized.ckpt'}"),
+                tmp / f"{out.name}-test")
+    assert again["quant_top1"] == row["quant_top1"] and all(again[c] == row[c] for c in columns)

@@ -165,13 +165,17 @@ def test_ptf_observer_base_grid_is_the_layerwise_minmax_range(spread_data):
 
 @pytest.mark.parametrize("calibrator", ["minmax", "omse"])
 def test_ptf_observer_merge_equals_whole(spread_data, calibrator):
-    """4 * 64 = 256 values per channel, far below max_tokens = 2048: the merged sample is the whole data."""
+    """4 * 64 = 256 values per channel, far below max_tokens = 2048: the merged sample is the whole data.
+    a and b stand for two ranks (batch 0 on rank 0, batch 1 on rank 1), whole for one process."""
     x = spread_data
     a, b, whole = (PTFObserver(-1, calibrator) for _ in range(3))
+    a.shard, b.shard = (0, 2), (1, 2)
     a.observe(x[:2])
     b.observe(x[2:])
-    whole.observe(x)
+    whole.observe(x[:2])
+    whole.observe(x[2:])
     a.merge_(b)
+    assert a.state["sample"].shape[1] == x[..., 0].numel()
     assert torch.equal(a.state["sample"], whole.state["sample"])
     qa, qw = PTFQuantizer(8, 3), PTFQuantizer(8, 3)
     a.fit(qa)

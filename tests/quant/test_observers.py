@@ -230,62 +230,76 @@ def _two_halves():
     return x[0:1], x[1:2]
 
 
-@pytest.mark.parametrize("name, kwargs", [("minmax", {}), ("percentile", {"alpha": 0.95})])
-@pytest.mark.parametrize("axis", [None, -1])
-def test_merge_exact(name, kwargs, axis):
-    a, b = _two_halves()
+ALL_CALIBRATORS = [("minmax", {}), ("ema", {"momentum": 0.5}), ("percentile", {"alpha": 0.95}),
+                   ("omse", {"max_tokens": 20}), ("quantile", {"max_tokens": 20})]
+
+
+def _as_ranks(name: str, kwargs: dict, axis, batches: list[torch.Tensor], world: int = 2):
+    """One process over `batches`, and `world` observers that each saw the whole batches a rank gets
+    (`BatchShards`: rank r has batches r, r + world, ...), merged."""
     full = make_observer(name, axis=axis, **kwargs)
-    full.observe(a)
-    full.observe(b)
-    left, right = make_observer(name, axis=axis, **kwargs), make_observer(name, axis=axis, **kwargs)
-    left.observe(a)
-    right.observe(b)
-    left.merge_(right)
-    q = UniformQuantizer(8, axis=axis)
-    for got, want in zip(left.range(q), full.range(q)):
-        assert torch.equal(got, want)
+    for b in batches:
+        full.observe(b)
+    ranks = []
+    for r in range(world):
+        obs = make_observer(name, axis=axis, **kwargs)
+        obs.shard = (r, world)
+        for b in batches[r::world]:
+            obs.observe(b)
+        ranks.append(obs)
+    merged = ranks[0]
+    for other in ranks[1:]:
+        merged.merge_(other)
+    return full, merged
 
 
-def test_merge_omse_concatenates_sample():
-    a, b = _two_halves()
-    full = OMSEObserver()
-    full.observe(a)
-    full.observe(b)
-    left, right = OMSEObserver(), OMSEObserver()
-    left.observe(a)
-    right.observe(b)
-    left.merge_(right)
-    tokens = torch.cat([a.reshape(-1, 6), b.reshape(-1, 6)]).t()  # under the cap: every token, in order
-    assert torch.equal(left.state["sample"], tokens)
-    assert torch.equal(left.state["sample"], full.state["sample"])
+@pytest.mark.parametrize("name, kwargs", ALL_CALIBRATORS)
+@pytest.mark.parametrize("axis", [None, -1])
+def test_merge_of_rank_shards_equals_one_process(name, kwargs, axis):
+    """Five batches over two ranks (3 and 2): order-dependent calibrators (EMA, per-batch quantiles, the
+    token reservoir) fold them in global batch order, so the merge is exactly one process's result."""
+    g = torch.Generator().manual_seed(7)
+    batches = [torch.randn(2, 8, 6, generator=g) * torch.linspace(0.5, 3, 6) for _ in range(5)]
+    batches[3][1, 3, 2] = 25.0
+    full, merged = _as_ranks(name, kwargs, axis, batches)
+    q = UniformQuantizer(4, axis=axis)
+    for got, want in zip(merged.range(q), full.range(q)):
+        assert torch.equal(got, want), name
+    ordered = (lambda o: o._in_batch_order()) if "batch" in full.state else (lambda o: o.state)  # noqa: E731
+    assert ordered(merged).keys() == ordered(full).keys()
+    for key, value in ordered(full).items():  # the statistics themselves, not only the range
+        assert torch.equal(ordered(merged)[key], value), key
+
+
+def test_ema_merge_differs_from_a_mean_of_rank_emas():
+    """What the per-batch columns buy: the mean of per-rank EMAs (the former merge) is not one process's EMA."""
+    batches = [_t(-2.0, 4.0), _t(-6.0, 0.0), _t(-1.0, 1.0)]
+    full, merged = _as_ranks("ema", {"momentum": 0.5}, None, batches)
+    lo, hi = merged.range(None)
+    assert (lo.item(), hi.item()) == full_range(full) == (-2.5, 1.5)  # ((-2 + -6) / 2 + -1) / 2, ((4 + 0) / 2 + 1) / 2
+    rank_means = ((-2.0 * 0.5 + -1.0 * 0.5) + -6.0) / 2  # EMA of rank 0's batches 0, 2; rank 1 has batch 1 only
+    assert lo.item() != rank_means
+
+
+def full_range(obs):
+    lo, hi = obs.range(None)
+    return lo.item(), hi.item()
 
 
 def test_merge_trims_sample_to_the_cap_by_key():
     a, b = torch.randn(1, 40, 4), torch.randn(1, 40, 4)
     left, right = OMSEObserver(max_tokens=30), OMSEObserver(max_tokens=30)
+    right.shard = (1, 2)
+    left.shard = (0, 2)
     left.observe(a)
     right.observe(b)
     keys = torch.cat([left.state["keys"], right.state["keys"]])
     tokens = torch.cat([left.state["sample"], right.state["sample"]], 1)
     left.merge_(right)
     assert left.state["sample"].shape == (4, 30)
-    keep = keys.topk(30, largest=False).indices.sort().values
+    keep = keys.topk(30, largest=False).indices
     assert torch.equal(left.state["sample"], tokens[:, keep])
-
-
-def test_merge_ema_is_weighted_mean():
-    a, b, c = _t(-2.0, 4.0), _t(-6.0, 0.0), _t(-1.0, 1.0)
-    x, y, z = EMAObserver(momentum=0.5), EMAObserver(momentum=0.5), EMAObserver(momentum=0.5)
-    x.observe(a)
-    y.observe(b)
-    z.observe(c)
-    x.merge_(y)  # mean of two: [-4, 2]
-    lo, hi = x.range(UniformQuantizer(8))
-    assert (lo.item(), hi.item()) == (-4.0, 2.0)
-    x.merge_(z)  # mean of three: (-2 - 6 - 1) / 3 = -3, (4 + 0 + 1) / 3 = 5 / 3
-    lo, hi = x.range(UniformQuantizer(8))
-    assert lo.item() == pytest.approx(-3.0) and hi.item() == pytest.approx(5 / 3)
-    assert x.merged == 3
+    assert torch.equal(left.state["keys"], keys[keep]) and bool((left.state["keys"].diff() > 0).all())
 
 
 def test_merge_with_empty_sides():
@@ -322,36 +336,33 @@ def test_sync_is_noop_without_distributed():
 # sync_ across two real processes (gloo on localhost)
 # ---------------------------------------------------------------------------------------------------
 
-def _sync_data():
+def _sync_batches() -> list[torch.Tensor]:
+    """Five batches of one process's calibration, the last one short; an outlier in batch 3 (rank 1's)."""
     g = torch.Generator().manual_seed(1234)
-    x = torch.randn(2, 300, 4, generator=g) * torch.tensor([0.5, 1.0, 2.0, 4.0])
-    x[1, 7, 1] = 40.0  # one outlier on rank 1 only
-    return x
+    x = torch.randn(5, 120, 4, generator=g) * torch.tensor([0.5, 1.0, 2.0, 4.0])
+    x[3, 7, 1] = 40.0
+    return [x[0], x[1], x[2], x[3], x[4][:50]]
 
 
 def _make_sync_observers():
-    return {
-        "minmax": MinMaxObserver(),
-        "minmax_c": MinMaxObserver(axis=-1),
-        "ema": EMAObserver(momentum=0.5),
-        "percentile": PercentileObserver(alpha=0.99),
-        "percentile_c": PercentileObserver(axis=-1, alpha=0.99),
-        "omse": OMSEObserver(),
-        "omse_c": OMSEObserver(axis=-1),
-    }
+    observers = {}
+    for name, kwargs in ALL_CALIBRATORS:
+        observers[name] = make_observer(name, **kwargs)
+        observers[name + "_c"] = make_observer(name, axis=-1, **kwargs)
+    return observers
 
 
 def _sync_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        x = _sync_data()[rank]
-        if rank == 1:
-            x = x[:250]  # unequal halves: the OMSE sample gather must handle different lengths
+        mine = _sync_batches()[rank::world]  # whole batches, as BatchShards gives them
         result = {}
         for key, obs in _make_sync_observers().items():
-            with torch.inference_mode():  # as under Lightning's validate loop
-                obs.observe(x)
+            for batch in mine:
+                with torch.inference_mode():  # as under Lightning's validate loop
+                    obs.observe(batch)
             obs.sync_()
             q = UniformQuantizer(4, axis=-1 if key.endswith("_c") else None)
             result[key] = [t.clone() for t in obs.range(q)]
@@ -361,32 +372,22 @@ def _sync_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_sync_across_two_gloo_processes(tmp_path, free_port):
+def test_sync_across_two_gloo_processes_equals_one_process(tmp_path, free_port):
+    """Every calibrator, per tensor and per channel, synced over two ranks with uneven shards (3 and 2
+    batches): bit for bit one process's range over the same batches, and the same on both ranks."""
     mp.spawn(_sync_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-
-    data = _sync_data()
-    halves = (data[0], data[1][:250])
     single = _make_sync_observers()
     for key, obs in single.items():
-        for h in halves:
-            obs.observe(h)
-    for key in single:
+        for batch in _sync_batches():
+            obs.observe(batch)
         q = UniformQuantizer(4, axis=-1 if key.endswith("_c") else None)
-        want = single[key].range(q) if key != "ema" else None
-        for got0, got1 in zip(r0[key], r1[key]):
-            assert torch.equal(got0, got1), key  # every rank ends identical
+        want = obs.range(q)
         assert r0[key + "/merged"] == 2
-        if key.startswith(("minmax", "percentile", "omse")):
-            for got, w in zip(r0[key], want):
-                assert torch.equal(got, w), key  # and equal to one process seeing both halves
-    # the outlier seen by rank 1 only reaches rank 0
-    assert r0["minmax"][1].item() == 40.0
-    # EMA: the mean of the ranks' values
-    lo = (halves[0].min() + halves[1].min()) / 2
-    hi = (halves[0].max() + halves[1].max()) / 2
-    torch.testing.assert_close(r0["ema"][0], lo.reshape(1))
-    torch.testing.assert_close(r0["ema"][1], hi.reshape(1))
+        for got0, got1, w in zip(r0[key], r1[key], want):
+            assert torch.equal(got0, got1), key  # every rank ends identical
+            assert torch.equal(got0, w), key  # and equal to one process seeing every batch
+    assert r0["minmax"][1].item() == 40.0  # the outlier seen by rank 1 only reaches rank 0
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -40,7 +40,25 @@ def recipe_name(cli_name: str, checkpoint: str | None) -> str:
     return cli_name
 
 
-OmegaConf.register_new_resolver("vitq.run_id", run_id, replace=True)
+def devices_per_node(devices: Any) -> int:
+    """`trainer.devices` as the cluster launcher's tasks per node: SLURM starts one task (one rank) per
+    device, so it needs a count, not Lightning's -1 ("all visible")."""
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"hydra/launcher=slurm starts one task per device and needs trainer.devices=<devices per "
+                         f"node> (a positive number), got trainer.devices={devices!r}")
+    return devices
+
+
+def gpus_per_node(accelerator: Any, devices: Any) -> int:
+    """GPUs to request per node: none for a CPU trainer, else one per task."""
+    return 0 if str(accelerator) == "cpu" else devices_per_node(devices)
+
+
+# cached: a job the launcher starts in another process (submitit) copies the value of the launching process
+# with the config's resolver cache, so its directory is the one the launcher announced
+OmegaConf.register_new_resolver("vitq.run_id", run_id, replace=True, use_cache=True)
+OmegaConf.register_new_resolver("vitq.devices_per_node", devices_per_node, replace=True)
+OmegaConf.register_new_resolver("vitq.gpus_per_node", gpus_per_node, replace=True)
 OmegaConf.register_new_resolver("vitq.recipe_name", recipe_name, replace=True)
 
 

@@ -30,7 +30,7 @@ from .tasks import get_task
 log = logging.getLogger(__name__)
 
 RESULT_FILES = ("FAILED", "results.json", "quantized.ckpt", "points.csv", "layernorm_ranges.json",
-                "layernorm_ranges.png")
+                "layernorm_ranges.png", "outcomes.pt")
 
 
 def build_loggers(cfg: DictConfig, out_dir: Path) -> list[Logger]:

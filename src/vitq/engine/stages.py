@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 import vitq
 
+from ..distributed import sharded
 from ..files import written_atomically
 from ..methods import Method
 from ..quant.recipe import Recipe
@@ -110,8 +111,9 @@ def calibrate_stage(ctx: RunContext) -> None:
         return
     module = ctx.task.calibration_module(ctx.qmodel)
     start = time.perf_counter()
-    vitq.calibrate(ctx.qmodel, lambda m: ctx.make_trainer().validate(module, dataloaders=ctx.calib_loader,
-                                                                     verbose=False))
+    trainer = ctx.make_trainer()
+    loader = sharded(ctx.calib_loader, processes(trainer), "the calibration loader")
+    vitq.calibrate(ctx.qmodel, lambda m: trainer.validate(module, dataloaders=loader, verbose=False))
     ctx.timings["calibrate"] = time.perf_counter() - start
 
 
@@ -123,10 +125,17 @@ def load_stage(ctx: RunContext) -> None:
     ctx.info["calib_samples"] = calib.get("num_samples")
 
 
+def processes(trainer: L.Trainer) -> int:
+    """How many processes a trainer's loops run in (each gets whole batches, `vitq.distributed.sharded`)."""
+    return int(trainer.num_devices) * int(trainer.num_nodes)
+
+
 def evaluate(ctx: RunContext, model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     """Per-sample outcomes of every task metric."""
     module = ctx.task.eval_module(model, prefix)
-    ctx.make_trainer().test(module, dataloaders=ctx.task.test_loader(), verbose=False)
+    trainer = ctx.make_trainer()
+    trainer.test(module, dataloaders=sharded(ctx.task.test_loader(), processes(trainer), "the evaluation loader"),
+                 verbose=False)
     return module.samples
 
 
@@ -159,18 +168,25 @@ def test_stage(ctx: RunContext) -> None:
     metrics = ctx.task.metrics
     float_layers = vitq.quant.float_layers(ctx.qmodel)
     ctx.info["float_layers"] = len(float_layers)
+    described = ctx.recipe.method_impl().describe_model(ctx.qmodel)  # e.g. a mixed-precision bit map
+    ctx.info.update(described)
     row = results_row(ctx.cfg, ctx.recipe, metrics, fp, quant, ctx.qmodel, compare=ctx.task.compare, **ctx.info,
                       integer=integer, calib_seconds=round(ctx.timings.get("calibrate", 0.0), 2),
                       float_source=ctx.float_source, primary=ctx.task.primary)
     if integer:
         row["setting"] += " integer"
     ctx.row = row
+    if rank_zero_only.rank == 0:  # per-image outcomes, so two runs can be compared with a paired interval
+        with written_atomically(ctx.out_dir / "outcomes.pt") as tmp:
+            torch.save({m: v.cpu() if torch.is_tensor(v) else v for m, v in quant.items()}, tmp)
     points = vitq.summary(ctx.qmodel)
     for lg in ctx.loggers:
         lg.log_metrics({**{f"fp/{m}": row[f"fp_{m}"] for m in metrics},
                         **{f"quant/{m}": row[f"quant_{m}"] for m in metrics},
                         **{f"quant/delta_{m}": row[f"delta_{m}"] for m in metrics},
                         "calib/seconds": row["calib_seconds"]})
+        if described:
+            lg.log_hyperparams({f"method/{k}": v for k, v in described.items()})
         if isinstance(lg, WandbLogger) and rank_zero_only.rank == 0:  # other ranks hold a dummy experiment
             cols = list(points[0])
             lg.log_table(key="quant/points", columns=cols, data=[[r[c] for c in cols] for r in points])
@@ -181,3 +197,6 @@ def test_stage(ctx: RunContext) -> None:
     if line := float_layers_line(float_layers):
         print(line)
     ctx.artifacts["points"] = points
+
+
+from . import reconstruct as _reconstruct  # noqa: E402,F401  (registers the `reconstruct` stage)

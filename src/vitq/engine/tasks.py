@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..distributed import gather_batches
+
 TASKS: dict[str, type["Task"]] = {}
 
 
@@ -51,7 +53,9 @@ class EvalModule(L.LightningModule):
     """What `Trainer.test` runs for a task: keeps per-sample outcomes (the engine logs the metrics).
 
     Subclasses implement `outcomes(batch) -> {metric: tensor [batch]}`; a metric's value is the mean of
-    its outcomes (x100 for percentages), so a paired bootstrap over samples gives its uncertainty.
+    its outcomes (x100 for percentages), so a paired bootstrap over samples gives its uncertainty. Under
+    DDP each rank tests whole batches (`vitq.distributed.sharded`, no padded repeats) and the outcomes are
+    gathered back in one process's order, so float and quantized outcomes pair sample by sample.
     """
 
     def __init__(self, model: nn.Module, prefix: str, metrics: tuple[str, ...]) -> None:
@@ -74,10 +78,9 @@ class EvalModule(L.LightningModule):
             self._outcomes[name].append(values.detach().float())
 
     def on_test_epoch_end(self) -> None:
-        for name, parts in self._outcomes.items():
-            local = torch.cat(parts) if parts else torch.zeros(0, device=self.device)
-            gathered = self.all_gather(local)  # [world, n] under DDP (equal shards), [n] otherwise
-            self.samples[name] = gathered.reshape(-1).cpu()
+        for name, parts in self._outcomes.items():  # every rank's batches, in one process's order
+            gathered = gather_batches(parts)
+            self.samples[name] = torch.cat(gathered).cpu() if gathered else torch.zeros(0)
 
 
 class Task:

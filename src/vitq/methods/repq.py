@@ -18,6 +18,7 @@ from torch import nn
 from ..models import NormPair, norm_pairs
 from ..quant.api import refit_weight
 from ..quant.recipe import Override
+from . import capture
 from .base import Method, register_method
 
 
@@ -75,6 +76,7 @@ def reparameterize(model: nn.Module, pair: NormPair) -> None:
         linear.bias = nn.Parameter(-shift)
     else:
         linear.bias.sub_(shift)
+    capture.remap_inputs(linear, lambda x: x / r + s_t * (z - z_t))  # cached inputs, for later searches
     set_granularity(model, f"{pair.consumer_name}.input", point, per_channel=False)
     point.quantizer.set_params(s_t.reshape(1), z_t.reshape(1))
     point.set_mode("quant")

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from ..distributed import check_same_on_ranks
 from ..files import written_atomically
 from .modules import _QuantWeight
 from .points import Kind, QuantPoint
@@ -115,6 +116,9 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
             p.freeze()
         set_mode(model, "quant")
         method.after_freeze(model)
+        if sync:  # every rank must hold the parameters one process would have computed
+            check_same_on_ranks({f"{n}.{k}": v for n, p in points for k, v in p.quantizer.state_dict().items()},
+                                "calibrated quantizer parameters")
         model.vitq_calibrated = True
     except BaseException:
         set_mode(model, "off")
@@ -208,8 +212,12 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, meta: Mapping[str,
     path.parent.mkdir(parents=True, exist_ok=True)
     integer = [n for n, m in model.named_modules() if getattr(m, "integer", False)]
     with written_atomically(path) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, "recipe": recipe.to_config(), "integer": integer,
-                    "state_dict": model.state_dict(), "meta": dict(meta or {})}, tmp)
+        ckpt = {"format": CHECKPOINT_FORMAT, "recipe": recipe.to_config(), "integer": integer,
+                "state_dict": model.state_dict(), "meta": dict(meta or {})}
+        float_state = getattr(model, "vitq_float_state", None)
+        if float_state is not None:  # weights were changed non-equivalently (reconstruction): keep the float ones
+            ckpt["float_state_dict"] = float_state
+        torch.save(ckpt, tmp)
     return path
 
 
@@ -256,6 +264,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike | Mapping[str, Any]
         if isinstance(module, _QuantWeight) and module.bias is None and f"{name}.bias" in state:
             module.bias = nn.Parameter(torch.zeros(module.out_channels if hasattr(module, "out_channels")
                                                    else module.out_features))
+    recipe.method_impl().before_load(model, state)  # wrappers or buffers the method added
     model.load_state_dict(state, strict=True)
     set_mode(model, "quant")
     modules = dict(model.named_modules())
@@ -263,13 +272,18 @@ def load_quantized(model: nn.Module, path: str | os.PathLike | Mapping[str, Any]
         modules[name].integer = modules[name].can_run_integer()
     recipe.method_impl().after_load(model)
     model.vitq_calibrated = True
+    if ckpt.get("float_state_dict") is not None:
+        model.vitq_float_state = ckpt["float_state_dict"]
     return model
 
 
 def float_state_dict(ckpt: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
-    """The float weights inside a quantized checkpoint, keyed for the float architecture `model`."""
+    """The float weights inside a quantized checkpoint, keyed for the float architecture `model`: the
+    weights from before reconstruction where a stage changed them (`float_state_dict`), else the stored
+    weights (a float-equivalent fold, such as a LayerNorm reparameterization, keeps the float model's function)."""
     own = model.state_dict()
-    state = {k: v for k, v in ckpt["state_dict"].items() if k in own}
+    source = ckpt.get("float_state_dict") or ckpt["state_dict"]
+    state = {k: v for k, v in source.items() if k in own}
     missing = sorted(set(own) - set(state))
     if missing:
         raise ValueError(f"the quantized checkpoint does not fit {type(model).__name__}: missing "

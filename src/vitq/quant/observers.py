@@ -3,7 +3,10 @@
 Every observer keeps its state as a small dict of tensors and declares how each entry merges across
 processes (min, max, sum, mean or concatenation). `merge_` folds another observer into this one and
 `sync_` does the same across a torch.distributed group, so after calibration every rank derives
-identical quantization parameters.
+identical quantization parameters: the parameters one process gets over the same batches. Observers
+whose result depends on batch order (EMA, per-batch quantiles) keep one column per batch, tagged with
+the batch's global index (`vitq.distributed.global_batch`), and fold the columns in that order; token
+reservoirs draw each batch's keys from its global index and keep the sample in key order.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from ..distributed import global_batch, rank_world
 from .quantizers import Grid, UniformQuantizer
 
 Reduce = str  # "min" | "max" | "sum" | "mean" | "cat"
@@ -36,13 +40,34 @@ class Observer:
         self.channel_axis = channel_axis if axis is None else axis  # the layout's channel (token sampling)
         self.state: dict[str, torch.Tensor] = {}
         self.merged = 1  # how many observers were folded in (for "mean" entries)
+        self.shard: tuple[int, int] | None = None  # (rank, world) of the batches observed; None: torch.distributed's
+        self._local = 0  # batches observed here since the last reset
 
     @property
     def empty(self) -> bool:
         return not self.state
 
     def reset(self) -> None:
-        self.state, self.merged = {}, 1
+        self.state, self.merged, self._local = {}, 1, 0
+
+    def _next_batch(self) -> int:
+        """The global index (one process's batch order) of the batch being observed: a rank sees whole
+        batches `rank, rank + world, ...` (`vitq.distributed.BatchShards`)."""
+        rank, world = self.shard or rank_world()
+        self._local += 1
+        return global_batch(self._local - 1, rank, world)
+
+    def _append_batch(self, **stats: torch.Tensor) -> None:
+        """Record one batch's statistics (each [C]) as a column under its global index (`batch`)."""
+        first = next(iter(stats.values()))
+        new = {"batch": torch.tensor([self._next_batch()], dtype=torch.long, device=first.device),
+               **{k: v.unsqueeze(-1) for k, v in stats.items()}}
+        self.state = new if self.empty else {k: torch.cat([self.state[k], new[k]], -1) for k in new}
+
+    def _in_batch_order(self) -> dict[str, torch.Tensor]:
+        """The per-batch columns sorted by global batch index: one process's order, however sharded."""
+        order = self.state["batch"].argsort(stable=True)
+        return {k: v[..., order] for k, v in self.state.items() if k != "batch"}
 
     def observe(self, x: torch.Tensor) -> None:
         self._update(_channels_first(x, self.axis))
@@ -138,9 +163,13 @@ class MinMaxObserver(Observer):
 
 
 class EMAObserver(Observer):
-    """Min/max smoothed across batches: v <- (1 - momentum) v + momentum * batch (FQ-ViT uses 0.01)."""
+    """Min/max smoothed across batches: v <- (1 - momentum) v + momentum * batch (FQ-ViT uses 0.01).
 
-    reductions = {"min": "mean", "max": "mean"}
+    Each batch's min and max are kept (a column per batch) and smoothed in global batch order when the
+    range is taken, so N processes give exactly what one process gives over the same batches.
+    """
+
+    reductions = {"batch": "cat", "min": "cat", "max": "cat"}
 
     def __init__(self, axis: int | None = None, channel_axis: int = -1, momentum: float = 0.01) -> None:
         super().__init__(axis, channel_axis)
@@ -150,15 +179,15 @@ class EMAObserver(Observer):
 
     def observe(self, x: torch.Tensor) -> None:
         lo, hi = _amin_amax(x, self.axis)
-        if self.empty:
-            self.state = {"min": lo, "max": hi}
-            return
-        m = self.momentum
-        self.state["min"] = (1 - m) * self.state["min"] + m * lo
-        self.state["max"] = (1 - m) * self.state["max"] + m * hi
+        self._append_batch(min=lo, max=hi)
 
     def range(self, quantizer: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.state["min"], self.state["max"]
+        cols, m = self._in_batch_order(), self.momentum
+        lo, hi = cols["min"][..., 0], cols["max"][..., 0]
+        for i in range(1, cols["min"].shape[-1]):
+            lo = (1 - m) * lo + m * cols["min"][..., i]
+            hi = (1 - m) * hi + m * cols["max"][..., i]
+        return lo, hi
 
 
 def _kth_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
@@ -192,10 +221,12 @@ def _tail_quantiles(x: torch.Tensor, quantiles: tuple[float, ...]) -> dict[float
 class PercentileObserver(Observer):
     """Clip at the alpha / (1 - alpha) quantiles of each batch, averaged over batches.
 
-    The average of per-batch quantiles (kept as a sum and a count) merges exactly across processes.
+    Each batch's quantiles are kept (a column per batch) and averaged in global batch order, so N
+    processes give exactly what one process gives over the same batches (a sum of partial sums would
+    round differently).
     """
 
-    reductions = {"lo_sum": "sum", "hi_sum": "sum", "count": "sum"}
+    reductions = {"batch": "cat", "lo": "cat", "hi": "cat"}
 
     def __init__(self, axis: int | None = None, channel_axis: int = -1, alpha: float = 0.99999) -> None:
         super().__init__(axis, channel_axis)
@@ -204,53 +235,50 @@ class PercentileObserver(Observer):
         self.alpha = alpha
 
     def _update(self, x: torch.Tensor) -> None:
-        lo, hi = _kth_quantile(x, 1.0 - self.alpha), _kth_quantile(x, self.alpha)
-        one = torch.ones(1, device=x.device)
-        if self.empty:
-            self.state = {"lo_sum": lo, "hi_sum": hi, "count": one}
-        else:
-            self.state["lo_sum"] = self.state["lo_sum"] + lo
-            self.state["hi_sum"] = self.state["hi_sum"] + hi
-            self.state["count"] = self.state["count"] + one
+        self._append_batch(lo=_kth_quantile(x, 1.0 - self.alpha), hi=_kth_quantile(x, self.alpha))
 
     def range(self, quantizer: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.state["count"]
-        return self.state["lo_sum"] / c, self.state["hi_sum"] / c
+        cols = self._in_batch_order()
+        return cols["lo"].mean(-1), cols["hi"].mean(-1)
+
+
+KEY_RANGE = 2**62  # token keys are uniform integers below this: ties are negligible (unlike float32's 2^24 values)
 
 
 class TokenSampleMixin:
     """A uniform random sample of up to `max_tokens` token vectors (one value per channel of the layout)
     from everything observed, kept as state `sample` [C, T] with random keys `keys` [T] (a reservoir:
-    the tokens with the smallest keys). Every channel of a kept token is kept, so a search scores all
-    channels, and the sample spans the whole calibration set, not its last batches. Merging
-    concatenates and keeps the smallest keys again, so a merged sample is a uniform sample of the union.
+    the tokens with the smallest keys, in key order). Every channel of a kept token is kept, so a search
+    scores all channels, and the sample spans the whole calibration set, not its last batches. A batch's
+    keys are drawn from its global index, and merging concatenates and keeps the smallest keys again, so
+    N processes hold exactly the sample one process draws over the same batches.
     """
 
     max_tokens: int
     state: dict[str, torch.Tensor]
     channel_axis: int
 
-    def _reset_sample(self) -> None:
-        self._batches = 0  # seeds the keys of each batch: the same data gives the same sample
-
-    def _add_tokens(self, x: torch.Tensor) -> None:
+    def _add_tokens(self, x: torch.Tensor, batch: int) -> None:
         x = x.detach()
         ch = self.channel_axis % x.dim()
         tokens = x.movedim(ch, -1).reshape(-1, x.shape[ch])  # a view when channels are last
-        self._batches = getattr(self, "_batches", 0) + 1
-        keys = torch.rand(tokens.shape[0], generator=torch.Generator().manual_seed(self._batches)).to(tokens.device)
+        keys = torch.randint(0, KEY_RANGE, (tokens.shape[0],), generator=torch.Generator().manual_seed(batch + 1))
+        keys = keys.to(tokens.device)
         old_keys = self.state.get("keys")
         old = 0 if old_keys is None else old_keys.numel()
         all_keys = keys if old_keys is None else torch.cat([old_keys, keys])
-        keep = all_keys.topk(min(self.max_tokens, all_keys.numel()), largest=False).indices.sort().values
-        new = tokens[keep[keep >= old] - old].t().float()  # only the kept tokens are copied
-        self.state["sample"] = new if old_keys is None else torch.cat([self.state["sample"][:, keep[keep < old]], new], 1)
-        self.state["keys"] = all_keys[keep]
+        keep = all_keys.topk(min(self.max_tokens, all_keys.numel()), largest=False).indices  # in key order
+        kept_old, kept_new = keep[keep < old], keep[keep >= old] - old
+        new = tokens[kept_new].t().float()  # only the kept tokens are copied
+        sample = new if old_keys is None else torch.cat([self.state["sample"][:, kept_old], new], 1)
+        sample_keys = all_keys[torch.cat([kept_old, kept_new + old])]
+        order = sample_keys.argsort()
+        self.state["sample"], self.state["keys"] = sample[:, order], sample_keys[order]
 
     def _trim_sample(self) -> None:
         keys = self.state.get("keys")
-        if keys is not None and keys.numel() > self.max_tokens:
-            keep = keys.topk(self.max_tokens, largest=False).indices.sort().values
+        if keys is not None:
+            keep = keys.topk(min(self.max_tokens, keys.numel()), largest=False).indices  # in key order
             self.state["sample"], self.state["keys"] = self.state["sample"][:, keep], keys[keep]
 
     def _values(self, per_channel: bool) -> torch.Tensor:
@@ -270,10 +298,6 @@ class OMSEObserver(TokenSampleMixin, Observer):
         super().__init__(axis, channel_axis)
         self.steps, self.max_tokens = steps, max_tokens
 
-    def reset(self) -> None:
-        super().reset()
-        self._reset_sample()
-
     def observe(self, x: torch.Tensor) -> None:
         lo, hi = _amin_amax(x, self.axis)
         if self.empty:
@@ -281,7 +305,7 @@ class OMSEObserver(TokenSampleMixin, Observer):
         else:
             self.state["min"] = torch.minimum(self.state["min"], lo)
             self.state["max"] = torch.maximum(self.state["max"], hi)
-        self._add_tokens(x)
+        self._add_tokens(x, self._next_batch())
 
     def _after_merge(self) -> None:
         self._trim_sample()
@@ -318,12 +342,8 @@ class QuantileObserver(TokenSampleMixin, Observer):
             raise ValueError(f"quantile candidates must be in (0.5, 1], got {quantiles}")
         self.quantiles, self.max_tokens = quantiles, max_tokens
 
-    def reset(self) -> None:
-        super().reset()
-        self._reset_sample()
-
     def observe(self, x: torch.Tensor) -> None:
-        self._add_tokens(x)
+        self._add_tokens(x, self._next_batch())
 
     def _after_merge(self) -> None:
         self._trim_sample()
@@ -360,14 +380,23 @@ class PTFObserver(TokenSampleMixin, Observer):
         self.inner = make_observer(calibrator, axis=None, channel_axis=self.axis, **calibrator_args)
         self.max_tokens = max_tokens
 
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        return self._shard
+
+    @shard.setter
+    def shard(self, value: tuple[int, int] | None) -> None:
+        self._shard = value
+        if hasattr(self, "inner"):
+            self.inner.shard = value
+
     def reset(self) -> None:
         super().reset()
         self.inner.reset()
-        self._reset_sample()
 
     def observe(self, x: torch.Tensor) -> None:
         self.inner.observe(x)
-        self._add_tokens(x)
+        self._add_tokens(x, self._next_batch())
 
     def _after_merge(self) -> None:
         self._trim_sample()

@@ -90,16 +90,16 @@ class Recipe:
 
     def method_impl(self):  # noqa: ANN201
         """The method object (hooks) this recipe names."""
-        from ..methods import get_method  # methods build on vitq.quant; import on use
+        from ..methods import build_method  # methods build on vitq.quant; import on use
 
-        return get_method(self.method)(self.options)
+        return build_method(self.method, self.options)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], run_keys: frozenset[str] = RUN_KEYS) -> "Recipe":
         """Build from a plain mapping (a recipe YAML as Hydra composes it, or a dict). `run_keys` are read
         by the run, not the recipe (w_bits, calib, ...) and pass; any other unknown key is an error. The
         method's switches are read by name."""
-        from ..methods import get_method
+        from ..methods import build_method, get_method
 
         method = str(cfg.get("method") or "ptq")
         impl = get_method(method)
@@ -119,7 +119,7 @@ class Recipe:
                     spec = _spec(dict(cfg[section]), f"quant.{section}")  # validates the keys either way
                     if cfg[section].get("bits") is not None:
                         specs[kind] = spec
-        impl = impl({k: cfg[k] for k in impl.option_names() if k in cfg})
+        impl = build_method(method, {k: cfg[k] for k in impl.option_names() if k in cfg})
         scope = str(cfg.get("scope", "matmul"))
         specs = impl.specs(specs, scope)
         overrides = []

@@ -1,0 +1,128 @@
+"""Cached layer inputs for calibration-time searches (Liu et al.'s step search, NoisyQuant's noise search).
+
+A search scores many candidate parameters of one layer. Running the model once per candidate is far
+too slow, so the layer's float inputs (and, where asked, its float output) are kept during the
+calibration forward pass and every candidate is scored on them. `attach` puts a forward hook on each
+module; the hook records only while one of the module's quant points observes (the calibration pass,
+when every point passes float values through), and keeps whole calls until `max_rows` rows along the
+first dimension are stored. State lives in the module's `__dict__`, never in its state dict, keyed by
+its owner (a method or an add-on), so two searches on one layer keep separate records. A method that
+reparameterizes a layer after calibration (RepQ-ViT's fold) maps the cached inputs with `remap_inputs`,
+so later searches score the layer as it now is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..quant.points import QuantPoint
+
+_KEY = "_vitq_capture"
+
+
+@dataclass
+class Capture:
+    """What one module saw: positional tensor inputs (concatenated along dim 0 across calls), keyword
+    inputs of the first call, and the output when `keep_output` is set."""
+
+    max_rows: int
+    keep_output: bool = False
+    max_tokens: int | None = None  # or stop once this many vectors (rows x positions) are kept
+    args: list[torch.Tensor] | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    output: torch.Tensor | None = None
+    handle: Any = None
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.args is None else int(self.args[0].shape[0])
+
+    @property
+    def full(self) -> bool:
+        if self.max_tokens is not None and self.args is not None:
+            return self.args[0].numel() // max(self.args[0].shape[-1], 1) >= self.max_tokens
+        return self.rows >= self.max_rows
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """The forward hook itself: an object, not a closure, so a deep copy of the model records into
+        its own copy of the capture."""
+        self.record(module, args, kwargs, output)
+
+    def record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.full or not _observing(module):
+            return
+        tensors = [a.detach().float().clone() for a in args if isinstance(a, torch.Tensor)]
+        if not tensors:
+            return
+        if self.args is None:
+            self.args, self.kwargs = tensors, dict(kwargs)
+        else:
+            self.args = [torch.cat([old, new]) for old, new in zip(self.args, tensors)]
+        if self.keep_output and isinstance(output, torch.Tensor):
+            out = output.detach().float().clone()
+            self.output = out if self.output is None else torch.cat([self.output, out])
+
+
+def _observing(module: nn.Module) -> bool:
+    return any(isinstance(p, QuantPoint) and p.mode == "observe" for p in module.modules())
+
+
+def attach(modules: Iterable[nn.Module], max_rows: int, owner: str, keep_output: bool = False,
+           max_tokens: int | None = None) -> None:
+    """Start recording the inputs (and output) of each module during the next calibration pass, whole
+    calls until `max_rows` rows (or `max_tokens` vectors along the last axis) are kept."""
+    if max_rows < 1 or (max_tokens is not None and max_tokens < 1):
+        raise ValueError(f"the search needs at least one cached sample, got max_rows={max_rows}")
+    for module in modules:
+        detach(module, owner)
+        cap = Capture(max_rows, keep_output, max_tokens)
+        cap.handle = module.register_forward_hook(cap, with_kwargs=True)
+        module.__dict__.setdefault(_KEY, {})[owner] = cap
+
+
+def captured(module: nn.Module, owner: str, what: str) -> Capture:
+    """The module's record; fails, naming the fix, when calibration did not record it."""
+    cap = module.__dict__.get(_KEY, {}).get(owner)
+    if cap is None or cap.args is None:
+        raise RuntimeError(f"{what}: no cached calibration inputs; calibrate a model freshly made by "
+                           "vitq.quantize (the search records layer inputs during that calibration pass)")
+    return cap
+
+
+def remap_inputs(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """The module's input coordinates changed (a reparameterization): map every cached first input."""
+    for cap in module.__dict__.get(_KEY, {}).values():
+        if cap.args is not None:
+            cap.args[0] = fn(cap.args[0])
+
+
+def detach(module: nn.Module, owner: str) -> None:
+    """Stop recording for this owner and drop what was kept."""
+    caps = module.__dict__.get(_KEY, {})
+    cap = caps.pop(owner, None)
+    if cap is not None and cap.handle is not None:
+        cap.handle.remove()
+    if not caps:
+        module.__dict__.pop(_KEY, None)
+
+
+def detach_all(model: nn.Module, owner: str) -> None:
+    for module in model.modules():
+        detach(module, owner)
+
+
+def broadcast_from_rank0(tensors: Iterable[torch.Tensor]) -> None:
+    """Under torch.distributed, give every rank rank 0's searched parameters (each rank searched on its
+    own shard), so all ranks end identical; a no-op in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for t in tensors:
+        buf = t.detach().clone()
+        dist.broadcast(buf, src=0)
+        with torch.no_grad():
+            t.copy_(buf)

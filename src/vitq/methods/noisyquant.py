@@ -1,0 +1,251 @@
+"""NoisyQuant (Liu et al., CVPR 2023): a fixed noisy bias before the input quantizer of linear layers.
+
+An add-on: `quant.noisy=true` stacks it on any recipe whose linear inputs use a uniform grid (minmax,
+omse, repq, liu21, ...); `quant=noisyquant` is the paper's setting (symmetric per-tensor activations,
+output-MSE clip search, then the noise). For each Linear whose input is quantized:
+
+- a noise vector N ~ U(-n, n), one value per input channel, is drawn once (seeded by `noisy_seed` and
+  the layer's position) as n * u with u ~ U(-1, 1), and kept in the checkpoint;
+- the input quantizer, whatever its grid, sees X + N (`NoisyGrid` wraps it);
+- the denoising bias is folded offline, B' = B - q(W) N, so the layer computes
+  q(W) q(X + N) + B - q(W) N and inference costs one addition;
+- the amplitude n is searched per layer among `noisy_candidates` values in [0, noisy_range] x the input
+  step (n = 0, the plain quantizer, is a candidate, and wins ties), minimizing the output MSE against the
+  float layer on cached calibration tokens; with `noisy_clip` the input clip is searched first the same
+  way (without noise).
+
+The paper's noise is uniform. The authors' released code draws its base noise with `torch.randn`
+(Gaussian) where uniform was evidently intended; vitq draws uniform noise, as the paper states.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..quant.modules import QuantLinear
+from ..quant.points import Kind, PointSpec
+from . import capture
+from .base import Addon, register_addon
+
+log = logging.getLogger(__name__)
+_CHUNK_ELEMENTS = 2**24
+
+
+@dataclass
+class NoisyOptions:
+    noisy: bool = False  # NoisyQuant: fixed uniform noise before each linear input quantizer, bias folded
+    noisy_seed: int = 0  # seed of the noise vectors (one per layer, drawn once)
+    noisy_candidates: int = 41  # amplitudes tried per layer, linear in [0, noisy_range] x the input step
+    noisy_range: float = 1.0  # largest amplitude tried, in input quantization steps
+    noisy_clip: bool = False  # also search the input clip (output MSE, before the noise)
+    noisy_clip_candidates: int = 50  # clip factors tried, linear in [0.3, 1] x the calibrated range
+    noisy_samples: int = 4096  # calibration tokens per layer scored by the searches
+
+
+class NoisyGrid(nn.Module):
+    """Wraps any input grid: forward is inner(x + noise), the noise broadcast along the channel axis.
+
+    Attributes the wrapper lacks (scale, bits, set_params, ...) are the inner grid's, so code that reads a
+    point's grid keeps working.
+    """
+
+    def __init__(self, inner: nn.Module, noise: torch.Tensor, channel_axis: int = -1) -> None:
+        super().__init__()
+        self.inner = inner
+        self.channel_axis = channel_axis
+        self.register_buffer("noise", noise.detach().clone().float())
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__["_modules"].get("inner")
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
+    def shaped_noise(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[self.channel_axis % x.dim()] = -1
+        return self.noise.to(x.dtype).reshape(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x + self.shaped_noise(x))
+
+    def export_params(self) -> dict:
+        return {**self.inner.export_params(), "noise": self.noise.detach().clone()}
+
+    def extra_repr(self) -> str:
+        return f"noise amplitude {float(self.noise.abs().max()):.4g}"
+
+
+@register_addon
+class NoisyQuant(Addon):
+    name = "noisyquant"
+    switch = "noisy"
+    Options = NoisyOptions
+
+    def __init__(self, options: Any) -> None:
+        super().__init__(options)
+        o = options
+        if o.noisy_candidates < 2 or o.noisy_clip_candidates < 2:
+            raise ValueError("quant.noisy_candidates and quant.noisy_clip_candidates must be at least 2")
+        if not o.noisy_range > 0:
+            raise ValueError(f"quant.noisy_range={o.noisy_range} must be positive (amplitude in input steps)")
+        if o.noisy_samples < 1:
+            raise ValueError(f"quant.noisy_samples={o.noisy_samples} must be at least 1")
+
+    def specs(self, specs: dict[str, PointSpec], scope: str) -> dict[str, PointSpec]:
+        spec = specs.get(Kind.LINEAR_INPUT)
+        if spec is None:
+            raise ValueError("quant.noisy=true adds noise before the linear-layer input quantizers, but this recipe "
+                             "leaves linear inputs float: use a recipe that quantizes them (e.g. quant=minmax)")
+        if spec.quantizer != "uniform":
+            raise ValueError(f"quant.noisy=true needs a uniform grid at linear inputs (the noise amplitude is "
+                             f"searched in input steps); this recipe puts {spec.quantizer!r} there: use a uniform "
+                             "recipe (minmax, omse, percentile, repq, liu21)")
+        return specs
+
+    def prepare(self, model: nn.Module) -> None:
+        capture.attach([m for _, m in noisy_layers(model)], 1 << 30, self.name, keep_output=True,
+                       max_tokens=self.options.noisy_samples)
+
+    def after_freeze(self, model: nn.Module) -> None:
+        try:
+            for index, (name, layer) in enumerate(noisy_layers(model)):
+                cap = capture.captured(layer, self.name, name)
+                x, y = tokens(cap.args[0], cap.output, self.options.noisy_samples, self.options.noisy_seed)
+                if self.options.noisy_clip:
+                    search_clip(layer, x, y, self.options.noisy_clip_candidates)
+                step = input_step(layer)
+                u = base_noise(layer.in_features, self.options.noisy_seed, index).to(step.device) * step
+                k = search_amplitude(layer, x, y, u, self.options.noisy_candidates, self.options.noisy_range)
+                add_noise(layer, k * u)
+                log.info("noisyquant %s: amplitude %.3g input steps", name, k)
+        finally:
+            capture.detach_all(model, self.name)
+        grids = [(layer, layer.input_quantizer.quantizer) for _, layer in noisy_layers(model)]
+        capture.broadcast_from_rank0([t for layer, g in grids for t in (layer.bias, g.noise, g.scale, g.zero_point)])
+
+    def after_reconstruct(self, model: nn.Module) -> None:
+        """Reconstruction changed the weights: fold the denoising bias again with the new q(W)."""
+        for _, layer in noisy_layers(model):
+            if isinstance(layer.input_quantizer.quantizer, NoisyGrid):
+                refold(layer)
+
+    def before_load(self, model: nn.Module, state: Mapping[str, Any]) -> None:
+        for name, layer in model.named_modules():
+            key = f"{name}.input_quantizer.quantizer.noise"
+            if isinstance(layer, QuantLinear) and key in state and layer.input_quantizer.configured:
+                point = layer.input_quantizer
+                point.quantizer = NoisyGrid(point.quantizer, torch.zeros_like(state[key]), point.channel_axis)
+
+    def describe_model(self, model: nn.Module) -> dict[str, Any]:
+        amps = [float(layer.input_quantizer.quantizer.noise.abs().max() / layer.input_quantizer.quantizer.scale.max())
+                for _, layer in noisy_layers(model) if isinstance(layer.input_quantizer.quantizer, NoisyGrid)]
+        return {"noisy_layers": sum(a > 0 for a in amps), "noisy_max_steps": round(max(amps, default=0.0), 3)}
+
+
+def noisy_layers(model: nn.Module) -> list[tuple[str, QuantLinear]]:
+    """Linear layers (not convolutions) whose input is quantized."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, QuantLinear) and m.input_quantizer.configured]
+
+
+def base_noise(channels: int, seed: int, index: int) -> torch.Tensor:
+    """u ~ U(-1, 1) per input channel, the same for the same seed and layer position."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    return torch.rand(channels, generator=g) * 2 - 1
+
+
+def tokens(x: torch.Tensor, y: torch.Tensor, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded sample of `count` (input, float output) token pairs of a linear layer."""
+    x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    if x.shape[0] > count:
+        keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:count].to(x.device)
+        x, y = x[keep], y[keep]
+    return x, y
+
+
+def _qweight(layer: QuantLinear) -> torch.Tensor:
+    with torch.no_grad():
+        return layer.quantized_weight().detach()
+
+
+@torch.no_grad()
+def layer_output(layer: QuantLinear, x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """q(W) q(X + N) + B - q(W) N on tokens x [..., C] (noise [..., C] broadcasts over tokens)."""
+    grid = layer.input_quantizer.quantizer
+    grid = grid.inner if isinstance(grid, NoisyGrid) else grid
+    w = _qweight(layer)
+    bias = torch.zeros(w.shape[0], device=w.device) if layer.bias is None else layer.bias.detach()
+    if noise is None:
+        return grid(x) @ w.t() + bias
+    return grid(x + noise) @ w.t() + (bias - noise @ w.t())
+
+
+def input_step(layer: QuantLinear) -> torch.Tensor:
+    """The input grid's step per input channel (a per-tensor step repeated)."""
+    scale = layer.input_quantizer.quantizer.scale.detach().reshape(-1)
+    return scale.expand(layer.in_features) if scale.numel() == 1 else scale
+
+
+@torch.no_grad()
+def search_amplitude(layer: QuantLinear, x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, count: int,
+                     max_steps: float) -> float:
+    """The multiple k in [0, max_steps] of the noise u (already in input steps) with the lowest output MSE
+    on the tokens; ties go to the smaller amplitude, so k = 0 (the plain quantizer) wins when nothing helps."""
+    ks = torch.linspace(0.0, max_steps, count)
+    errors = []
+    for chunk in ks.split(max(1, _CHUNK_ELEMENTS // (x.numel() + y.numel()))):
+        noise = chunk.to(u.device).view(-1, 1, 1) * u  # [c, 1, C]
+        errors.append((layer_output(layer, x.unsqueeze(0), noise) - y).pow(2).mean(dim=(1, 2)))
+    return float(ks[int(torch.cat(errors).argmin())])
+
+
+@torch.no_grad()
+def search_clip(layer: QuantLinear, x: torch.Tensor, y: torch.Tensor, count: int) -> None:
+    """Shrink the calibrated input range by the factor in [0.3, 1] with the lowest output MSE (no noise)."""
+    q = layer.input_quantizer.quantizer
+    scale, zp = q.scale.detach().clone(), q.zero_point.detach().clone()
+    lo, hi = (q.qmin - zp) * scale, (q.qmax - zp) * scale
+    best = (float("inf"), scale, zp)
+    for f in torch.linspace(0.3, 1.0, count).flip(0):  # from the full range down: ties keep the wider clip
+        q.set_range(lo * f, hi * f)
+        err = float((layer_output(layer, x, None) - y).pow(2).mean())
+        if err < best[0]:
+            best = (err, q.scale.detach().clone(), q.zero_point.detach().clone())
+    q.set_params(best[1], best[2])
+
+
+@torch.no_grad()
+def add_noise(layer: QuantLinear, noise: torch.Tensor) -> None:
+    """Wrap the input grid with the noise and fold the denoising bias B - q(W) N into the layer."""
+    w = _qweight(layer)
+    point = layer.input_quantizer
+    if isinstance(point.quantizer, NoisyGrid):
+        point.quantizer = point.quantizer.inner
+    point.quantizer = NoisyGrid(point.quantizer, noise, point.channel_axis)
+    fold = noise.to(w.dtype) @ w.t()
+    if layer.bias is None:
+        layer.bias = nn.Parameter(-fold)
+    else:
+        layer.bias.sub_(fold)
+    point.quantizer.folded = fold  # what the bias holds for q(W) N (kept in memory, for `refold`)
+
+
+@torch.no_grad()
+def refold(layer: QuantLinear) -> None:
+    """Replace the folded q(W_old) N by q(W_new) N after the weights changed (block reconstruction)."""
+    grid = layer.input_quantizer.quantizer
+    fold = grid.noise.to(layer.weight.dtype) @ _qweight(layer).t()
+    old = grid.__dict__.get("folded")
+    if old is None:
+        raise RuntimeError("the noise's folded bias is unknown in this process (a reloaded checkpoint): "
+                           "reconstruct before saving, or calibrate again")
+    layer.bias.add_(old - fold)
+    grid.folded = fold

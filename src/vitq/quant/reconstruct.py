@@ -1,0 +1,529 @@
+"""Block reconstruction: optimize each unit of a calibrated model so its quantized output matches the
+float unit's output, one unit at a time, in model order.
+
+    report = vitq.reconstruct(qmodel, fp_model, batches, run_batch, ReconstructOptions(adaround=True))
+
+Units come from the model's adapters (`vitq.models.units`: patch embedding, blocks, Swin's merging
+layers, head). For each unit, forward hooks record its inputs (positional and keyword arguments) and the
+float unit's outputs on every calibration batch, stopping the forward right there; the records are kept
+on the CPU and streamed to the device a mini-batch at a time, so memory holds about one unit's cache.
+What is trained (AdaRound gates, LSQ activation steps, the float weights themselves) and where the unit's
+inputs come from (the float model, the quantized model, or an element-wise random mix of both) are
+options. The optimization itself is a pluggable `fit` callable: a plain loop by default; the engine runs
+it through Lightning (`vitq.engine.reconstruct`), which also averages gradients across DDP ranks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .modules import _QuantWeight
+from .points import Kind, QuantPoint
+from .quantizers import UniformQuantizer
+from .rounding import AdaRoundQuantizer, DropQuantizer, bake_rounding, make_fixed, make_learnable
+
+INPUT_SOURCES = ("float", "quant", "mix")
+
+
+@dataclass
+class ReconstructOptions:
+    """One reconstruction pass. Learning rates are Adam's, each decayed to 0 by a cosine over `iters`."""
+
+    iters: int = 1000
+    batch_size: int = 64  # samples per optimization step (per rank under DDP)
+    input_source: str = "float"  # the unit's inputs: float | quant (the quantized model's) | mix (element-wise)
+    mix_prob: float = 0.5  # mix: probability of taking the quantized model's input element
+    adaround: bool = False  # learn each weight's rounding (up or down) on its calibrated grid
+    adaround_lr: float = 1e-3
+    reg_weight: float = 0.01  # lambda of the rounding regularizer
+    beta: tuple[float, float] = (20.0, 2.0)  # regularizer exponent, annealed from first to second
+    warmup: float = 0.2  # fraction of iterations without the regularizer
+    lsq: bool = False  # learn the step of every uniform activation grid in the unit (LSQ)
+    lsq_lr: float = 4e-5
+    drop_prob: float = 0.0  # while optimizing, each activation element passes float with this probability
+    tune_weights: bool = False  # train the float weights and biases of the unit's layers directly
+    lr: float = 4e-5  # for tune_weights
+    weight_decay: float = 0.0
+    seed: int = 0
+    progress: bool = True  # a progress bar per unit (the plain loop; Lightning draws its own)
+
+    def __post_init__(self) -> None:
+        if self.input_source not in INPUT_SOURCES:
+            raise ValueError(f"reconstruction input_source={self.input_source!r}: choose one of {INPUT_SOURCES}")
+        if self.iters < 1 or self.batch_size < 1:
+            raise ValueError(f"reconstruction needs iters >= 1 and batch_size >= 1 (got {self.iters}, {self.batch_size})")
+        for name in ("mix_prob", "drop_prob", "warmup"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"reconstruction {name}={getattr(self, name)} must be in [0, 1]")
+        if not (self.adaround or self.lsq or self.tune_weights):
+            raise ValueError("reconstruction trains nothing: enable adaround, lsq or tune_weights")
+        self.beta = tuple(float(b) for b in self.beta)
+
+
+@dataclass
+class UnitReport:
+    """What one unit's optimization cost and achieved (losses on the cached calibration inputs)."""
+
+    name: str
+    seconds: float
+    cache_mib: float
+    peak_mib: float  # process RSS peak (CPU) or CUDA allocation peak during the unit
+    loss_before: float
+    loss_after: float
+    params: int = 0  # trained tensors' elements
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _Stop(Exception):
+    """Raised by a capture hook: the rest of the forward is not needed."""
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def _flat(out: Any) -> list[torch.Tensor]:
+    """A unit's output as a list of tensors (a tensor, or a tuple/list/dict holding tensors)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat(o)]
+    return []
+
+
+class ArgCache:
+    """Calls of one module recorded over many batches: tensors whose first dimension is the batch are
+    concatenated along it (on the CPU); everything else is stored once (e.g. mmdet's `hw_shape`)."""
+
+    def __init__(self) -> None:
+        self.parts: list[list[torch.Tensor]] = []
+        self.tensors: list[torch.Tensor] = []
+        self.layout: Any = None  # args/kwargs with tensor slots replaced by their index
+        self.size = 0
+
+    def add(self, args: tuple, kwargs: dict, batch: int) -> None:
+        found: list[torch.Tensor] = []
+
+        def scan(x: Any) -> Any:
+            if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch:
+                found.append(x.detach().to("cpu", copy=True))
+                return _Slot(len(found) - 1)
+            if isinstance(x, (list, tuple)):
+                return type(x)(scan(v) for v in x)
+            if isinstance(x, dict):
+                return {k: scan(v) for k, v in x.items()}
+            return x.detach().cpu() if isinstance(x, torch.Tensor) else x
+
+        layout = (scan(tuple(args)), scan(dict(kwargs)))
+        if self.layout is None:
+            self.layout, self.parts = layout, [[] for _ in found]
+        elif len(found) != len(self.parts):
+            raise RuntimeError("a reconstruction unit was called with a different argument structure on another "
+                               "batch; give every calibration batch the same form")
+        for part, t in zip(self.parts, found):
+            part.append(t)
+        self.size += batch
+
+    def finish(self) -> None:
+        self.tensors = [torch.cat(p, 0) for p in self.parts]
+        self.parts = []
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def get(self, index: torch.Tensor, device: torch.device, other: "ArgCache | None" = None,
+            mix: float = 0.0) -> tuple[tuple, dict]:
+        """The arguments of the samples `index`, on `device`; with `other`, each element is taken from
+        `other` (the quantized model's inputs) with probability `mix`."""
+        tensors = [t.index_select(0, index).to(device, non_blocking=True) for t in self.tensors]
+        if other is not None:
+            for i, t in enumerate(tensors):
+                if t.is_floating_point():
+                    o = other.tensors[i].index_select(0, index).to(device, non_blocking=True)
+                    tensors[i] = torch.where(torch.rand_like(t) < mix, o, t)
+
+        def fill(x: Any) -> Any:
+            if isinstance(x, _Slot):
+                return tensors[x.i]
+            if isinstance(x, (list, tuple)):
+                return type(x)(fill(v) for v in x)
+            if isinstance(x, dict):
+                return {k: fill(v) for k, v in x.items()}
+            return x.to(device) if isinstance(x, torch.Tensor) else x
+
+        args, kwargs = self.layout
+        return fill(args), fill(kwargs)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    i: int
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    for x in [*args, *kwargs.values()]:
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            return int(x.shape[0])
+        if isinstance(x, (list, tuple)) and x and isinstance(x[0], torch.Tensor):
+            return int(x[0].shape[0])
+    raise RuntimeError("a reconstruction unit was called without a tensor argument; cannot cache its inputs")
+
+
+@dataclass
+class UnitData:
+    """One unit's cached calibration records: float inputs, quantized-model inputs, float outputs."""
+
+    fp_in: ArgCache | None = None
+    q_in: ArgCache | None = None
+    fp_out: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return self.fp_out[0].shape[0]
+
+    def nbytes(self) -> int:
+        caches = [c for c in (self.fp_in, self.q_in) if c is not None]
+        return sum(c.nbytes() for c in caches) + sum(t.numel() * t.element_size() for t in self.fp_out)
+
+
+@torch.no_grad()
+def capture(fp_model: nn.Module, fp_unit: nn.Module, qmodel: nn.Module | None, q_unit: nn.Module | None,
+            batches: Iterable[Any], run_batch: Callable[[nn.Module, Any], Any], device: torch.device,
+            want_fp_inputs: bool) -> UnitData:
+    """Run the calibration batches up to the unit (and no further) and record what it sees."""
+    data = UnitData(fp_in=ArgCache() if want_fp_inputs else None, q_in=ArgCache() if q_unit is not None else None)
+    outs: list[list[torch.Tensor]] = []
+
+    def fp_pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        if data.fp_in is not None:
+            data.fp_in.add(args, kwargs, _batch_size(args, kwargs))
+
+    def fp_post(_m: nn.Module, _args: tuple, _kwargs: dict, out: Any) -> None:
+        outs.append([t.detach().to("cpu", copy=True) for t in _flat(out)])
+        raise _Stop
+
+    def q_pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        data.q_in.add(args, kwargs, _batch_size(args, kwargs))
+        raise _Stop
+
+    hooks = [fp_unit.register_forward_pre_hook(fp_pre, with_kwargs=True),
+             fp_unit.register_forward_hook(fp_post, with_kwargs=True)]
+    if q_unit is not None:
+        hooks.append(q_unit.register_forward_pre_hook(q_pre, with_kwargs=True))
+    try:
+        for batch in batches:
+            batch = _to(batch, device)
+            for model in (fp_model, qmodel) if qmodel is not None else (fp_model,):
+                try:
+                    run_batch(model, batch)
+                except _Stop:
+                    continue
+                raise RuntimeError("the calibration forward never reached the reconstruction unit; check that "
+                                   "run_batch runs the model's forward")
+    finally:
+        for h in hooks:
+            h.remove()
+    if not outs:
+        raise RuntimeError("reconstruction got no calibration batches")
+    data.fp_out = [torch.cat(parts, 0) for parts in zip(*outs)]
+    for c in (data.fp_in, data.q_in):
+        if c is not None:
+            c.finish()
+    return data
+
+
+def _weight_layers(unit: nn.Module) -> list[nn.Module]:
+    return [m for m in unit.modules() if isinstance(m, _QuantWeight)]
+
+
+def _activation_points(unit: nn.Module) -> list[QuantPoint]:
+    return [p for p in unit.modules() if isinstance(p, QuantPoint) and p.kind != Kind.WEIGHT
+            and p.configured and p.mode == "quant"]
+
+
+class UnitObjective(nn.Module):
+    """The unit, the things trained in it, and the loss of one optimization step.
+
+    Building it swaps the trainable grids in (AdaRound on weight points, activation drop); `finish()`
+    bakes and swaps them back. The cached records are plain attributes (not buffers), so moving this
+    module to a device, or wrapping it in DDP, leaves them on the CPU.
+    """
+
+    def __init__(self, unit: nn.Module, data: UnitData, options: ReconstructOptions) -> None:
+        super().__init__()
+        self.unit, self.options = unit, options
+        self.__dict__["data"] = data
+        self._grad_flags = {p: p.requires_grad for p in unit.parameters()}
+        for p in unit.parameters():
+            p.requires_grad_(False)
+        self.roundings: list[tuple[nn.Module, AdaRoundQuantizer]] = []
+        self.lsq_grids: list[UniformQuantizer] = []
+        self.drops: list[tuple[QuantPoint, DropQuantizer]] = []
+        self.groups: list[dict[str, Any]] = []
+        o = options
+        if o.adaround:
+            for layer in _weight_layers(unit):
+                point = layer.weight_quantizer
+                if point.mode == "quant" and type(point.quantizer) is UniformQuantizer:
+                    rounding = AdaRoundQuantizer(point.quantizer, layer.weight)
+                    point.quantizer = rounding
+                    self.roundings.append((layer, rounding))
+            if self.roundings:
+                self.groups.append({"params": [r.alpha for _, r in self.roundings], "lr": o.adaround_lr})
+        if o.tune_weights:
+            params = [p for layer in _weight_layers(unit) for p in (layer.weight, layer.bias) if p is not None]
+            for p in params:
+                p.requires_grad_(True)
+            if params:
+                self.groups.append({"params": params, "lr": o.lr})
+        if o.lsq:
+            for point in _activation_points(unit):
+                if type(point.quantizer) is UniformQuantizer and not point.quantizer.learnable:
+                    self.lsq_grids.append(point.quantizer)
+            if self.lsq_grids:
+                self.groups.append({"params": [make_learnable(g) for g in self.lsq_grids], "lr": o.lsq_lr})
+        if o.drop_prob > 0:
+            for point in _activation_points(unit):
+                drop = DropQuantizer(point.quantizer, 1.0 - o.drop_prob)
+                point.quantizer = drop
+                self.drops.append((point, drop))
+        self.n_params = sum(p.numel() for g in self.groups for p in g["params"])
+
+    @property
+    def trains(self) -> bool:
+        return bool(self.groups)
+
+    def optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        opt = torch.optim.Adam(self.groups, weight_decay=self.options.weight_decay)
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.options.iters, eta_min=0.0)
+
+    def sample(self, step: int, rank: int = 0) -> torch.Tensor:
+        """The sample indices of one step: fixed by (seed, step, rank), so a resumed or repeated run draws
+        the same batches, and ranks draw different ones."""
+        g = torch.Generator().manual_seed(self.options.seed * 1_000_003 + step * 1009 + rank)
+        n = self.data.size
+        return torch.randperm(n, generator=g)[: min(self.options.batch_size, n)]
+
+    def inputs(self, index: torch.Tensor, device: torch.device, train: bool) -> tuple[tuple, dict]:
+        d, o = self.data, self.options
+        if o.input_source == "float":
+            return d.fp_in.get(index, device)
+        if o.input_source == "quant":
+            return d.q_in.get(index, device)
+        if train:
+            return d.fp_in.get(index, device, other=d.q_in, mix=o.mix_prob)
+        return d.q_in.get(index, device)  # what the unit sees at inference
+
+    def error(self, index: torch.Tensor, device: torch.device, train: bool = True) -> torch.Tensor:
+        """Squared error of the unit's outputs against the float outputs, summed over the channel (last)
+        axis and averaged over everything else, summed over the unit's output tensors."""
+        args, kwargs = self.inputs(index, device, train)
+        outs = _flat(self.unit(*args, **kwargs))
+        targets = [t.index_select(0, index).to(device, non_blocking=True) for t in self.data.fp_out]
+        return sum((o.float() - t.float()).pow(2).sum(-1).mean() for o, t in zip(outs, targets))
+
+    def regularizer(self, step: int) -> torch.Tensor | None:
+        """The rounding regularizer with beta annealed after the warm-up (None during the warm-up)."""
+        o = self.options
+        if not self.roundings or step < o.warmup * o.iters:
+            return None
+        start = o.warmup * o.iters
+        t = (step - start) / max(o.iters - start, 1)
+        beta = o.beta[1] + (o.beta[0] - o.beta[1]) * max(0.0, 1.0 - t)
+        return o.reg_weight * sum(r.regularizer(beta) for _, r in self.roundings)
+
+    def loss(self, step: int, device: torch.device, rank: int = 0) -> torch.Tensor:
+        loss = self.error(self.sample(step, rank), device)
+        reg = self.regularizer(step)
+        return loss if reg is None else loss + reg
+
+    @torch.no_grad()
+    def evaluate(self, device: torch.device, batch: int = 256) -> float:
+        """Mean error over every cached sample, as the unit computes at inference (hard rounding, no drop)."""
+        for _, r in self.roundings:
+            r.hard = True
+        keeps = [(d, d.keep) for _, d in self.drops]
+        for d, _ in keeps:
+            d.keep = 1.0
+        was = self.unit.training
+        self.unit.eval()
+        try:
+            n, total = self.data.size, 0.0
+            for i in range(0, n, batch):
+                index = torch.arange(i, min(i + batch, n))
+                total += float(self.error(index, device, train=False)) * len(index)
+            return total / n
+        finally:
+            self.unit.train(was)
+            for _, r in self.roundings:
+                r.hard = False
+            for d, keep in keeps:
+                d.keep = keep
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Bake the rounding into the weights, fix the learned steps, remove the drop, restore grad flags."""
+        for layer, rounding in self.roundings:
+            bake_rounding(layer, rounding)
+        for point, drop in self.drops:
+            point.quantizer = drop.grid
+        for grid in self.lsq_grids:
+            make_fixed(grid)
+        for layer in _weight_layers(self.unit):
+            layer._wcache = None
+        for p, flag in self._grad_flags.items():
+            p.requires_grad_(flag)
+        self.roundings, self.drops, self.lsq_grids = [], [], []
+
+
+def plain_fit(objective: UnitObjective, device: torch.device, name: str) -> None:
+    """The optimization without Lightning: Adam, cosine decay, `iters` steps."""
+    opt, sched = objective.optimizer()
+    steps: Iterable[int] = range(objective.options.iters)
+    progress = None
+    if objective.options.progress:
+        from rich.progress import Progress
+
+        progress = Progress(transient=True)
+        progress.start()
+        task = progress.add_task(f"reconstruct {name}", total=objective.options.iters)
+    objective.unit.train()
+    try:
+        for step in steps:
+            loss = objective.loss(step, device)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if progress is not None:
+                progress.update(task, advance=1)
+    finally:
+        objective.unit.eval()
+        if progress is not None:
+            progress.stop()
+
+
+class PeakMemory:
+    """Peak memory while a block runs: the CUDA allocator's peak on a GPU, else the process's resident
+    set sampled every 20 ms (the unit's cache, the model and the optimizer state all count)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * 4096
+        except OSError:
+            return 0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak = self.rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.rss())
+
+
+Fit = Callable[[UnitObjective, torch.device, str], None]
+
+
+def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches: Iterable[Any],
+                run_batch: Callable[[nn.Module, Any], Any], options: ReconstructOptions | None = None,
+                device: torch.device | str | None = None, fit: Fit | None = None,
+                units: list[str] | None = None,
+                on_unit: Callable[[UnitReport], None] | None = None) -> list[UnitReport]:
+    """Reconstruct every unit of a calibrated `qmodel` against `fp_model` (its float original), in order.
+
+    `batches` is re-iterated once per unit (a DataLoader or a list); `run_batch(model, batch)` pushes one
+    batch through a model. `units` restricts the pass to those unit names (default: all the adapters
+    list). The float weights before the first pass are kept as `qmodel.vitq_float_state`, so a saved
+    checkpoint still yields the true float model (`vitq.quant.api.float_state_dict`).
+    """
+    from ..models import units as model_units
+
+    options = options or ReconstructOptions()
+    if not getattr(qmodel, "vitq_calibrated", False):
+        raise ValueError("reconstruct needs a calibrated model: call vitq.calibrate(qmodel, loop) first")
+    device = torch.device(device) if device is not None else next(qmodel.parameters()).device
+    fit = fit or plain_fit
+    if getattr(qmodel, "vitq_float_state", None) is None:
+        qmodel.vitq_float_state = {k: v.detach().to("cpu", copy=True) for k, v in fp_model.state_dict().items()}
+    q_units, fp_units = dict(model_units(qmodel)), dict(model_units(fp_model))
+    names = [n for n, _ in model_units(qmodel)]
+    if units is not None:
+        unknown = sorted(set(units) - set(names))
+        if unknown:
+            raise ValueError(f"unknown reconstruction unit(s) {unknown}; the model's units: {', '.join(names)}")
+        names = [n for n in names if n in units]
+    if set(names) - set(fp_units):
+        raise ValueError("fp_model does not have the quantized model's units: pass the float model qmodel was made from")
+    q_was, fp_was = qmodel.training, fp_model.training
+    qmodel.eval(), fp_model.eval()
+    reports = []
+    try:
+        for name in names:
+            qmodel.to(device), fp_model.to(device)
+            start = time.perf_counter()
+            with PeakMemory(device) as mem:
+                o = options
+                data = capture(fp_model, fp_units[name], qmodel if o.input_source != "float" else None,
+                               q_units[name] if o.input_source != "float" else None, batches, run_batch, device,
+                               want_fp_inputs=o.input_source != "quant")
+                objective = UnitObjective(q_units[name], data, o).to(device)
+                try:
+                    if not objective.trains:
+                        continue
+                    before = objective.evaluate(device)
+                    torch.manual_seed(o.seed + len(reports))  # drop and mix masks: reproducible per unit
+                    fit(objective, device, name)
+                    q_units[name].to(device)  # a trainer may have moved it back to the CPU
+                    after = objective.evaluate(device)
+                finally:
+                    objective.finish()
+                cache_mib, n_params = data.nbytes() / 2**20, objective.n_params
+                del data, objective
+            report = UnitReport(name, round(time.perf_counter() - start, 3), round(cache_mib, 2),
+                                round(mem.peak / 2**20, 1), before, after, n_params)
+            reports.append(report)
+            if on_unit is not None:
+                on_unit(report)
+    finally:
+        qmodel.train(q_was), fp_model.train(fp_was)
+    return reports
+
+
+__all__ = ["ArgCache", "INPUT_SOURCES", "PeakMemory", "ReconstructOptions", "UnitData", "UnitObjective", "UnitReport",
+           "capture", "plain_fit", "reconstruct"]

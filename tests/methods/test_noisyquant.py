@@ -1,0 +1,257 @@
+"""NoisyQuant: the folded layer equals the unfolded computation, zero noise is the base quantizer exactly,
+the error drops where the analysis says it must, and the add-on stacks on other recipes and reloads."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+
+import vitq
+from vitq.engine.config import quant_schema
+from vitq.methods import ADDONS, METHODS, build_method
+from vitq.methods.base import WithAddons
+from vitq.methods.noisyquant import NoisyGrid, add_noise, layer_output, noisy_layers, refold, search_amplitude
+from vitq.quant.modules import QuantLinear
+from vitq.quant.quantizers import UniformQuantizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VIT = dict(model_name="vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10, depth=2,
+           embed_dim=48, num_heads=2)
+FAST = dict(noisy_candidates=11, noisy_clip_candidates=10, noisy_samples=512)
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.manual_seed(0)
+    model = timm.create_model(**VIT).eval()
+    return model, torch.randn(48, 3, 32, 32)
+
+
+def calibrated(model, recipe, x):
+    q = vitq.quantize(copy.deepcopy(model), recipe)
+    vitq.calibrate(q, lambda m: [m(x[i:i + 16]) for i in range(0, len(x), 16)])
+    return q
+
+
+# ---------------------------------------------------------------------------------------------------
+# the add-on mechanism
+# ---------------------------------------------------------------------------------------------------
+
+def test_noisy_switch_exists_for_every_method_and_in_the_config_schema():
+    assert "noisyquant" in ADDONS
+    for name, cls in METHODS.items():
+        assert "noisy" in cls.option_names(), name
+        assert "noisy" in {f for f in quant_schema(name).__dataclass_fields__}
+    assert not isinstance(build_method("repq", {}), WithAddons)
+    both = build_method("repq", {"noisy": True})
+    assert isinstance(both, WithAddons) and both.name == "repq" and both.options.reparameterize
+
+
+def test_noisy_needs_uniform_quantized_linear_inputs():
+    with pytest.raises(ValueError, match="leaves linear inputs float"):
+        vitq.recipe("fp32", noisy=True)
+    with pytest.raises(ValueError, match="needs a uniform grid at linear inputs"):
+        vitq.recipe("minmax", noisy=True, activation={"quantizer": "ptf"})
+    with pytest.raises(ValueError, match="noisy_range"):
+        vitq.recipe("minmax", noisy=True, noisy_range=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the layer
+# ---------------------------------------------------------------------------------------------------
+
+def test_folded_layer_equals_the_unfolded_computation(data):
+    model, x = data
+    q = calibrated(model, vitq.recipe("minmax", noisy=True, w_bits=6, a_bits=6, **FAST), x)
+    ref = dict(model.named_modules())
+    checked = 0
+    for name, layer in noisy_layers(q):
+        grid = layer.input_quantizer.quantizer
+        assert isinstance(grid, NoisyGrid)
+        noise = grid.noise
+        inp = torch.randn(4, 17, layer.in_features) * 2
+        wq = layer.weight_quantizer(layer.weight)
+        # unfolded: quantize X + N, multiply, subtract q(W) N, add the float layer's own bias
+        unfolded = grid.inner(inp + noise) @ wq.t() - noise @ wq.t() + ref[name].bias
+        with torch.no_grad():
+            folded = layer(inp)
+        torch.testing.assert_close(folded, unfolded, rtol=0, atol=1e-5)
+        checked += noise.abs().max() > 0
+    assert checked >= 1  # at least one layer carries noise (else the comparison is the plain layer)
+
+
+def test_changed_weights_are_folded_again_after_reconstruction(data):
+    model, x = data
+    q = calibrated(model, vitq.recipe("minmax", noisy=True, w_bits=6, a_bits=6, **FAST), x)
+    name, layer = next((n, m) for n, m in noisy_layers(q) if m.input_quantizer.quantizer.noise.abs().max() > 0)
+    bias = dict(model.named_modules())[name].bias.detach()
+    with torch.no_grad():
+        layer.weight.mul_(1.3)  # what a reconstruction pass does: new weights
+    q.vitq_recipe.method_impl().after_reconstruct(q)
+    grid = layer.input_quantizer.quantizer
+    inp = torch.randn(3, 5, layer.in_features)
+    wq = layer.weight_quantizer(layer.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(inp), grid.inner(inp + grid.noise) @ wq.t() - grid.noise @ wq.t() + bias,
+                                   rtol=0, atol=1e-5)
+    refold(layer)  # idempotent once the fold matches the weights
+    with torch.no_grad():
+        torch.testing.assert_close(layer.bias, bias - grid.noise @ wq.t(), rtol=0, atol=1e-5)
+
+
+def test_zero_noise_is_exactly_the_base_quantizer(data):
+    model, x = data
+    base = calibrated(model, vitq.recipe("minmax", w_bits=4, a_bits=4), x)
+    noisy = copy.deepcopy(base)
+    for _, layer in noisy_layers(noisy):
+        add_noise(layer, torch.zeros(layer.in_features))
+        assert isinstance(layer.input_quantizer.quantizer, NoisyGrid)
+    with torch.no_grad():
+        assert torch.equal(noisy(x), base(x))
+    grid = UniformQuantizer(4)
+    grid.set_range(torch.tensor(-1.0), torch.tensor(3.0))
+    v = torch.randn(1000)
+    assert torch.equal(NoisyGrid(grid, torch.zeros(1))(v), grid(v))
+
+
+def _mean_abs_error(grid: UniformQuantizer, x: torch.Tensor, n: float, draws: int) -> torch.Tensor:
+    """E_N |q(x + N) - N - x| per element, N ~ U(-n, n) drawn independently per element and draw."""
+    g = torch.Generator().manual_seed(1)
+    total = torch.zeros_like(x)
+    for _ in range(draws):
+        noise = (torch.rand(x.shape, generator=g) * 2 - 1) * n
+        total += (NoisyGrid(grid, noise)(x) - noise - x).abs()
+    return total / draws
+
+
+def test_noise_changes_the_error_of_heavy_tailed_inputs_exactly_as_the_analysis_says():
+    """An element at distance d from its nearest level and m = step/2 - d from the nearest decision
+    threshold, noise N ~ U(-n, n) with n <= step/2. The expected absolute error of q(x + N) - N is
+    d while n <= min(d, m) (the noise crosses nothing); d - (n - m)^2 / (2n) < d for m < n <= d (it
+    crosses the threshold: the regime where noise helps); (d^2 + n^2) / (2n) > d for d < n <= m (it
+    crosses the level: noise hurts)."""
+    torch.manual_seed(0)
+    x = torch.distributions.StudentT(2.0).sample((4000,))  # heavy tails: the minmax step is coarse
+    grid = UniformQuantizer(6, symmetric=True)
+    grid.set_range(x.min(), x.max())
+    step = float(grid.scale)
+    n = 0.2 * step
+    d = (x - grid(x)).abs()
+    m = step / 2 - d
+    eps = 0.01 * step  # keep clear of the regime boundaries
+    plain = n <= torch.minimum(d, m) - eps
+    helps = (m + eps < n) & (n <= d - eps)
+    hurts = (d + eps < n) & (n <= m - eps)
+    assert plain.sum() > 100 and helps.sum() > 100 and hurts.sum() > 100
+    err = _mean_abs_error(grid, x, n, draws=2000)
+    tol = 0.02 * step  # the Monte-Carlo error of 2000 draws is below 0.006 step
+    assert (err[plain] - d[plain]).abs().max() < tol
+    assert (err[helps] - (d[helps] - (n - m[helps]) ** 2 / (2 * n))).abs().max() < tol
+    assert (err[hurts] - (d[hurts] ** 2 + n**2) / (2 * n)).abs().max() < tol
+    assert err[helps].mean() < d[helps].mean() - 0.02 * step  # where the analysis says so: lower
+    assert err[hurts].mean() > d[hurts].mean() + 0.02 * step
+
+
+def _layer(x: torch.Tensor, a_bits: int):
+    """A 4-bit-weight QuantLinear, its symmetric input grid set to x's range."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(x.shape[-1], 32)
+    QuantLinear.convert(layer)
+    recipe = vitq.recipe("noisyquant", w_bits=4, a_bits=a_bits)  # symmetric activations
+    layer.input_quantizer.configure(recipe.resolve("0.input", "linear_input"))
+    layer.weight_quantizer.configure(recipe.resolve("0.weight", "weight"))
+    layer.input_quantizer.quantizer.set_range(x.min(), x.max())
+    layer.weight_quantizer.quantizer.set_range(layer.weight.detach().amin(1), layer.weight.detach().amax(1))
+    for p in (layer.input_quantizer, layer.weight_quantizer):
+        p.set_mode("quant")
+    with torch.no_grad():
+        y = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    step = float(layer.input_quantizer.quantizer.scale)
+    u = (torch.rand(x.shape[-1], generator=torch.Generator().manual_seed(0)) * 2 - 1) * step
+    return layer, y, u
+
+
+def _errors(layer, x, y, u, ks):
+    return torch.stack([(layer_output(layer, x, float(k) * u) - y).pow(2).mean() for k in ks])
+
+
+def test_amplitude_search_takes_the_lowest_output_error_and_zero_when_noise_cannot_help():
+    # heavy-tailed (Student t, 2 degrees of freedom): at 4 bits the minmax step is wide, most values lie
+    # within a fraction of a step of the zero level, where noise crosses the level and adds error
+    x = torch.distributions.StudentT(2.0).sample((2048, 64))
+    layer, y, u = _layer(x, 4)
+    ks = torch.linspace(0, 1, 41)
+    k = search_amplitude(layer, x, y, u, count=41, max_steps=1.0)
+    errors = _errors(layer, x, y, u, ks)
+    assert k == float(ks[int(errors.argmin())]) == 0.0
+    assert (errors[1:] > errors[0]).all()
+
+
+def test_noise_lowers_the_layer_error_when_values_sit_near_decision_thresholds():
+    # values within 0.15 step of the midpoints between levels (the regime where noise helps)
+    g = torch.Generator().manual_seed(0)
+    levels = torch.randint(-6, 6, (2048, 64), generator=g).float()
+    x = (levels + 0.5 + 0.15 * (torch.rand(2048, 64, generator=g) * 2 - 1)) / 7
+    x[0, 0], x[0, 1] = -1.0, 1.0  # fix the range so the step is 1/7
+    layer, y, u = _layer(x, 4)
+    k = search_amplitude(layer, x, y, u, count=41, max_steps=1.0)
+    base, noisy = _errors(layer, x, y, u, [0.0, k])
+    assert k > 0 and noisy < 0.6 * base  # measured: 0.75 steps, 0.41 x the error
+
+
+# ---------------------------------------------------------------------------------------------------
+# stacking and checkpoints
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,kw", [("minmax", {}), ("omse", {}), ("repq", {"w_bits": 6, "a_bits": 6}),
+                                     ("noisyquant", {})])
+def test_noise_is_stored_and_reloaded_exactly(data, tmp_path, name, kw):
+    model, x = data
+    recipe = vitq.recipe(name, **kw, **FAST) if name == "noisyquant" else vitq.recipe(name, noisy=True, **kw, **FAST)
+    q = calibrated(model, recipe, x)
+    vitq.save_quantized(q, tmp_path / "q.ckpt")
+    state = torch.load(tmp_path / "q.ckpt", weights_only=False)["state_dict"]
+    assert any(k.endswith("input_quantizer.quantizer.noise") for k in state)
+    back = vitq.load_quantized(copy.deepcopy(model), tmp_path / "q.ckpt")
+    with torch.no_grad():
+        assert torch.equal(back(x), q(x))
+
+
+def test_noise_is_seeded_and_uniform(data):
+    model, x = data
+    a = calibrated(model, vitq.recipe("minmax", noisy=True, noisy_seed=3, **FAST), x)
+    b = calibrated(model, vitq.recipe("minmax", noisy=True, noisy_seed=3, **FAST), x)
+    c = calibrated(model, vitq.recipe("minmax", noisy=True, noisy_seed=4, **FAST), x)
+    na = [layer.input_quantizer.quantizer.noise for _, layer in noisy_layers(a)]
+    nb = [layer.input_quantizer.quantizer.noise for _, layer in noisy_layers(b)]
+    nc = [layer.input_quantizer.quantizer.noise for _, layer in noisy_layers(c)]
+    assert all(torch.equal(p, r) for p, r in zip(na, nb))
+    assert any(not torch.equal(p, r) for p, r in zip(na, nc))
+    # U(-n, n) per channel: bounded by its amplitude, and spread (a Gaussian would exceed a fixed bound)
+    big = max(na, key=lambda t: t.abs().max())
+    amp = big.abs().max()
+    assert amp > 0 and (big.abs() <= amp).all() and (big.abs() > 0.5 * amp).float().mean() > 0.3
+
+
+def test_repq_fold_maps_the_cached_inputs_to_the_new_layer_inputs(data):
+    """RepQ-ViT changes the LayerNorm affine and the next Linear; the noise search must see the inputs the
+    folded layer receives, which `capture.remap_inputs` provides."""
+    from vitq.methods import capture
+
+    model, x = data
+    q = vitq.quantize(copy.deepcopy(model), vitq.recipe("repq", w_bits=6, a_bits=6))
+    layer = q.get_submodule("blocks.0.attn.qkv")
+    capture.attach([layer], 16, "test")
+    vitq.calibrate(q, lambda m: m(x[:16]))
+    cached = capture.captured(layer, "test", "qkv").args[0]
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    vitq.set_mode(q, "off")
+    with torch.no_grad():
+        q(x[:16])
+    handle.remove()
+    capture.detach_all(q, "test")
+    torch.testing.assert_close(cached, seen[0], rtol=1e-4, atol=1e-4)

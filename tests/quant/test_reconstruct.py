@@ -1,0 +1,248 @@
+"""Block reconstruction (`vitq.reconstruct`): rounding baked exactly, drop only while optimizing, lower
+held-out error per unit, bounded caches, Swin units, and the checkpoint keeping the true float weights."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+
+import vitq
+from vitq.models import units
+from vitq.quant.api import float_state_dict
+from vitq.quant.modules import QuantLinear
+from vitq.quant.quantizers import UniformQuantizer
+from vitq.quant.reconstruct import ReconstructOptions, UnitObjective, capture, plain_fit
+from vitq.quant.rounding import AdaRoundQuantizer, DropQuantizer, bake_rounding
+
+VIT = dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2,
+           num_classes=10)
+SWIN = dict(model_name="swin_tiny_patch4_window7_224", img_size=56, patch_size=4, embed_dim=24, depths=(1, 1),
+            num_heads=(2, 2), window_size=7, num_classes=10)
+
+
+def run(model, batch):
+    return model(batch)
+
+
+def _setup(arch=VIT, recipe="minmax", n=96, bits=4, seed=0, **overrides):
+    torch.manual_seed(seed)
+    fp = timm.create_model(**arch).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    size = arch["img_size"]
+    x = torch.randn(n, 3, size, size, generator=g)
+    batches = list(x.split(32))
+    q = vitq.quantize(copy.deepcopy(fp), vitq.recipe(recipe, w_bits=bits, a_bits=bits, **overrides))
+    vitq.calibrate(q, lambda m: [m(b) for b in batches])
+    return fp, q, batches
+
+
+def _held_out_error(fp, q, unit_name, batches):
+    """Mean squared error per token of the quantized unit against the float unit, both given the float
+    model's unit inputs (so upstream quantization error does not mask the unit's own)."""
+    data = capture(fp, dict(units(fp))[unit_name], None, None, batches, run, torch.device("cpu"),
+                   want_fp_inputs=True)
+    objective = UnitObjective(dict(units(q))[unit_name], data,
+                              ReconstructOptions(input_source="float", tune_weights=True, progress=False))
+    try:
+        return objective.evaluate(torch.device("cpu"))
+    finally:
+        objective.finish()
+
+
+# ---------------------------------------------------------------------------------------------------
+# AdaRound
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+def test_baked_rounding_reproduces_the_hard_codes_exactly(symmetric):
+    torch.manual_seed(0)
+    layer = QuantLinear.convert(torch.nn.Linear(40, 24))
+    layer.weight_quantizer.configure(vitq.PointSpec(bits=3, symmetric=symmetric, per_channel=True))
+    grid = layer.weight_quantizer.quantizer
+    grid.set_range(layer.weight.detach().amin(1), layer.weight.detach().amax(1))
+    layer.weight_quantizer.set_mode("quant")
+    rounding = AdaRoundQuantizer(grid, layer.weight)
+    # the soft weight starts at the float weight wherever both neighbouring codes are on the grid
+    inside = (rounding.floor + rounding.zero_point >= grid.qmin) & (rounding.floor + 1 + rounding.zero_point <= grid.qmax)
+    assert inside.float().mean() > 0.9
+    start = rounding(layer.weight).detach()
+    assert torch.allclose(start[inside], layer.weight.detach()[inside], atol=1e-3 * float(grid.scale.max()))
+    with torch.no_grad():
+        rounding.alpha.copy_(torch.randn_like(rounding.alpha) * 3)  # arbitrary learned gates, some flipped
+    rounding.hard = True
+    expected = rounding.codes().clone()
+    nearest = grid.to_codes(layer.weight.detach())
+    assert (expected != nearest).any()  # the gates chose something other than nearest rounding
+    layer.weight_quantizer.quantizer = rounding
+    codes = bake_rounding(layer, rounding)
+    assert layer.weight_quantizer.quantizer is grid
+    assert torch.equal(codes, expected)
+    assert torch.equal(grid.to_codes(layer.weight.detach()), expected)  # plain rounding gives the gates' codes
+    with torch.no_grad():
+        assert torch.equal(layer.quantized_weight(), layer.weight)  # the baked weight lies on the grid
+
+
+def test_rounding_regularizer_vanishes_only_at_binary_gates():
+    grid = UniformQuantizer(4, symmetric=True, axis=0)
+    grid.set_range(-torch.ones(3), torch.ones(3))
+    rounding = AdaRoundQuantizer(grid, torch.rand(3, 5) * 0.5)
+    assert float(rounding.regularizer(2.0).detach()) > 0
+    with torch.no_grad():
+        rounding.alpha.copy_(torch.sign(torch.randn_like(rounding.alpha)) * 20)  # gates saturated at 0 or 1
+    assert float(rounding.regularizer(2.0).detach()) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# activation drop
+# ---------------------------------------------------------------------------------------------------
+
+def test_drop_is_active_only_while_a_unit_is_optimized():
+    fp, q, batches = _setup()
+    x = batches[0][:4]
+    seen = {}
+
+    def fit(objective, device, name):
+        points = [p for _, p in vitq.iter_points(objective.unit) if p.kind != vitq.Kind.WEIGHT and p.mode == "quant"]
+        seen[name] = all(isinstance(p.quantizer, DropQuantizer) for p in points) and bool(points)
+        if name == "blocks.0":  # two forwards of the same input differ: elements drop at random
+            args, kwargs = objective.data.fp_in.get(torch.arange(4), device)
+            with torch.no_grad():
+                seen["random"] = not torch.equal(objective.unit(*args, **kwargs), objective.unit(*args, **kwargs))
+        plain_fit(objective, device, name)
+
+    options = ReconstructOptions(iters=3, batch_size=16, adaround=True, lsq=True, drop_prob=0.5,
+                                 input_source="mix", progress=False)
+    vitq.reconstruct(q, fp, batches, run, options, fit=fit)
+    assert seen["blocks.0"] and seen["random"] and all(seen[n] for n, _ in units(q) if n != "patch_embed")
+    for _, p in vitq.iter_points(q):  # afterwards: the plain grids, fixed steps, deterministic outputs
+        assert not isinstance(p.quantizer, (DropQuantizer, AdaRoundQuantizer))
+        if isinstance(p.quantizer, UniformQuantizer):
+            assert not p.quantizer.learnable and "scale" in dict(p.quantizer.named_buffers())
+    with torch.no_grad():
+        assert torch.equal(q(x), q(x))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the objective: lower error on held-out calibration batches
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("what", ["adaround+lsq", "tune_weights"])
+def test_reconstruction_lowers_the_held_out_unit_error(what, one_thread):
+    """Measured on batches the optimization never saw: blocks.0 of a W4A4 ViT. Measured (seeded): adaround+lsq
+    0.00168 -> 0.00113 (-33%), tune_weights 0.00168 -> 0.00097 (-42%); required: at least 15% lower."""
+    fp, q, batches = _setup(n=256)
+    train, held = batches[:6], batches[6:]
+    before = _held_out_error(fp, q, "blocks.0", held)
+    options = (ReconstructOptions(iters=150, batch_size=32, adaround=True, lsq=True, lsq_lr=1e-3, progress=False)
+               if what == "adaround+lsq" else
+               ReconstructOptions(iters=150, batch_size=32, tune_weights=True, lr=1e-3, progress=False))
+    reports = vitq.reconstruct(q, fp, train, run, options, units=["blocks.0"])
+    after = _held_out_error(fp, q, "blocks.0", held)
+    assert [r.name for r in reports] == ["blocks.0"]
+    assert reports[0].loss_after < reports[0].loss_before  # on the cached (training) records too
+    assert after < 0.85 * before, (before, after)
+
+
+def test_unit_cache_holds_one_unit_and_reports_cost():
+    fp, q, batches = _setup(n=64)
+    options = ReconstructOptions(iters=2, batch_size=8, tune_weights=True, progress=False)
+    reports = vitq.reconstruct(q, fp, batches, run, options)
+    assert [r.name for r in reports] == [n for n, _ in units(q)]
+    block = next(r for r in reports if r.name == "blocks.0")
+    # float inputs and float outputs of one block: 2 x 64 images x 17 tokens x 48 channels x 4 bytes
+    assert block.cache_mib == pytest.approx(2 * 64 * 17 * 48 * 4 / 2**20, abs=0.01)
+    assert all(r.seconds > 0 and r.peak_mib > 0 for r in reports)
+
+
+def test_swin_units_with_merging_layers_reconstruct():
+    fp, q, batches = _setup(SWIN, n=16)
+    options = ReconstructOptions(iters=2, batch_size=8, adaround=True, lsq=True, drop_prob=0.5, input_source="mix",
+                                 progress=False)
+    reports = vitq.reconstruct(q, fp, batches, run, options)
+    names = [r.name for r in reports]
+    assert "layers.1.downsample" in names and names[0] == "patch_embed" and names[-1] == "head"
+    with torch.no_grad():
+        assert torch.isfinite(q(batches[0])).all()
+
+
+def test_uncalibrated_model_and_unknown_units_are_refused():
+    fp, q, batches = _setup(n=32)
+    with pytest.raises(ValueError, match="unknown reconstruction unit"):
+        vitq.reconstruct(q, fp, batches, run, ReconstructOptions(tune_weights=True), units=["blocks.9"])
+    raw = vitq.quantize(copy.deepcopy(fp), vitq.recipe("minmax"))
+    with pytest.raises(ValueError, match="calibrated model"):
+        vitq.reconstruct(raw, fp, batches, run, ReconstructOptions(tune_weights=True))
+    with pytest.raises(ValueError, match="trains nothing"):
+        ReconstructOptions()
+    with pytest.raises(ValueError, match="input_source"):
+        ReconstructOptions(tune_weights=True, input_source="both")
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoint
+# ---------------------------------------------------------------------------------------------------
+
+def test_reconstructed_checkpoint_reproduces_outputs_and_keeps_the_float_weights(tmp_path):
+    fp, q, batches = _setup(n=64)
+    options = ReconstructOptions(iters=5, batch_size=16, adaround=True, lsq=True, tune_weights=False,
+                                 drop_prob=0.5, input_source="mix", progress=False)
+    vitq.reconstruct(q, fp, batches, run, options)
+    assert not torch.equal(q.blocks[0].attn.qkv.weight, fp.blocks[0].attn.qkv.weight)  # baked rounding
+    path = vitq.save_quantized(q, tmp_path / "q.ckpt")
+    fresh = timm.create_model(**VIT).eval()
+    loaded = vitq.load_quantized(fresh, path)
+    x = batches[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
+    ckpt = vitq.quant.read_quantized(path)
+    arch = timm.create_model(**VIT)
+    state = float_state_dict(ckpt, arch)
+    for k, v in fp.state_dict().items():
+        assert torch.equal(state[k], v), k  # the true float model, not the baked weights
+    arch.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(arch.eval()(x), fp(x))
+
+
+class _Stage(torch.nn.Module):
+    """mmdet-style unit: tokens plus a shape tuple in, a tuple with the shape passed on out."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = QuantLinear.convert(torch.nn.Linear(8, 8))
+
+    def forward(self, x, hw_shape):
+        h, w = hw_shape
+        return self.fc(x).reshape(x.shape[0], h, w, -1).flatten(1, 2), hw_shape
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stage = _Stage()
+
+    def forward(self, x):
+        return self.stage(x, (2, 3))[0].sum()
+
+
+def test_capture_keeps_non_batch_arguments_once_and_tuple_outputs():
+    torch.manual_seed(0)
+    fp, q = _Net(), _Net()
+    q.load_state_dict(fp.state_dict())
+    fc = q.stage.fc
+    fc.weight_quantizer.configure(vitq.PointSpec(bits=3, symmetric=True, per_channel=True))
+    fc.weight_quantizer.quantizer.set_range(fc.weight.detach().amin(1), fc.weight.detach().amax(1))
+    fc.weight_quantizer.set_mode("quant")
+    batches = [torch.randn(4, 6, 8) for _ in range(3)]
+    data = capture(fp, fp.stage, q, q.stage, batches, run, torch.device("cpu"), want_fp_inputs=True)
+    assert data.size == 12 and data.fp_in.tensors[0].shape == (12, 6, 8)
+    assert data.q_in.layout[0][1] == (2, 3) and len(data.q_in.tensors) == 1  # stored once, not per batch
+    assert [t.shape for t in data.fp_out] == [(12, 6, 8)]  # the tuple's tensor; the shape ints are not outputs
+    objective = UnitObjective(q.stage, data, ReconstructOptions(tune_weights=True, input_source="mix",
+                                                                progress=False))
+    assert objective.evaluate(torch.device("cpu")) > 0  # 3-bit weights
+    fc.weight_quantizer.set_mode("off")  # float again: the replayed calls give exactly the float outputs
+    assert objective.evaluate(torch.device("cpu")) == 0.0
+    objective.finish()

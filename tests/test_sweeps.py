@@ -1,0 +1,55 @@
+"""Every W&B sweep file parses and each of its runs can start: the fixed overrides of `command` plus the
+first value of every parameter compose as Hydra overrides and pass the run's config check."""
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from vitq.engine.config import QuantConf, validate
+from vitq.engine.tasks import get_task
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
+MACROS = {"${env}", "${interpreter}", "${program}", "${args_no_hyphens}"}
+
+
+def test_every_sweep_is_tested():
+    assert {p.name for p in SWEEPS} >= {"bits.yaml", "calibration.yaml", "finetune.yaml"}
+
+
+def _first(spec: dict):
+    for key in ("values", "value", "min"):
+        if key in spec:
+            return spec[key][0] if key == "values" else spec[key]
+    raise AssertionError(f"parameter spec {spec} has no values, value or min")
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
+def test_sweep_composes_with_first_values(path):
+    sweep = yaml.safe_load(path.read_text())
+    assert sweep["program"] == "train.py" and (ROOT / sweep["program"]).is_file()
+    command = sweep["command"]
+    assert "${args_no_hyphens}" in command and "${args}" not in command  # Hydra cannot parse --key=value
+    assert command[:3] == ["${env}", "${interpreter}", "${program}"]
+    fixed = [c for c in command if c not in MACROS]
+    swept = [f"{k}={_first(v)}" for k, v in sweep["parameters"].items()]
+    if any(k.startswith("quant.finetune.") for k in sweep["parameters"]) and \
+            "finetune" not in {f.name for f in fields(QuantConf)}:
+        pytest.skip(f"{path.name} sweeps quant.finetune.*, which the quant schema does not have yet (the finetune "
+                    "stage is not built)")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*fixed, *swept])
+    validate(cfg)  # a key or value train.py would refuse fails here
+    for override in swept:  # each value reached its key
+        key, value = override.split("=", 1)
+        got = cfg[key].name if "." not in key else OmegaConf.select(cfg, key)  # a group choice names its file
+        assert str(got) == value, (key, got, value)
+    task = get_task(str(cfg.task.name))
+    logged = {f"{p}/{m}" for m in task.metrics for p in ("fp", "quant", "quant/delta")} | {"calib/seconds"}
+    logged |= {f"quant/delta_{m}" for m in task.metrics}
+    assert sweep["metric"]["name"] in logged, f"{path.name}: metric {sweep['metric']['name']} is never logged"
