@@ -200,6 +200,8 @@ class CocoTask(Task):
 
     metrics = METRICS
     primary = "box_AP"
+    weights_hint = ("pass model.checkpoint=<an mmdet 3 or Swin-repository checkpoint of this detector> (where to "
+                    "get them: docs/coco.md); detectors are not trained here")
 
     def __init__(self, cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg, model_cfg)

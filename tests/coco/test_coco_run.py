@@ -108,3 +108,10 @@ def test_task_selects_the_cascade_detector_by_default(tmp_path):
     assert cfg.model.name == "cascade_mask_rcnn_swin_t" and cfg.quant.detector_scope == "backbone"
     cfg = coco_cfg(tmp_path, tmp_path, "model=mask_rcnn_swin_s", "quant=repq", "quant.detector_scope=all")
     assert cfg.model.name == "mask_rcnn_swin_s" and cfg.quant.detector_scope == "all"
+
+
+@needs_mmdet
+def test_a_detector_without_weights_names_the_checkpoint_setting(synthetic_coco, tmp_path):
+    with pytest.raises(ValueError, match=r"no float weights for cascade_mask_rcnn_swin_t on coco: pass "
+                                         r"model\.checkpoint=<an mmdet 3 or Swin-repository checkpoint"):
+        run(coco_cfg(tmp_path, synthetic_coco, "quant=minmax", *SMALL), tmp_path / "out")

@@ -128,8 +128,7 @@ def obtain_float_model(task: Task, model_cfg: Mapping[str, Any], task_cfg: Mappi
             log.warning("%s\nmoved it to %s and training the float model again", e, aside)
     if int(fit.get("epochs", 0)) <= 0:
         raise ValueError(
-            f"no float weights for {model_cfg['name']} on {task_cfg['name']}: set model.pretrained=true, "
-            f"model.checkpoint=/path/to/weights.pth, or task.fit.epochs>0 to train it here"
+            f"no float weights for {model_cfg['name']} on {task_cfg['name']}: {task.weights_hint}"
         )
     log.info("training the float model %s on %s for %s epochs (cached as %s)",
              model_cfg["name"], task_cfg["name"], fit["epochs"], path)

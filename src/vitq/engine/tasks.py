@@ -88,6 +88,9 @@ class Task:
 
     metrics: ClassVar[tuple[str, ...]] = ()
     primary: ClassVar[str] = ""  # the metric a run returns and sweeps optimize
+    # how to supply float weights when a run has none (named in the float stage's error)
+    weights_hint: ClassVar[str] = ("set model.pretrained=true, model.checkpoint=/path/to/weights.pth, or "
+                                   "task.fit.epochs>0 to train it here")
 
     def __init__(self, cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> None:
         self.cfg, self.model_cfg = dict(cfg), dict(model_cfg)
