@@ -107,8 +107,7 @@ def test_more_methods_on_coco_mini_backbone(recipe, coco_mini_root, random_check
     row = run(cfg, out)
     check_row(row, out, 15, recipe)
     stored = json.loads((out / "results.json").read_text())
-    print(recipe, {k: stored[k] for k in stored if k.startswith(("fp_box_AP", "quant_box_AP", "fp_mask_AP",
-                                                                 "quant_mask_AP")) or "seconds" in k})
+    assert stored["calib_seconds"] > 0 and (recipe != "isvit" or stored["reconstruct_seconds"] > 0)
     points = (out / "points.csv").read_text().splitlines()
     assert any(line.startswith("backbone.") for line in points[1:])
     assert not any(line.startswith(("neck.", "rpn_head.", "roi_head.")) for line in points[1:])
