@@ -85,6 +85,40 @@ def test_methods_end_to_end_on_coco_mini(recipe, coco_mini_root, random_checkpoi
             math.isnan(again[f"quant_{m}"]) and math.isnan(row[f"quant_{m}"]))
 
 
+# Small settings for the searches and the reconstruction (the methods' defaults are for 256-1024 images).
+METHODS = {
+    "liu21": ["quant.mixed_precision=true", "quant.candidates=5", "quant.rounds=2", "quant.rank_pairs=16",
+              "quant.search_samples=2"],
+    "noisyquant": [],
+    # one calibration batch: the reconstruct stage caches unit inputs of one padded image size
+    "isvit": ["quant.iters=2", "quant.recon_batch_size=1", "quant.calib.num_samples=4", "quant.calib.batch_size=4",
+              "task.batch_size=4"],
+}
+
+
+@needs_mmdet
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(METHODS))
+def test_more_methods_on_coco_mini_backbone(recipe, coco_mini_root, random_checkpoint, tmp_path, one_thread):
+    """liu21 (mixed precision), noisyquant and isvit (with its reconstruct stage) on the detector's backbone."""
+    cfg = coco_cfg(tmp_path, coco_mini_root, f"quant={recipe}", f"model.checkpoint={random_checkpoint}", *SMALL,
+                   *METHODS[recipe])
+    out = tmp_path / "out"
+    row = run(cfg, out)
+    check_row(row, out, 15, recipe)
+    stored = json.loads((out / "results.json").read_text())
+    assert stored["calib_seconds"] > 0 and (recipe != "isvit" or stored["reconstruct_seconds"] > 0)
+    points = (out / "points.csv").read_text().splitlines()
+    assert any(line.startswith("backbone.") for line in points[1:])
+    assert not any(line.startswith(("neck.", "rpn_head.", "roi_head.")) for line in points[1:])
+    if recipe == "liu21":
+        bits = stored["bit_map"]
+        assert bits and all(k.startswith("backbone.") for k in bits)
+        assert all(b is not None for b in bits.values())
+    if recipe == "noisyquant":
+        assert stored["noisy_layers"] > 0
+
+
 def test_missing_root_is_named(tmp_path):
     with pytest.raises(ValueError, match="task=coco needs task.root=.*train2017.*instances_val2017.json"):
         run(coco_cfg(tmp_path, None, "quant=minmax"), tmp_path / "out")

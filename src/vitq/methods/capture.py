@@ -35,6 +35,7 @@ class Capture:
     kwargs: dict[str, Any] = field(default_factory=dict)
     output: torch.Tensor | None = None
     handle: Any = None
+    layout: list[Any] = field(default_factory=list)  # positional arguments of the first call, tensors as slots
 
     @property
     def rows(self) -> int:
@@ -51,6 +52,13 @@ class Capture:
         its own copy of the capture."""
         self.record(module, args, kwargs, output)
 
+    @property
+    def call_args(self) -> tuple:
+        """Positional arguments for calling the module on the cached rows: the tensors, with the other
+        positional values of the first call in their places (e.g. mmdet Swin's `hw_shape`)."""
+        assert self.args is not None
+        return tuple(self.args[v.i] if isinstance(v, _Slot) else v for v in self.layout)
+
     def record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.full or not _observing(module):
             return
@@ -59,11 +67,22 @@ class Capture:
             return
         if self.args is None:
             self.args, self.kwargs = tensors, dict(kwargs)
+            slots = iter(range(len(tensors)))
+            self.layout = [_Slot(next(slots)) if isinstance(a, torch.Tensor) else a for a in args]
         else:
+            same = [a for a in args if not isinstance(a, torch.Tensor)] == [
+                v for v in self.layout if not isinstance(v, _Slot)]
+            if not same or any(o.shape[1:] != n.shape[1:] for o, n in zip(self.args, tensors)):
+                return  # a call of another form (e.g. another image size): keep the calls of the first form
             self.args = [torch.cat([old, new]) for old, new in zip(self.args, tensors)]
         if self.keep_output and isinstance(output, torch.Tensor):
             out = output.detach().float().clone()
             self.output = out if self.output is None else torch.cat([self.output, out])
+
+
+@dataclass(frozen=True)
+class _Slot:
+    i: int
 
 
 def _observing(module: nn.Module) -> bool:

@@ -219,7 +219,7 @@ class Liu21(Method):
                 for name, module in searchable(group, prefix=gname):
                     for product in products(name, module, model, self.options):
                         self.search(product)
-                out = group(*cap.args, **cap.kwargs)
+                out = group(*cap.call_args, **cap.kwargs)
                 err = float((out.float() - cap.output).pow(2).mean())
                 results[bits] = (sens * err, snapshot(group))
             options.append(results)

@@ -488,6 +488,9 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches: Iterable[Any],
         if unknown:
             raise ValueError(f"unknown reconstruction unit(s) {unknown}; the model's units: {', '.join(names)}")
         names = [n for n in names if n in units]
+    # units without a quantized point (e.g. a detector's heads outside quant.detector_scope) stay as they are
+    names = [n for n in names if any(isinstance(p, QuantPoint) and p.configured and p.mode != "off"
+                                     for p in q_units[n].modules())]
     if set(names) - set(fp_units):
         raise ValueError("fp_model does not have the quantized model's units: pass the float model qmodel was made from")
     q_was, fp_was = qmodel.training, fp_model.training

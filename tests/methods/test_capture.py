@@ -1,0 +1,29 @@
+"""Cached layer inputs (vitq.methods.capture) for modules with non-tensor positional arguments, as mmdet
+Swin's blocks and window attention take `(x, hw_shape)`."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vitq.methods import capture
+
+
+class WithShape(nn.Module):
+    def forward(self, x: torch.Tensor, hw_shape: tuple[int, int]) -> torch.Tensor:
+        h, w = hw_shape
+        assert x.shape[1] == h * w
+        return x.view(x.shape[0], h, w, -1).flip(1).reshape_as(x)
+
+
+def test_positional_non_tensor_arguments_are_kept_and_other_shapes_are_skipped(monkeypatch):
+    monkeypatch.setattr(capture, "_observing", lambda module: True)
+    m = WithShape()
+    capture.attach([m], 5, "t", keep_output=True)
+    a, b, c = torch.randn(2, 6, 4), torch.randn(2, 8, 4), torch.randn(3, 6, 4)
+    outs = [m(a, (2, 3)), m(b, (2, 4)), m(c, (2, 3))]  # the middle call has another image size
+    cap = capture.captured(m, "t", "test")
+    assert cap.rows == 5 and cap.call_args[1] == (2, 3)
+    assert torch.equal(cap.args[0], torch.cat([a, c]))
+    assert torch.equal(m(*cap.call_args, **cap.kwargs), torch.cat([outs[0], outs[2]]))
+    assert torch.equal(cap.output, torch.cat([outs[0], outs[2]]))
+    capture.detach_all(m, "t")
