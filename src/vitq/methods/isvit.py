@@ -30,7 +30,7 @@ from torch import nn
 from ..models import norm_pairs
 from ..quant.api import iter_points, refit_weight
 from ..quant.modules import _QuantWeight
-from ..quant.observers import Observer, TokenSampleMixin, _amin_amax
+from ..quant.observers import RangeSampleObserver
 from ..quant.points import Kind, PointSpec
 from ..quant.quantizers import Grid, check_bits, register_grid
 from ..quant.reconstruct import ReconstructOptions
@@ -104,28 +104,14 @@ class SULQuantizer(Grid):
         return deq
 
 
-class SULQObserver(TokenSampleMixin, Observer):
+class SULQObserver(RangeSampleObserver):
     """Min and max of the probabilities and a token sample; `fit` picks the shift eta with the lowest L2
     error on the sample (the first such candidate on ties). Merges exactly like the other observers."""
-
-    reductions = {"min": "min", "max": "max", "sample": "cat", "keys": "cat"}
 
     def __init__(self, axis: int | None = None, channel_axis: int = -1, max_tokens: int = 2048,
                  etas: tuple[float, ...] = ETAS) -> None:
         super().__init__(None, channel_axis)
         self.max_tokens, self.etas = max_tokens, tuple(etas)
-
-    def observe(self, x: torch.Tensor) -> None:
-        lo, hi = _amin_amax(x, None)
-        if self.empty:
-            self.state = {"min": lo, "max": hi}
-        else:
-            self.state["min"] = torch.minimum(self.state["min"], lo)
-            self.state["max"] = torch.maximum(self.state["max"], hi)
-        self._add_tokens(x, self._next_batch())
-
-    def _after_merge(self) -> None:
-        self._trim_sample()
 
     @torch.no_grad()
     def errors(self, grid: SULQuantizer) -> list[float]:

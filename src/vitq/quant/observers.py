@@ -287,16 +287,10 @@ class TokenSampleMixin:
         return x if per_channel else x.reshape(1, -1)
 
 
-class OMSEObserver(TokenSampleMixin, Observer):
-    """Shrink [min, max] by i% (i = 0..steps-1) and keep the clip with the lowest L2 error, scored on the
-    point's own grid (`quantizer.probe()`), over a token sample that spans the calibration set."""
+class RangeSampleObserver(TokenSampleMixin, Observer):
+    """Min, max and a token sample: what a search over clips (or grid shifts) scores candidates on."""
 
     reductions = {"min": "min", "max": "max", "sample": "cat", "keys": "cat"}
-
-    def __init__(self, axis: int | None = None, channel_axis: int = -1, steps: int = 90,
-                 max_tokens: int = 2048) -> None:
-        super().__init__(axis, channel_axis)
-        self.steps, self.max_tokens = steps, max_tokens
 
     def observe(self, x: torch.Tensor) -> None:
         lo, hi = _amin_amax(x, self.axis)
@@ -309,6 +303,16 @@ class OMSEObserver(TokenSampleMixin, Observer):
 
     def _after_merge(self) -> None:
         self._trim_sample()
+
+
+class OMSEObserver(RangeSampleObserver):
+    """Shrink [min, max] by i% (i = 0..steps-1) and keep the clip with the lowest L2 error, scored on the
+    point's own grid (`quantizer.probe()`), over a token sample that spans the calibration set."""
+
+    def __init__(self, axis: int | None = None, channel_axis: int = -1, steps: int = 90,
+                 max_tokens: int = 2048) -> None:
+        super().__init__(axis, channel_axis)
+        self.steps, self.max_tokens = steps, max_tokens
 
     @torch.no_grad()
     def range(self, quantizer: Grid) -> tuple[torch.Tensor, torch.Tensor]:
