@@ -5,6 +5,7 @@ and the quick start's wall time. Writes docs/results.md and the README summary.
     make bench                                   # everything
     python -m bench.run --only accuracy --models mnist
     python -m bench.run --only reconstruct                    # QDrop, I&S-ViT and its ablation on vit_cifar
+    python -m bench.run --only finetune                       # PTQ models + quantization-aware finetuning
     python -m bench.run --only fidelity|speed|quickstart|report
     python -m bench.run --only coco                  # COCO detector: calibration, inference, backbone SQNR
     python -m bench.run --only coco-sqnr --coco-sqnr-size 320   # backbone SQNR only, at another size
@@ -362,6 +363,9 @@ def write_report(data: dict, argv: list[str]) -> str:
                   "quantile-searched clips, asymmetric per-row weights, 8-bit image input), 32 calibration images.",
                   "", *_method_table(methods), ""]
     lines += _recon_section(data.get("reconstruct", []))
+    from bench import finetune
+
+    lines += finetune.section(data.get("finetune") or {})
     fq = {k: {r["label"]: r for r in rows if r["label"].startswith("fqvit")} for k, rows in acc.items()}
     keys = [k for k in fq if fq[k]]
     if keys:
@@ -547,7 +551,7 @@ def update_readme(summary: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", choices=["accuracy", "fqvit", "search", "reconstruct", "fidelity", "speed",
+    parser.add_argument("--only", choices=["accuracy", "fqvit", "search", "reconstruct", "finetune", "fidelity", "speed",
                                            "quickstart", "coco", "coco-sqnr", "report"])
     parser.add_argument("--coco-sqnr-size", type=int, default=800, help="short side of the SQNR images")
     parser.add_argument("--coco-recipes", default=None, help="comma-separated SQNR labels (bench/coco.py); all if unset")
@@ -599,6 +603,17 @@ def main() -> None:
             store.write_text(json.dumps(data, indent=2, default=str))
 
         keep(accuracy_rows("cifar", recon_recipes(), on_row=keep))
+    if args.only in (None, "finetune"):
+        from bench import finetune
+
+        torch.set_num_threads(1)
+
+        def keep_ft(rows: list[dict]) -> None:
+            data["finetune"] = {"rows": rows, "paired": finetune.paired(OUT, rows), "argv": " ".join(sys.argv[1:]),
+                                "load": " / ".join(f"{v:.1f}" for v in os.getloadavg())}
+            store.write_text(json.dumps(data, indent=2, default=str))
+
+        keep_ft(finetune.run_rows(accuracy_rows, OUT, on_row=keep_ft))
     if args.only in (None, "fidelity"):
         data["fidelity"] = fidelity_rows()
     if args.only in (None, "speed"):

@@ -265,12 +265,27 @@ class ClassificationDataModule(lightning.LightningDataModule):
             drop_last=False,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def checked_train_dataset(self) -> TransformedSubset:
         if not self._train_checked:  # the whole training split is read only when training here
             self.train_dataset = self.train_dataset.readable(f"the training split of task={self.name}",
                                                              self.skip_bad_images)
             self._train_checked = True
-        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+        return self.train_dataset
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.checked_train_dataset(), self.batch_size, shuffle=True)
+
+    def finetune_split(self, val_samples: int, seed: int) -> tuple[TransformedSubset, TransformedSubset]:
+        """The training split less `val_samples` images (drawn by `seed`), with the train transform, and
+        those images with the evaluation transform, for the finetune stage's validation loop."""
+        train = self.checked_train_dataset()
+        n = len(train)
+        if not 0 <= val_samples < n:
+            raise ValueError(f"quant.finetune.val_samples={val_samples} must be between 0 and the training split "
+                             f"size {n} minus one (task={self.name})")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
+        return (train.subset(sorted(order[val_samples:]), self.train_transform),
+                train.subset(sorted(order[:val_samples]), self.eval_transform))
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_dataset, self.batch_size, shuffle=False)
@@ -767,6 +782,23 @@ class ClassificationTask(Task):
 
     def train_loader(self) -> DataLoader:
         return self.dm.train_dataloader()
+
+    def finetune_split(self, val_samples: int, seed: int) -> tuple[Dataset, Dataset]:
+        return self.dm.finetune_split(val_samples, seed)
+
+    def finetune_losses(self, student: torch.nn.Module, teacher: torch.nn.Module, batch: Any, temperature: float
+                        ) -> dict[str, torch.Tensor]:
+        """Cross-entropy on the labels, KL(teacher || student) of the logits at `temperature` (x T^2, so its
+        gradient scale does not depend on T; Hinton et al., 2015), and the batch's top-1 accuracy (%)."""
+        x, y = batch
+        logits = student(x)
+        with torch.no_grad():
+            target = teacher(x)
+        t = float(temperature)
+        kd = torch.nn.functional.kl_div(torch.log_softmax(logits / t, -1), torch.log_softmax(target / t, -1),
+                                        reduction="batchmean", log_target=True) * t * t
+        return {"task": torch.nn.functional.cross_entropy(logits, y), "kd": kd,
+                "top1": (logits.argmax(-1) == y).float().mean() * 100}
 
     def fit_module(self, model: torch.nn.Module, fit: Mapping[str, Any]) -> lightning.LightningModule:
         return ClassificationModule(model, lr=float(fit["lr"]), weight_decay=float(fit["weight_decay"]),

@@ -69,6 +69,40 @@ class BatchShards(DistributedSampler):
         """Unshuffled: every epoch is the same."""
 
 
+class EpochShuffle(DistributedSampler):
+    """Training order for (data-parallel) finetuning: a permutation fixed by (seed, epoch), cut to a multiple
+    of the process count so that every rank runs the same number of steps, rank r taking every N-th index.
+
+    The order depends on nothing but the seed and the epoch, so a run resumed at an epoch boundary sees
+    the batches an uninterrupted run sees. A DistributedSampler by type only (see `BatchShards`).
+    """
+
+    shuffle = True
+
+    def __init__(self, size: int, seed: int) -> None:  # noqa: D107
+        self.size, self.seed, self.epoch = int(size), int(seed), 0
+
+    @property
+    def rank(self) -> int:  # type: ignore[override]
+        return rank_world()[0]
+
+    @property
+    def num_replicas(self) -> int:  # type: ignore[override]
+        return rank_world()[1]
+
+    def __iter__(self) -> Iterator[int]:
+        rank, world = rank_world()
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=g)[: self.size // world * world]
+        return iter(order[rank::world].tolist())
+
+    def __len__(self) -> int:
+        return self.size // self.num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+
 def sharded(loader: DataLoader, world: int, what: str) -> DataLoader:
     """`loader` with a `BatchShards` sampler when `world > 1` (unchanged otherwise).
 

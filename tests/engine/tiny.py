@@ -19,3 +19,23 @@ def tiny_cfg(tmp_path: Path, *overrides: str, hydra: bool = False):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         return compose("config", overrides=[*base, f"paths.cache_dir={tmp_path / 'cache'}", *overrides],
                        return_hydra_config=hydra)
+
+
+class StopFinetuneAt:
+    """A Lightning callback (named by `+callbacks.stop._target_=tiny.StopFinetuneAt`): SIGTERM to this
+    process when finetuning reaches epoch `epoch`, i.e. after the checkpoint of the epoch before."""
+
+    def __new__(cls, epoch: int):  # noqa: ANN204  (a Callback subclass made here, so tiny imports no Lightning)
+        import os
+        import signal
+
+        from lightning.pytorch.callbacks import Callback
+
+        from vitq.engine.finetune import FinetuneModule
+
+        class Stop(Callback):
+            def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+                if isinstance(pl_module, FinetuneModule) and trainer.current_epoch == epoch:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        return Stop()

@@ -110,6 +110,29 @@ class CalibConf:
 
 
 @dataclass
+class FinetuneConf:
+    """Quantization-aware finetuning after the recipe's stages (the `finetune` stage, docs/finetune.md)."""
+
+    epochs: int = 0  # 0: no finetuning
+    lr: float = 1.0e-4  # quantizer steps and zero points (LSQ / LSQ+)
+    weights: bool = False  # also train the weights of the quantized layers
+    weight_lr: Optional[float] = None  # null: lr
+    weight_decay: float = 0.0  # on the weights only
+    warmup_epochs: int = 0  # linear warm-up, then cosine decay to 0 (per step)
+    batch_size: Optional[int] = None  # null: task.batch_size
+    temperature: float = 2.0  # of the logit distillation (KL, scaled by T^2)
+    task_weight: float = 1.0  # the task's own loss (cross-entropy; mmdet's detector losses)
+    kd_weight: float = 1.0  # KL(teacher || student) on logits (classification)
+    feature_weight: float = 1.0  # MSE between quantized and float backbone outputs (detection)
+    zero_points: bool = True  # learn asymmetric grids' zero points too
+    train_mode: bool = False  # false: dropout and normalization statistics as in evaluation
+    val_samples: int = 500  # training images held out for the validation loop (never evaluation images)
+    grad_clip: Optional[float] = None  # clip the gradient norm
+    seed: int = 0  # shuffling, augmentation and the held-out split
+    ckpt_path: Optional[str] = None  # resume: "last" (this run directory's last epoch) or a finetune .ckpt
+
+
+@dataclass
 class QuantConf:
     name: str = "???"
     scope: str = "matmul"
@@ -128,6 +151,7 @@ class QuantConf:
     softmax_input: Optional[dict] = None
     overrides: list = field(default_factory=list)
     from_checkpoint: Optional[str] = None
+    finetune: FinetuneConf = field(default_factory=FinetuneConf)
     method: str = "ptq"  # hooks around calibration (vitq/methods/); its switches are further keys
 
 
@@ -201,6 +225,11 @@ def validate(cfg: DictConfig) -> Recipe:
         raise ValueError(f"stage={cfg.stage!r} is unknown: choose one of {', '.join(stages)}")
     if cfg.stage == "test" and not cfg.quant.from_checkpoint:
         raise ValueError("stage=test evaluates a saved model: pass quant.from_checkpoint=<run>/quantized.ckpt")
+    from .finetune import finetune_options
+
+    if cfg.stage == "test" and finetune_options(cfg).epochs > 0:  # (also checks the finetune values)
+        raise ValueError("stage=test only evaluates a saved model: drop quant.finetune.epochs, or pass stage=all to "
+                         "finetune the checkpoint and evaluate the result")
     calib = cfg.quant.calib
     if calib.num_samples < 1 or calib.batch_size < 1:
         raise ValueError("quant.calib.num_samples and quant.calib.batch_size must be at least 1")

@@ -22,6 +22,7 @@ import vitq
 from ..memory import return_freed_memory
 from ..report.table import print_points
 from .config import validate
+from .finetune import resume_start
 from .float_model import cache_dir
 from .lifecycle import RunInterrupted, acquire, release, signals_end_the_run
 from .stages import RunContext, STAGES, pipeline
@@ -42,6 +43,7 @@ def make_trainer_factory(cfg: DictConfig, loggers: list[Logger]):  # noqa: ANN20
     """Trainers from the `trainer` group (hydra instantiate), with the run's loggers and fresh callbacks."""
     def make(**kwargs: Any) -> L.Trainer:
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+        callbacks += kwargs.pop("callbacks", [])  # a stage's own (e.g. the finetune checkpoints)
         logger = kwargs.pop("logger", loggers or False)
         args = {k: v for k, v in {"enable_checkpointing": False, "enable_model_summary": False,
                                   "num_sanity_val_steps": 0, "log_every_n_steps": 10}.items() if k not in cfg.trainer}
@@ -121,8 +123,10 @@ def _run(cfg: DictConfig, out_dir: Path, loggers: list[Logger]) -> dict[str, Any
     ctx = RunContext(cfg=cfg, out_dir=out_dir, task=task, recipe=recipe, method=recipe.method_impl(),
                      make_trainer=make_trainer_factory(cfg, loggers), loggers=loggers,
                      cache=cache_dir(cfg.paths.cache_dir), model_cfg=model_cfg, task_cfg=task_cfg)
-    if cfg.quant.from_checkpoint:
-        ctx.checkpoint = vitq.quant.read_quantized(cfg.quant.from_checkpoint)
+    ctx.resume_from = resume_start(cfg, out_dir)
+    if cfg.quant.from_checkpoint or ctx.resume_from is not None:  # a resumed finetune starts from its saved model
+        ctx.checkpoint_path = str(ctx.resume_from or cfg.quant.from_checkpoint)
+        ctx.checkpoint = vitq.quant.read_quantized(ctx.checkpoint_path)
     else:  # built now so that too many samples fail before training
         c = cfg.quant.calib
         ctx.calib_loader = task.calib_loader(int(c.num_samples), int(c.batch_size), int(c.seed))
@@ -161,7 +165,7 @@ def _layernorm_ranges(ctx: RunContext) -> None:
 
 def _write_outputs(ctx: RunContext) -> None:
     """Write result files last, the checkpoint atomically, so only finished runs look finished."""
-    if ctx.qmodel is not None and ctx.checkpoint is None:
+    if ctx.qmodel is not None and (ctx.checkpoint is None or ctx.finetuned):
         meta = {g: OmegaConf.to_container(ctx.cfg[g], resolve=True) for g in ("model", "task", "quant")}
         vitq.save_quantized(ctx.qmodel, ctx.out_dir / "quantized.ckpt", meta=meta)
         if ctx.recipe.scope == "full":

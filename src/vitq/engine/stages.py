@@ -52,6 +52,9 @@ class RunContext:
     float_source: str = ""
     float_key: str = ""
     checkpoint: dict | None = None  # a quantized checkpoint read at start-up (quant.from_checkpoint)
+    checkpoint_path: str = ""  # where it came from
+    resume_from: Path | None = None  # a finetune start model this run resumes from (quant.finetune.ckpt_path)
+    finetuned: bool = False
     calib_loader: Any = None
     timings: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)  # extra columns of the result row
@@ -71,7 +74,11 @@ def register_stage(name: str) -> Callable[[Stage], Stage]:
 
 
 def pipeline(ctx: RunContext) -> list[str]:
+    from .finetune import finetune_epochs
+
     middle = ["load"] if ctx.checkpoint is not None else list(ctx.method.stages)
+    if finetune_epochs(ctx.cfg) > 0:
+        middle.append("finetune")
     unknown = [s for s in middle if s not in STAGES]
     if unknown:
         raise ValueError(f"method {ctx.method.name!r} needs stage(s) {unknown} that are not registered; "
@@ -83,7 +90,7 @@ def pipeline(ctx: RunContext) -> list[str]:
 def float_stage(ctx: RunContext) -> None:
     start = time.perf_counter()
     if ctx.checkpoint is not None:  # the float model is the one inside the quantized checkpoint
-        path = ctx.cfg.quant.from_checkpoint
+        path = ctx.checkpoint_path
         meta = ctx.checkpoint.get("meta") or {}
         for group in ("model", "task"):
             made_with = (meta.get(group) or {}).get("name")
@@ -175,6 +182,8 @@ def test_stage(ctx: RunContext) -> None:
                       float_source=ctx.float_source, primary=ctx.task.primary)
     if integer:
         row["setting"] += " integer"
+    if ctx.finetuned:
+        row["setting"] += f" +finetune {ctx.info.get('finetune_epochs')} ep"
     ctx.row = row
     if rank_zero_only.rank == 0:  # per-image outcomes, so two runs can be compared with a paired interval
         with written_atomically(ctx.out_dir / "outcomes.pt") as tmp:
@@ -192,11 +201,14 @@ def test_stage(ctx: RunContext) -> None:
             lg.log_table(key="quant/points", columns=cols, data=[[r[c] for c in cols] for r in points])
             lg.experiment.summary.update({"recipe": row["recipe"], "scope": row["scope"], "setting": row["setting"]})
     print_results([row], metrics)
-    print(f"quantized model: {'checkpoint ' + str(ctx.cfg.quant.from_checkpoint) if ctx.checkpoint else 'calibrated'}; "
+    made = "finetuned" if ctx.finetuned else "calibrated"
+    print(f"quantized model: {'checkpoint ' + ctx.checkpoint_path if ctx.checkpoint else made}"
+          f"{' then finetuned' if ctx.checkpoint and ctx.finetuned else ''}; "
           f"{sum(p['mode'] == 'quant' for p in points)} of {len(points)} points quantized ({ctx.recipe.describe()})")
     if line := float_layers_line(float_layers):
         print(line)
     ctx.artifacts["points"] = points
 
 
+from . import finetune as _finetune  # noqa: E402,F401  (registers the `finetune` stage)
 from . import reconstruct as _reconstruct  # noqa: E402,F401  (registers the `reconstruct` stage)

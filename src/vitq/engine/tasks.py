@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from ..distributed import gather_batches
 
@@ -141,3 +141,24 @@ class Task:
 
     def train_loader(self) -> DataLoader:
         raise NotImplementedError
+
+    def collate_fn(self) -> Callable | None:
+        """How the task's loaders batch samples (None: torch's default)."""
+        return None
+
+    # ---- quantization-aware finetuning (the `finetune` stage) -------------------------------------
+    def finetune_split(self, val_samples: int, seed: int) -> tuple[Dataset, Dataset]:
+        """Training samples for finetuning (with training augmentation), and `val_samples` others of the
+        training split held out for its validation loop (evaluation transform). Never evaluation images."""
+        raise NotImplementedError(f"task {type(self).__name__} does not support quantization-aware finetuning")
+
+    def finetune_losses(self, student: nn.Module, teacher: nn.Module, batch: Any, temperature: float
+                        ) -> dict[str, torch.Tensor]:
+        """Loss terms of one batch by name: `task` (the task's own loss), `kd` (logit distillation from
+        the float `teacher`), `feature` (feature distillation); any other key is a metric, logged only."""
+        raise NotImplementedError(f"task {type(self).__name__} does not support quantization-aware finetuning")
+
+    def batch_len(self, batch: Any) -> int:
+        """Samples in a batch (for weighting logged means)."""
+        first = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values()))
+        return len(first)

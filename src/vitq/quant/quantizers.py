@@ -164,7 +164,41 @@ class UniformQuantizer(Grid):
             self.scale = nn.Parameter(scale.clone())
         else:
             self.scale = scale.clone()
-        self.zero_point = zero_point.clone()
+        if isinstance(self.zero_point, nn.Parameter):
+            self.zero_point = nn.Parameter(zero_point.clone())
+        else:
+            self.zero_point = zero_point.clone()
+
+    def make_learnable(self, zero_point: bool = False) -> list[nn.Parameter]:
+        """Turn the scale (and, on an asymmetric grid with `zero_point`, the zero point) into trainable
+        parameters; the forward then takes the LSQ path. Returns the new parameters."""
+        if not self.learnable:
+            scale = self.scale.detach().clone()
+            del self.scale
+            self.scale = nn.Parameter(scale)
+            self.learnable = True
+        params = [self.scale]
+        if zero_point and not self.symmetric:
+            if not isinstance(self.zero_point, nn.Parameter):
+                zp = self.zero_point.detach().clone()
+                del self.zero_point
+                self.zero_point = nn.Parameter(zp)
+            params.append(self.zero_point)
+        return params
+
+    @torch.no_grad()
+    def make_fixed(self) -> None:
+        """Back to buffers: the trained scale stays, the zero point is rounded onto the integer grid, and
+        the inference path returns."""
+        if self.learnable:
+            scale = self.scale.detach().clone().clamp_min(_EPS)
+            del self.scale
+            self.register_buffer("scale", scale)
+            self.learnable = False
+        if isinstance(self.zero_point, nn.Parameter):
+            zp = self.zero_point.detach().round().clamp(self.qmin, self.qmax)
+            del self.zero_point
+            self.register_buffer("zero_point", zp)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         """Accept per-channel parameters whose length differs from the placeholder created at init."""
@@ -220,6 +254,8 @@ class UniformQuantizer(Grid):
         n = x.numel() / max(self.scale.numel(), 1)
         grad_scale = 1.0 / (n * self.qmax) ** 0.5 if self.qmax > 0 else 1.0
         scale = (scale - scale * grad_scale).detach() + scale * grad_scale
+        if isinstance(self.zero_point, nn.Parameter):  # LSQ+: a learned offset, kept on the integer grid
+            zp = round_ste((zp - zp * grad_scale).detach() + zp * grad_scale).clamp(self.qmin, self.qmax)
         # the clip decision is taken on the rounded code (as the fused kernels do), so in-range values
         # on the grid ends keep their straight-through gradient; clipped ones pass none to x
         r = round_ste(x / scale + zp)

@@ -26,7 +26,7 @@ _SECTIONS.update({k: (k,) for k in Kind.ALL if k != Kind.WEIGHT})
 # the shorthand a recipe YAML interpolates into a section's bits (base/uniform.yaml): named in bits errors
 _BITS_KEYS = {"weight": "quant.w_bits", "activation": "quant.a_bits", "softmax_output": "quant.attn_bits"}
 # keys of a recipe YAML that the run reads, not the recipe (bits shorthands, calibration, a checkpoint)
-RUN_KEYS = frozenset({"w_bits", "a_bits", "attn_bits", "observer", "calib", "from_checkpoint"})
+RUN_KEYS = frozenset({"w_bits", "a_bits", "attn_bits", "observer", "calib", "from_checkpoint", "finetune"})
 _RECIPE_KEYS = frozenset({"name", "scope", "method", "overrides", *_SECTIONS})
 
 

@@ -84,22 +84,12 @@ def bake_rounding(layer: nn.Module, rounding: AdaRoundQuantizer) -> torch.Tensor
 
 def make_learnable(grid: UniformQuantizer) -> nn.Parameter:
     """Turn the grid's scale into a trainable LSQ parameter (its forward then takes the LSQ path)."""
-    if not grid.learnable:
-        scale = grid.scale.detach().clone()
-        del grid.scale
-        grid.scale = nn.Parameter(scale)
-        grid.learnable = True
-    return grid.scale
+    return grid.make_learnable()[0]
 
 
-@torch.no_grad()
 def make_fixed(grid: UniformQuantizer) -> None:
     """Back to a buffer: the trained scale stays, the grid's inference path returns."""
-    if grid.learnable:
-        scale = grid.scale.detach().clone().clamp_min(1e-8)
-        del grid.scale
-        grid.register_buffer("scale", scale)
-        grid.learnable = False
+    grid.make_fixed()
 
 
 __all__ = ["AdaRoundQuantizer", "DropQuantizer", "bake_rounding", "make_fixed", "make_learnable"]
