@@ -210,19 +210,25 @@ class CocoTask(Task):
         self.scale = test_scale(self.cfg.get("img_size"))
         self._datasets: dict[str, Any] = {}
 
-    def dataset(self, split: str, with_annotations: bool = False):  # noqa: ANN201  (an mmdet CocoDataset)
-        """train2017 or val2017 through mmdet's test pipeline (resize, pack); every image, none filtered."""
-        key = f"{split}-{with_annotations}"
+    def dataset(self, split: str, with_annotations: bool = False, flip: float = 0.0):  # noqa: ANN201  (a CocoDataset)
+        """train2017 or val2017 through mmdet's test pipeline (resize, pack); every image, none filtered.
+        With annotations (boxes and masks, for the detector's losses) and `flip` > 0, random horizontal
+        flips with that probability (the training pipeline of quantization-aware finetuning)."""
+        key = f"{split}-{with_annotations}-{flip}"
         if key not in self._datasets:
             from mmdet.datasets import CocoDataset
             from mmdet.utils import register_all_modules
 
             register_all_modules(init_default_scope=True)
-            pipeline = [dict(type="LoadImageFromFile"), dict(type="Resize", scale=self.scale, keep_ratio=True)]
+            pipeline = [dict(type="LoadImageFromFile")]
             if with_annotations:
                 pipeline.append(dict(type="LoadAnnotations", with_bbox=True, with_mask=True))
-            pipeline.append(dict(type="PackDetInputs",
-                                 meta_keys=("img_id", "img_path", "ori_shape", "img_shape", "scale_factor")))
+            pipeline.append(dict(type="Resize", scale=self.scale, keep_ratio=True))
+            if flip > 0:
+                pipeline.append(dict(type="RandomFlip", prob=flip))
+            meta = ("img_id", "img_path", "ori_shape", "img_shape", "scale_factor") + (("flip", "flip_direction")
+                                                                                          if flip > 0 else ())
+            pipeline.append(dict(type="PackDetInputs", meta_keys=meta))
             self._datasets[key] = CocoDataset(
                 data_root=str(self.root), ann_file=LAYOUT[f"{split} annotations"],
                 data_prefix=dict(img=LAYOUT[f"{split} images"] + "/"), test_mode=True, pipeline=pipeline)
@@ -249,15 +255,22 @@ class CocoTask(Task):
         return {"name": "coco", "root": str(self.root), "split": "val2017", "test_size": len(self._eval_indices()),
                 "scale": list(self.scale)}
 
-    def _loader(self, dataset: Any, batch_size: int) -> DataLoader:
+    def collate_fn(self) -> Callable:
         from mmengine.dataset import pseudo_collate
 
-        return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=pseudo_collate,
+        return pseudo_collate
+
+    def _loader(self, dataset: Any, batch_size: int) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=self.collate_fn(),
                           num_workers=int(self.cfg.get("num_workers") or 0))
+
+    def _train_limit(self) -> int:
+        n = len(self.dataset("train"))
+        return min(n, int(self.cfg.get("train_limit") or n))
 
     def calib_loader(self, num_samples: int, batch_size: int, seed: int) -> DataLoader:
         train = self.dataset("train")
-        limit = min(len(train), int(self.cfg.get("train_limit") or len(train)))
+        limit = self._train_limit()
         if num_samples > limit:
             raise ValueError(f"quant.calib.num_samples={num_samples} but train2017 under {self.root} has {limit} "
                              "images; lower quant.calib.num_samples")
@@ -277,6 +290,33 @@ class CocoTask(Task):
 
     def test_loader(self) -> DataLoader:
         return self._loader(Subset(self.dataset("val"), self._eval_indices()), int(self.cfg.get("batch_size") or 1))
+
+    def finetune_split(self, val_samples: int, seed: int) -> tuple[Dataset, Dataset]:
+        """train2017 images with their boxes and masks (random flips) less `val_samples` held out (no flips)."""
+        n = self._train_limit()
+        if not 0 <= val_samples < n:
+            raise ValueError(f"quant.finetune.val_samples={val_samples} must be between 0 and the {n} train2017 "
+                             f"images under {self.root} minus one")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
+        return (Subset(self.dataset("train", with_annotations=True, flip=0.5), sorted(order[val_samples:])),
+                Subset(self.dataset("train", with_annotations=True), sorted(order[:val_samples])))
+
+    def finetune_losses(self, student: nn.Module, teacher: nn.Module, batch: Any, temperature: float
+                        ) -> dict[str, torch.Tensor]:
+        """mmdet's detector losses of the quantized detector (summed as mmdet's `parse_losses` does), and
+        the mean squared error of its backbone outputs against the float backbone's, averaged over levels."""
+        data = student.data_preprocessor(batch, True)
+        captured: list[Any] = []
+        hook = student.backbone.register_forward_hook(lambda module, args, out: captured.append(out))
+        try:
+            losses = student.loss(data["inputs"], data["data_samples"])
+        finally:
+            hook.remove()
+        task = sum(sum(v) if isinstance(v, (list, tuple)) else v for k, v in losses.items() if "loss" in k)
+        with torch.no_grad():
+            target = teacher.backbone(data["inputs"])
+        feature = torch.stack([torch.nn.functional.mse_loss(s, t) for s, t in zip(captured[0], target)]).mean()
+        return {"task": task, "feature": feature}
 
     def compare(self, fp: dict[str, Any], quant: dict[str, Any], metrics: tuple[str, ...]
                 ) -> dict[str, tuple[float, float, float, float, float]]:

@@ -106,3 +106,15 @@ def test_task_runs_through_the_engine(doc, tmp_path):
     assert row["task"] == "blobs" and row["eval_samples"] == 100
     assert row["fp_top1"] >= 90.0  # the squares are easy: measured 100.0 after 20 epochs
     assert row["quant_top1"] >= 90.0
+
+
+def test_task_finetunes_through_its_hooks(doc, tmp_path):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "task.name=blobs", "model.kwargs.img_size=16", "model.kwargs.patch_size=4", "model.kwargs.depth=1",
+            "model.kwargs.embed_dim=32", "model.kwargs.num_heads=2", "task.fit.epochs=20", "quant=minmax",
+            "quant.w_bits=4", "quant.a_bits=4", "quant.calib.num_samples=50", "logger=none",
+            "quant.finetune.epochs=2", "quant.finetune.val_samples=50", f"paths.cache_dir={tmp_path / 'cache'}"])
+    row = run(cfg, tmp_path / "out")
+    assert row["finetune_epochs"] == 2 and row["setting"].endswith("+finetune 2 ep")
+    assert row["finetune_val_kd"] >= 0 and row["finetune_val_task"] > 0  # both terms reached the validation loop

@@ -48,7 +48,7 @@ def check_row(row: dict, out: Path, images: int, recipe: str) -> None:
     stored = json.loads((out / "results.json").read_text())
     assert stored["task"] == "coco" and stored["model"] == "cascade_mask_rcnn_swin_t"
     assert stored["recipe"] == recipe and stored["primary"] == "box_AP" and stored["eval_samples"] == images
-    assert stored["detector_scope"] == "backbone" and stored["setting"].endswith("det:backbone")
+    assert stored["detector_scope"] == "backbone" and "det:backbone" in stored["setting"]
     for m in ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75"):
         f, q, d = stored[f"fp_{m}"], stored[f"quant_{m}"], stored[f"delta_{m}"]
         assert 0 <= f <= 100 and 0 <= q <= 100 and d == pytest.approx(q - f)
@@ -149,3 +149,24 @@ def test_a_detector_without_weights_names_the_checkpoint_setting(synthetic_coco,
     with pytest.raises(ValueError, match=r"no float weights for cascade_mask_rcnn_swin_t on coco: pass "
                                          r"model\.checkpoint=<an mmdet 3 or Swin-repository checkpoint"):
         run(coco_cfg(tmp_path, synthetic_coco, "quant=minmax", *SMALL), tmp_path / "out")
+
+
+@needs_mmdet
+def test_finetune_trains_the_quantized_backbone_with_detector_losses_and_feature_distillation(
+        synthetic_coco, random_checkpoint, tmp_path, one_thread):
+    """Quantization-aware finetuning of the detector: mmdet's losses plus backbone feature distillation,
+    one epoch on 4 of the 5 generated training images (one held out for the validation loop)."""
+    out = tmp_path / "ft"
+    row = run(coco_cfg(tmp_path, synthetic_coco, "quant=minmax", "quant.w_bits=4", "quant.a_bits=4",
+                       f"model.checkpoint={random_checkpoint}", "quant.finetune.epochs=1", "quant.finetune.val_samples=1",
+                       "quant.finetune.batch_size=2", "quant.finetune.lr=1e-3", *SMALL), out)
+    check_row(row, out, 5, "minmax")
+    assert row["finetune_epochs"] == 1 and row["finetune_trained"]["steps"] > 0
+    assert row["finetune_val_feature"] > 0 and row["finetune_val_task"] > 0  # both terms reach the validation loop
+    assert "kd" not in "".join(row)  # detection distils features, not logits
+    before = torch.load(out / "finetune" / "start.ckpt", weights_only=False)["state_dict"]  # the PTQ model
+    after = torch.load(out / "quantized.ckpt", weights_only=False)["state_dict"]
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("backbone.") and "quantizer" in k for k in changed)  # only backbone grids
+    header = (out / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/feature" in header and "train/task" in header

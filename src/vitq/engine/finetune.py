@@ -244,6 +244,8 @@ def finetune_stage(ctx: RunContext) -> None:
     resume_ckpt = resume_checkpoint(options, folder) if resuming else None
     data = finetune_data(ctx, options, trainer, first_epoch=resumed_epoch(resume_ckpt) if resume_ckpt else 0)
     world = processes(trainer)
+    steps = math.ceil(len(data.train.dataset) // world / data.train.batch_size)
+    trainer.log_every_n_steps = max(1, min(50, steps // 4))  # a few points per epoch, even in short ones
     training = QuantTraining(ctx.qmodel, weights=options.weights, zero_points=options.zero_points)
     module = FinetuneModule(ctx.task, ctx.qmodel, ctx.fp_model, training, options)
     counts = training.trainables.count()
