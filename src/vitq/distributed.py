@@ -32,19 +32,10 @@ def num_batches(size: int, batch_size: int, drop_last: bool = False) -> int:
     return size // batch_size if drop_last else math.ceil(size / batch_size)
 
 
-class BatchShards(DistributedSampler):
-    """Sample indices of the whole batches `rank, rank + world, ...`, never padded.
-
-    A DistributedSampler by type only, so that Lightning keeps it instead of injecting its own (which
+class _ShardSampler(DistributedSampler):
+    """A DistributedSampler by type only, so that Lightning keeps it instead of injecting its own (which
     pads shards with repeated samples). Rank and world size are read when iterated: the process group
-    starts after the loader is built.
-    """
-
-    shuffle, seed, epoch = False, 0, 0  # what code that inspects a DistributedSampler looks for
-
-    def __init__(self, size: int, batch_size: int, drop_last: bool = False) -> None:  # noqa: D107
-        # no super().__init__: it would need the process group now
-        self.size, self.batch_size, self.drop_last = int(size), int(batch_size), bool(drop_last)
+    starts after the loader is built (subclasses skip `DistributedSampler.__init__`, which needs it)."""
 
     @property
     def rank(self) -> int:  # type: ignore[override]
@@ -53,6 +44,15 @@ class BatchShards(DistributedSampler):
     @property
     def num_replicas(self) -> int:  # type: ignore[override]
         return rank_world()[1]
+
+
+class BatchShards(_ShardSampler):
+    """Sample indices of the whole batches `rank, rank + world, ...`, never padded."""
+
+    shuffle, seed, epoch = False, 0, 0  # what code that inspects a DistributedSampler looks for
+
+    def __init__(self, size: int, batch_size: int, drop_last: bool = False) -> None:  # noqa: D107
+        self.size, self.batch_size, self.drop_last = int(size), int(batch_size), bool(drop_last)
 
     def _batches(self) -> range:
         rank, world = rank_world()
@@ -69,26 +69,18 @@ class BatchShards(DistributedSampler):
         """Unshuffled: every epoch is the same."""
 
 
-class EpochShuffle(DistributedSampler):
+class EpochShuffle(_ShardSampler):
     """Training order for (data-parallel) finetuning: a permutation fixed by (seed, epoch), cut to a multiple
     of the process count so that every rank runs the same number of steps, rank r taking every N-th index.
 
     The order depends on nothing but the seed and the epoch, so a run resumed at an epoch boundary sees
-    the batches an uninterrupted run sees. A DistributedSampler by type only (see `BatchShards`).
+    the batches an uninterrupted run sees.
     """
 
     shuffle = True
 
     def __init__(self, size: int, seed: int) -> None:  # noqa: D107
         self.size, self.seed, self.epoch = int(size), int(seed), 0
-
-    @property
-    def rank(self) -> int:  # type: ignore[override]
-        return rank_world()[0]
-
-    @property
-    def num_replicas(self) -> int:  # type: ignore[override]
-        return rank_world()[1]
 
     def __iter__(self) -> Iterator[int]:
         rank, world = rank_world()
