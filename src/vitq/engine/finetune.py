@@ -122,11 +122,9 @@ class FinetuneModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.student.train(self.options.train_mode)
 
-    def _terms(self, batch: Any, stage: str) -> tuple[torch.Tensor, int]:
+    def _terms(self, batch: Any, stage: str) -> torch.Tensor:
+        """The weighted sum of the task's loss terms; every term and metric logged under `stage/`."""
         out = self.task.finetune_losses(self.student, self.teacher, batch, self.options.temperature)
-        unknown = [k for k in out if k.startswith("loss_")]
-        if unknown:
-            raise ValueError(f"Task.finetune_losses returned {unknown}: loss terms are named {LOSS_TERMS}")
         n = self.task.batch_len(batch)
         losses = {k: v for k, v in out.items() if k in LOSS_TERMS and self.weights[k] != 0}
         if not losses:
@@ -136,10 +134,10 @@ class FinetuneModule(L.LightningModule):
             self.log(f"{stage}/{name}", value.detach().float(), batch_size=n, sync_dist=stage == "val",
                      prog_bar=stage == "val" and name not in LOSS_TERMS)
         self.log(f"{stage}/loss", total.detach(), batch_size=n, prog_bar=True, sync_dist=stage == "val")
-        return total, n
+        return total
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._terms(batch, "train")[0]
+        return self._terms(batch, "train")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._terms(batch, "val")
