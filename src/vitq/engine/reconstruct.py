@@ -2,9 +2,10 @@
 
 Each unit becomes a `UnitFit` (manual optimization: Adam and a cosine schedule over `iters` steps) fitted
 over an index dataset of `iters` step numbers; a step draws its mini-batch from the unit's cached records
-by (seed, step, rank). Under DDP every rank captures the same calibration records, draws a different
-mini-batch, and Lightning's DDP wrapper averages the gradients, so parameters stay identical on every
-rank. Times, cache sizes and memory peaks per unit go to the loggers and the result row.
+(one group of one input size) by (seed, step, rank). Under DDP every rank captures the same calibration
+records, draws a different mini-batch (possibly from another size group), and Lightning's DDP wrapper
+averages the gradients, so parameters stay identical on every rank. Times, cache sizes and memory peaks
+per unit go to the loggers and the result row.
 """
 from __future__ import annotations
 
