@@ -13,7 +13,7 @@ from vitq.models import units
 from vitq.quant.api import float_state_dict
 from vitq.quant.modules import QuantLinear
 from vitq.quant.quantizers import UniformQuantizer
-from vitq.quant.reconstruct import ReconstructOptions, UnitObjective, capture, plain_fit
+from vitq.quant.reconstruct import ReconstructOptions, Rows, UnitObjective, capture, plain_fit
 from vitq.quant.rounding import AdaRoundQuantizer, DropQuantizer, bake_rounding
 
 VIT = dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2,
@@ -143,6 +143,16 @@ def test_reconstruction_lowers_the_held_out_unit_error(what, one_thread):
     assert [r.name for r in reports] == ["blocks.0"]
     assert reports[0].loss_after < reports[0].loss_before  # on the cached (training) records too
     assert after < 0.85 * before, (before, after)
+
+
+def test_cached_rows_read_like_their_concatenation():
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(3, 2, 4, generator=g), torch.randn(1, 2, 4, generator=g), torch.randn(5, 2, 4, generator=g)]
+    rows, whole = Rows(parts), torch.cat(parts)
+    index = torch.randperm(9, generator=g)[:7]
+    assert rows.shape == whole.shape and rows.nbytes() == whole.numel() * 4
+    assert torch.equal(rows.index_select(index), whole.index_select(0, index))
+    assert torch.equal(rows.index_select(torch.arange(9)), whole)
 
 
 def test_unit_cache_holds_one_unit_and_reports_cost():

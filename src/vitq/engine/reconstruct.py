@@ -84,9 +84,9 @@ def reconstruct_stage(ctx: RunContext) -> None:
     def on_unit(report: UnitReport) -> None:
         row = {"pass": len(done), **report.as_dict()}
         reports.append(row)
-        log.info("reconstruct pass %d %s: %.1f s, cache %.1f MiB, peak %.0f MiB, error %.4g -> %.4g",
-                 row["pass"], report.name, report.seconds, report.cache_mib, report.peak_mib, report.loss_before,
-                 report.loss_after)
+        log.info("reconstruct pass %d %s: %.1f s, cache %.1f MiB (%d input size(s)), peak %.0f MiB, error %.4g -> "
+                 "%.4g", row["pass"], report.name, report.seconds, report.cache_mib, report.groups, report.peak_mib,
+                 report.loss_before, report.loss_after)
         for lg in ctx.loggers:
             lg.log_metrics({f"reconstruct/{report.name}/seconds": report.seconds,
                             f"reconstruct/{report.name}/peak_mib": report.peak_mib,

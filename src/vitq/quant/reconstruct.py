@@ -80,6 +80,7 @@ class UnitReport:
     loss_before: float
     loss_after: float
     params: int = 0  # trained tensors' elements
+    groups: int = 1  # input forms cached (e.g. padded image sizes among the calibration batches)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -110,13 +111,43 @@ def _flat(out: Any) -> list[torch.Tensor]:
     return []
 
 
+class Rows:
+    """Tensors of equal trailing shape read as one tensor concatenated along dim 0, without copying them
+    into one (which would hold every record twice while it is made)."""
+
+    def __init__(self, parts: list[torch.Tensor]) -> None:
+        self.parts = parts
+        self.starts = torch.tensor([0, *[int(p.shape[0]) for p in parts]]).cumsum(0)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((int(self.starts[-1]), *self.parts[0].shape[1:]))
+
+    def is_floating_point(self) -> bool:
+        return self.parts[0].is_floating_point()
+
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parts)
+
+    def index_select(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` of the concatenation, in that order (exactly `torch.cat(parts).index_select(0, index)`)."""
+        if len(self.parts) == 1:
+            return self.parts[0].index_select(0, index)
+        which = torch.searchsorted(self.starts, index, right=True) - 1
+        out = self.parts[0].new_empty((len(index), *self.parts[0].shape[1:]))
+        for k in which.unique().tolist():
+            at = (which == k).nonzero().squeeze(1)
+            out[at] = self.parts[k].index_select(0, index[at] - self.starts[k])
+        return out
+
+
 class _Group:
-    """Calls of one form: their batch tensors (concatenated along dim 0 by `finish`) and one layout."""
+    """Calls of one form: their batch tensors (read as concatenated along dim 0) and one layout."""
 
     def __init__(self, layout: Any, shapes: list[tuple], n_tensors: int) -> None:
         self.layout, self.shapes = layout, shapes
         self.parts: list[list[torch.Tensor]] = [[] for _ in range(n_tensors)]
-        self.tensors: list[torch.Tensor] = []
+        self.tensors: list[Rows] = []
         self.size = 0
 
     def matches(self, layout: Any, shapes: list[tuple]) -> bool:
@@ -143,7 +174,7 @@ class ArgCache:
 
     Tensors whose first dimension is the batch are the per-sample records; everything else (e.g. mmdet's
     `hw_shape`) is the call's layout. Calls whose batch tensors have the same shapes past the batch axis
-    and whose layouts are equal form one group, and a group's batch tensors are concatenated along dim 0.
+    and whose layouts are equal form one group, whose batch tensors read as one along dim 0 (`Rows`).
     Batches of one image size make one group; a detector's calibration batches padded to different sizes
     make one group per size, each replayed with its own layout. `order` is the group of every call."""
 
@@ -180,7 +211,7 @@ class ArgCache:
 
     def finish(self) -> None:
         for g in self.groups:
-            g.tensors = [torch.cat(p, 0) for p in g.parts]
+            g.tensors = [Rows(p) for p in g.parts]
             g.parts = []
 
     @property
@@ -188,18 +219,18 @@ class ArgCache:
         return [g.size for g in self.groups]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for g in self.groups for t in g.tensors)
+        return sum(t.nbytes() for g in self.groups for t in g.tensors)
 
     def get(self, index: torch.Tensor, device: torch.device, other: "ArgCache | None" = None,
             mix: float = 0.0, group: int = 0) -> tuple[tuple, dict]:
         """The arguments of the samples `index` of one group, on `device`; with `other`, each element is
         taken from `other` (the quantized model's inputs, grouped alike) with probability `mix`."""
         g = self.groups[group]
-        tensors = [t.index_select(0, index).to(device, non_blocking=True) for t in g.tensors]
+        tensors = [t.index_select(index).to(device, non_blocking=True) for t in g.tensors]
         if other is not None:
             for i, t in enumerate(tensors):
                 if t.is_floating_point():
-                    o = other.groups[group].tensors[i].index_select(0, index).to(device, non_blocking=True)
+                    o = other.groups[group].tensors[i].index_select(index).to(device, non_blocking=True)
                     tensors[i] = torch.where(torch.rand_like(t) < mix, o, t)
 
         def fill(x: Any) -> Any:
@@ -236,7 +267,7 @@ class UnitData:
 
     fp_in: ArgCache | None = None
     q_in: ArgCache | None = None
-    fp_out: list[list[torch.Tensor]] = field(default_factory=list)  # per group: the float output tensors
+    fp_out: list[list[Rows]] = field(default_factory=list)  # per group: the float output tensors
 
     @property
     def sizes(self) -> list[int]:
@@ -249,7 +280,7 @@ class UnitData:
 
     def nbytes(self) -> int:
         caches = [c for c in (self.fp_in, self.q_in) if c is not None]
-        return sum(c.nbytes() for c in caches) + sum(t.numel() * t.element_size() for g in self.fp_out for t in g)
+        return sum(c.nbytes() for c in caches) + sum(t.nbytes() for g in self.fp_out for t in g)
 
 
 @torch.no_grad()
@@ -300,7 +331,7 @@ def capture(fp_model: nn.Module, fp_unit: nn.Module, qmodel: nn.Module | None, q
         if any(len(p) != len(parts[0]) or [t.shape[1:] for t in p] != [t.shape[1:] for t in parts[0]]
                for p in parts):
             raise RuntimeError("a reconstruction unit gave outputs of different forms for inputs of one form")
-        data.fp_out.append([torch.cat(ts, 0) for ts in zip(*parts)])
+        data.fp_out.append([Rows(list(ts)) for ts in zip(*parts)])
     del outs
     for c in (data.fp_in, data.q_in):
         if c is not None:
@@ -401,7 +432,7 @@ class UnitObjective(nn.Module):
         output tensors."""
         args, kwargs = self.inputs(index, device, train, group)
         outs = _flat(self.unit(*args, **kwargs))
-        targets = [t.index_select(0, index).to(device, non_blocking=True) for t in self.data.fp_out[group]]
+        targets = [t.index_select(index).to(device, non_blocking=True) for t in self.data.fp_out[group]]
         return sum((o.float() - t.float()).pow(2).sum(-1).mean() for o, t in zip(outs, targets))
 
     def regularizer(self, step: int) -> torch.Tensor | None:
@@ -587,10 +618,10 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches: Iterable[Any],
                     after = objective.evaluate(device)
                 finally:
                     objective.finish()
-                cache_mib, n_params = data.nbytes() / 2**20, objective.n_params
+                cache_mib, n_params, groups = data.nbytes() / 2**20, objective.n_params, len(data.sizes)
                 del data, objective
             report = UnitReport(name, round(time.perf_counter() - start, 3), round(cache_mib, 2),
-                                round(mem.peak / 2**20, 1), before, after, n_params)
+                                round(mem.peak / 2**20, 1), before, after, n_params, groups)
             reports.append(report)
             if on_unit is not None:
                 on_unit(report)
@@ -599,5 +630,5 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches: Iterable[Any],
     return reports
 
 
-__all__ = ["ArgCache", "INPUT_SOURCES", "PeakMemory", "ReconstructOptions", "UnitData", "UnitObjective", "UnitReport",
-           "capture", "plain_fit", "reconstruct"]
+__all__ = ["ArgCache", "INPUT_SOURCES", "PeakMemory", "ReconstructOptions", "Rows", "UnitData", "UnitObjective",
+           "UnitReport", "capture", "plain_fit", "reconstruct"]
