@@ -1,5 +1,6 @@
 """COCO detector benchmark on the CPU: calibration time and peak memory of Cascade Mask R-CNN Swin-T on
-8 images at 800x1333, per-image inference float vs fake-quant, and backbone SQNR per recipe.
+8 images at 800x1333, per-image inference float vs fake-quant, backbone SQNR per recipe, and I&S-ViT's
+reconstruction of the backbone units (SQNR before and after, cost per unit).
 
 Random weights (seed 0; no detector weights can be downloaded here), real images: the 15 coco-mini
 images (../shared/data/coco-mini) through the task's test pipeline. Each speed case runs in its own
@@ -8,6 +9,7 @@ process so its peak RSS is its own; `torch.set_num_threads(THREADS)` in every ca
 from __future__ import annotations
 
 import copy
+import json
 import os
 import resource
 import time
@@ -47,10 +49,10 @@ def coco_mini_root(shared: Path, tmp: Path) -> Path:
     return root
 
 
-def _task(root: Path, img_size: int):  # noqa: ANN202
+def _task(root: Path, img_size: int, batch_size: int = 1):  # noqa: ANN202
     from tasks.coco import CocoTask
 
-    return CocoTask({"name": "coco", "root": str(root), "img_size": img_size, "batch_size": 1}, MODEL)
+    return CocoTask({"name": "coco", "root": str(root), "img_size": img_size, "batch_size": batch_size}, MODEL)
 
 
 def _batches(task: Any, indices: list[int]) -> list[dict]:
@@ -127,6 +129,90 @@ def sqnr_rows(root: Path, img_size: int = 800, recipes: list[str] | None = None)
     return rows
 
 
+# I&S-ViT reconstruction of the backbone units through `python train.py task=coco quant=isvit ...` (CPU preset).
+RECON = {"img_size": 320, "calib": 8, "batch": 2, "iters": 30, "recon_batch": 2, "threads": 1}
+# random weights score every class near 1/81: keep every box, small RoI heads (their CPU time is not measured)
+SMALL_HEADS = ["+model.kwargs.test_cfg.rcnn.score_thr=0.0", "+model.kwargs.test_cfg.rcnn.max_per_img=10",
+               "+model.kwargs.test_cfg.rpn.nms_pre=100", "+model.kwargs.test_cfg.rpn.max_per_img=20"]
+
+
+def random_checkpoint(path: Path) -> Path:
+    """The randomly initialised Cascade Mask R-CNN Swin-T (seed 0) as an mmdet checkpoint."""
+    from tasks.coco import build_detector
+
+    if not path.exists():
+        torch.manual_seed(0)
+        torch.save({"state_dict": build_detector(MODEL).state_dict(), "meta": {"note": "random init"}}, path)
+    return path
+
+
+def _train(overrides: list[str], out: Path, threads: int) -> dict:
+    """`python train.py <overrides>` in its own process with `threads` intra-op threads; its wall seconds
+    and peak RSS (wait4), its log kept in `out/stdout.log`."""
+    import subprocess
+    import sys
+
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "WANDB_MODE": "offline"}
+    root = Path(__file__).resolve().parents[1]
+    start = time.perf_counter()
+    with open(out / "stdout.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "train.py", *overrides, f"hydra.run.dir={out}"], cwd=root, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"train.py failed ({proc.returncode}); see {out / 'stdout.log'}")
+    return {"seconds": time.perf_counter() - start, "peak_rss_gib": usage.ru_maxrss / 2**20,
+            "cpu_seconds": usage.ru_utime + usage.ru_stime}
+
+
+def recon_run(root: Path, work: Path, img_size: int = RECON["img_size"], calib: int = RECON["calib"],
+              batch: int = RECON["batch"], iters: int = RECON["iters"], recon_batch: int = RECON["recon_batch"],
+              threads: int = RECON["threads"], eval_images: int | None = None) -> dict:
+    """I&S-ViT on the random detector's backbone units: the same run twice, once stopped after calibration
+    (the model before reconstruction) and once complete; then backbone SQNR per output level of both
+    against the float detector, on the calibration images and on the other coco-mini images (none of
+    which calibration or reconstruction saw). `eval_images` limits the held-out images (default: all)."""
+    import vitq
+    from tasks.coco import backbone_sqnr, build_detector, load_detector_checkpoint
+
+    ckpt = random_checkpoint(work / "cascade_swin_t_random.pth")
+    overrides = ["task=coco", f"task.root={root}", f"task.img_size={img_size}", f"task.batch_size={batch}",
+                 "task.num_workers=0", "task.eval_limit=1", f"model.checkpoint={ckpt}", "quant=isvit",
+                 f"quant.iters={iters}", f"quant.recon_batch_size={recon_batch}", f"quant.calib.num_samples={calib}",
+                 f"quant.calib.batch_size={batch}", "logger=csv", "trainer=cpu", "callbacks.progress=null", "+trainer.enable_progress_bar=false",
+                 f"paths.cache_dir={work / 'cache'}", *SMALL_HEADS]
+    before_run = _train([*overrides, "stage=calibrate"], work / "calibrated", threads)
+    after_run = _train(overrides, work / "reconstructed", threads)
+    row = json.loads((work / "reconstructed" / "results.json").read_text())
+
+    torch.set_num_threads(threads)
+    task = _task(root, img_size, batch)
+    train, val = task.dataset("train"), task.dataset("val")
+    calib_idx = list(task.calib_loader(calib, batch, 0).dataset.indices)  # the engine's draw (quant.calib.seed 0)
+    calib_ids = [train.get_data_info(i)["img_id"] for i in calib_idx]
+    by_id = {val.get_data_info(i)["img_id"]: i for i in range(len(val))}
+    held_ids = [i for i in sorted(by_id) if i not in calib_ids][:eval_images]
+    fp = load_detector_checkpoint(build_detector(MODEL), ckpt).eval()
+    result: dict[str, Any] = {
+        **RECON, "img_size": img_size, "calib": calib, "batch": batch, "iters": iters, "recon_batch": recon_batch,
+        "threads": threads, "calib_img_ids": calib_ids, "held_out_img_ids": held_ids,
+        "calib_run": before_run, "recon_run": after_run, "calib_seconds": row.get("calib_seconds"),
+        "reconstruct_seconds": row.get("reconstruct_seconds"), "reconstruct_peak_mib": row.get("reconstruct_peak_mib"),
+        "units": row.get("reconstruct_units", []), "sqnr_db": {}}
+    for name, run_dir in (("before", "calibrated"), ("after", "reconstructed")):
+        q = vitq.load_quantized(copy.deepcopy(fp), work / run_dir / "quantized.ckpt").eval()
+        for images, ids in (("calibration", calib_ids), ("held-out", held_ids)):
+            result["sqnr_db"][f"{images} {name}"] = backbone_sqnr(fp, q, _batches(task, [by_id[i] for i in ids]))
+        del q
+    # the padded sizes of the engine's calibration batches: one cache group per size in every unit
+    result["calib_batch_shapes"] = [list(fp.data_preprocessor(b, False)["inputs"].shape[2:])
+                                    for b in task.calib_loader(calib, batch, 0)]
+    result["load_avg_1min"] = os.getloadavg()[0]
+    return result
+
+
 def report_lines(data: dict) -> list[str]:
     speed, sqnr = data.get("speed", []), data.get("sqnr", [])
     lines = ["## COCO detector on the CPU (Cascade Mask R-CNN Swin-T)", "",
@@ -164,4 +250,44 @@ def report_lines(data: dict) -> list[str]:
             lines.append(f"| {shape} | {r['label']} | {r['setting']} | " + " | ".join(f"{v:.1f}" for v in r["sqnr_db"])
                          + f" | {r['calib_seconds']:.1f} | {r.get('load_avg_1min', float('nan')):.1f} |")
         lines.append("")
+    for r in data.get("recon", []):
+        lines += recon_lines(r)
     return lines
+
+
+def recon_lines(r: dict) -> list[str]:
+    """The reconstruction run of `recon_run`: SQNR before/after per level, then its cost per unit."""
+    shapes = ", ".join("x".join(str(v) for v in s) for s in r["calib_batch_shapes"])
+    calib, held = r["calib_img_ids"], r["held_out_img_ids"]
+    lines = [f"### I&S-ViT reconstruction of the backbone units (short side {r['img_size']})", "",
+             f"`python -m bench.run --only coco-recon --coco-recon-size {r['img_size']}`: `python train.py task=coco "
+             f"quant=isvit quant.iters={r['iters']} quant.recon_batch_size={r['recon_batch']} "
+             f"quant.calib.num_samples={r['calib']} quant.calib.batch_size={r['batch']} task.img_size={r['img_size']}` "
+             f"on the random detector (`model.checkpoint`, seed 0; `quant.detector_scope=backbone`), "
+             f"{r['threads']} intra-op thread (`OMP_NUM_THREADS`), each run in its own process: once with "
+             "`stage=calibrate` (the model before reconstruction) and once complete (both SOS passes over the 16 "
+             f"backbone units). Calibration and reconstruction images: coco-mini ids {', '.join(map(str, calib))}, "
+             f"in batches of {r['batch']} padded to {shapes} (HxW), so every unit caches one group per padded size. "
+             f"Backbone SQNR (dB, quantized vs float, each output level) on those images and on the {len(held)} other "
+             f"coco-mini images (ids {', '.join(map(str, held))}), which neither calibration nor reconstruction saw. "
+             "'After' is the whole I&S-ViT pipeline (stage 1 tuning, the exact fold, weight grids refitted, stage 3 "
+             "tuning); 'before' is the calibrated model (per-channel post-LayerNorm inputs, calibrated weight grids).",
+             "", "| images | model | stride 4 | stride 8 | stride 16 | stride 32 |", "|---|---|---|---|---|---|"]
+    for images, n in (("calibration", len(calib)), ("held-out", len(held))):
+        for model in ("before", "after"):
+            values = r["sqnr_db"][f"{images} {model}"]
+            lines.append(f"| {images} ({n}) | {model} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    runs = [("stage=calibrate", r["calib_run"]), ("complete run", r["recon_run"])]
+    lines += ["", "Cost (wall seconds, CPU seconds of the process, its peak resident memory from `wait4`; the "
+              f"1-minute load average was {r['load_avg_1min']:.1f} at the end): "
+              + "; ".join(f"{name} {x['seconds']:.0f} s wall, {x['cpu_seconds']:.0f} s CPU, peak RSS "
+                          f"{x['peak_rss_gib']:.2f} GiB" for name, x in runs)
+              + f". In the complete run: calibration {r['calib_seconds']:.1f} s, the reconstruct stage "
+              f"{r['reconstruct_seconds']:.1f} s, peak RSS during any unit {r['reconstruct_peak_mib']:.0f} MiB.", "",
+              "Per unit (error = squared error per token against the float unit on the cached calibration inputs, "
+              "before -> after; peak = the process's resident memory during the unit):", "",
+              "| pass | unit | seconds | cache MiB | sizes | peak MiB | error before | error after |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {u['pass']} | {u['name']} | {u['seconds']:.1f} | {u['cache_mib']:.1f} | {u.get('groups', 1)} | "
+              f"{u['peak_mib']:.0f} | {u['loss_before']:.4g} | {u['loss_after']:.4g} |" for u in r["units"]]
+    return [*lines, ""]

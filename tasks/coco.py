@@ -145,6 +145,16 @@ def load_detector_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def backbone_sqnr(fp: nn.Module, quantized: nn.Module, batches: Sequence[Any]) -> list[float]:
+    """SQNR (dB) of each backbone output level of a quantized detector against its float original, pooled
+    over collated task batches (both backbones see the float detector's preprocessing of each batch)."""
+    from vitq.report.sqnr import output_sqnr
+
+    images = [fp.data_preprocessor(b, False)["inputs"] for b in batches]
+    return output_sqnr(fp.backbone, quantized.backbone, images)
+
+
 class DetectorForward(L.LightningModule):
     """Calibration forward: mmdet's preprocessing and inference on a batch (`validation_step`)."""
 

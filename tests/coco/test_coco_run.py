@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from vitq.engine.run import run
 
@@ -90,9 +91,6 @@ METHODS = {
     "liu21": ["quant.mixed_precision=true", "quant.candidates=5", "quant.rounds=2", "quant.rank_pairs=16",
               "quant.search_samples=2"],
     "noisyquant": [],
-    # one calibration batch: the reconstruct stage caches unit inputs of one padded image size
-    "isvit": ["quant.iters=2", "quant.recon_batch_size=1", "quant.calib.num_samples=4", "quant.calib.batch_size=4",
-              "task.batch_size=4"],
 }
 
 
@@ -100,14 +98,14 @@ METHODS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", sorted(METHODS))
 def test_more_methods_on_coco_mini_backbone(recipe, coco_mini_root, random_checkpoint, tmp_path, one_thread):
-    """liu21 (mixed precision), noisyquant and isvit (with its reconstruct stage) on the detector's backbone."""
+    """liu21 (mixed precision) and noisyquant on the detector's backbone (isvit: the test below)."""
     cfg = coco_cfg(tmp_path, coco_mini_root, f"quant={recipe}", f"model.checkpoint={random_checkpoint}", *SMALL,
                    *METHODS[recipe])
     out = tmp_path / "out"
     row = run(cfg, out)
     check_row(row, out, 15, recipe)
     stored = json.loads((out / "results.json").read_text())
-    assert stored["calib_seconds"] > 0 and (recipe != "isvit" or stored["reconstruct_seconds"] > 0)
+    assert stored["calib_seconds"] > 0
     points = (out / "points.csv").read_text().splitlines()
     assert any(line.startswith("backbone.") for line in points[1:])
     assert not any(line.startswith(("neck.", "rpn_head.", "roi_head.")) for line in points[1:])
@@ -170,3 +168,41 @@ def test_finetune_trains_the_quantized_backbone_with_detector_losses_and_feature
     assert changed and all(k.startswith("backbone.") and "quantizer" in k for k in changed)  # only backbone grids
     header = (out / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "train/feature" in header and "train/task" in header
+
+
+@needs_mmdet
+@pytest.mark.slow
+def test_isvit_reconstruction_raises_backbone_sqnr(coco_mini_root, random_checkpoint, tmp_path, one_thread):
+    """quant=isvit on the random detector's 16 backbone units, calibrated and reconstructed on 4 coco-mini
+    images in batches of 2 padded to two sizes (96x160 and 128x160): the same run once stopped after
+    calibration and once complete. Every unit caches both sizes, and the reconstruction raises the
+    backbone's SQNR on every output level of the calibration batches by more than 1 dB. Measured (seeded,
+    strides 4 / 8 / 16 / 32): before 24.6 / 15.1 / 11.0 / 9.5 dB, after 26.0 / 17.5 / 13.7 / 12.2 dB."""
+    import copy
+
+    import vitq
+    from tasks.coco import CocoTask, backbone_sqnr, build_detector, load_detector_checkpoint
+
+    common = ["quant=isvit", f"model.checkpoint={random_checkpoint}", *SMALL, "quant.iters=4",
+              "quant.recon_batch_size=2", "quant.calib.num_samples=4", "quant.calib.batch_size=2"]
+    calibrated, out = tmp_path / "calibrated", tmp_path / "out"
+    run(coco_cfg(tmp_path, coco_mini_root, *common, "stage=calibrate"), calibrated)
+    cfg = coco_cfg(tmp_path, coco_mini_root, *common)
+    row = run(cfg, out)
+    check_row(row, out, 15, "isvit")
+    stored = json.loads((out / "results.json").read_text())
+    units = stored["reconstruct_units"]
+    assert [u["pass"] for u in units] == [0] * 16 + [1] * 16 and units[0]["name"] == "backbone.patch_embed"
+    assert all(u["groups"] == 2 and u["seconds"] > 0 and u["peak_mib"] > 0 for u in units)  # both padded sizes
+    assert stored["reconstruct_seconds"] > 0 and stored["reconstruct_iters"] == [4, 4]
+
+    task = CocoTask(OmegaConf.to_container(cfg.task, resolve=True), OmegaConf.to_container(cfg.model, resolve=True))
+    batches = list(task.calib_loader(4, 2, 0))  # the engine's calibration batches (quant.calib.seed 0)
+    fp = load_detector_checkpoint(build_detector(OmegaConf.to_container(cfg.model, resolve=True)), random_checkpoint)
+    levels = {}
+    for name, folder in (("before", calibrated), ("after", out)):
+        quantized = vitq.load_quantized(copy.deepcopy(fp), folder / "quantized.ckpt").eval()
+        levels[name] = backbone_sqnr(fp, quantized, batches)
+    before, after = levels["before"], levels["after"]
+    assert len(before) == len(after) == 4
+    assert all(a > b + 1.0 for a, b in zip(after, before)), (before, after)

@@ -25,11 +25,16 @@ VIT = dict(model_name="vit_tiny_patch16_224", img_size=16, patch_size=8, embed_d
 OPTIONS = dict(iters=6, batch_size=8, adaround=True, lsq=True, drop_prob=0.5, input_source="mix", progress=False)
 
 
-def _model_and_data():
+def _model_and_data(two_sizes: bool = False):
+    """A W4A4 ViT calibrated on two batches of 16 images: both 16x16, or (`two_sizes`, a ViT taking any image
+    size) 16x16 and 16x24, so the patch embedding and the block cache two input sizes."""
     torch.manual_seed(0)
-    fp = timm.create_model(**VIT).eval()
-    x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    fp = timm.create_model(**VIT, dynamic_img_size=two_sizes).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 3, 16, 16, generator=g)
     batches = list(x.split(16))
+    if two_sizes:
+        batches[1] = torch.randn(16, 3, 16, 24, generator=g)
     q = vitq.quantize(copy.deepcopy(fp), vitq.recipe("minmax", w_bits=4, a_bits=4))
     vitq.calibrate(q, lambda m: [m(b) for b in batches], sync=False)
     return fp, q, batches
@@ -53,24 +58,27 @@ def test_lightning_fit_matches_the_plain_loop():
         assert torch.allclose(a, b, atol=1e-6), k
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, out: str, two_sizes: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       NODE_RANK="0", GLOBAL_RANK=str(rank))
     torch.set_num_threads(1)
-    fp, q, batches = _model_and_data()
+    fp, q, batches = _model_and_data(two_sizes)
     before = {k: v.clone() for k, v in q.state_dict().items()}
     reports = vitq.reconstruct(q, fp, batches, lambda m, b: m(b), ReconstructOptions(**OPTIONS),
                                fit=lightning_fit(_trainer_factory(devices=world, strategy="ddp")))
-    torch.save({"state": q.state_dict(), "before": before, "units": [r.name for r in reports]},
-               Path(out) / f"rank{rank}.pt")
+    torch.save({"state": q.state_dict(), "before": before, "units": [r.name for r in reports],
+                "groups": [r.groups for r in reports]}, Path(out) / f"rank{rank}.pt")
 
 
-def test_two_process_ddp_ends_with_identical_parameters(tmp_path, free_port):
-    """Each rank draws different mini-batches (and drop masks); DDP averages the gradients, so every trained
-    tensor (rounding-baked weights, LSQ steps) ends identical on both ranks, and differs from the start."""
-    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("two_sizes", [False, True], ids=["one-size", "two-sizes"])
+def test_two_process_ddp_ends_with_identical_parameters(two_sizes, tmp_path, free_port):
+    """Each rank draws different mini-batches (and drop masks; with two image sizes, from either size's
+    group); DDP averages the gradients, so every trained tensor (rounding-baked weights, LSQ steps) ends
+    identical on both ranks, and differs from the start."""
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path), two_sizes), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in range(2))
     assert r0["units"] == r1["units"] == ["patch_embed", "blocks.0", "head"]
+    assert r0["groups"] == r1["groups"] == ([2, 2, 1] if two_sizes else [1, 1, 1])
     for k in r0["state"]:
         assert torch.equal(r0["state"][k], r1["state"][k]), k
     changed = [k for k in r0["state"] if not torch.equal(r0["state"][k], r0["before"][k])]

@@ -2,9 +2,10 @@
 
 Each unit becomes a `UnitFit` (manual optimization: Adam and a cosine schedule over `iters` steps) fitted
 over an index dataset of `iters` step numbers; a step draws its mini-batch from the unit's cached records
-by (seed, step, rank). Under DDP every rank captures the same calibration records, draws a different
-mini-batch, and Lightning's DDP wrapper averages the gradients, so parameters stay identical on every
-rank. Times, cache sizes and memory peaks per unit go to the loggers and the result row.
+(one group of one input size) by (seed, step, rank). Under DDP every rank captures the same calibration
+records, draws a different mini-batch (possibly from another size group), and Lightning's DDP wrapper
+averages the gradients, so parameters stay identical on every rank. Times, cache sizes and memory peaks
+per unit go to the loggers and the result row.
 """
 from __future__ import annotations
 
@@ -83,9 +84,9 @@ def reconstruct_stage(ctx: RunContext) -> None:
     def on_unit(report: UnitReport) -> None:
         row = {"pass": len(done), **report.as_dict()}
         reports.append(row)
-        log.info("reconstruct pass %d %s: %.1f s, cache %.1f MiB, peak %.0f MiB, error %.4g -> %.4g",
-                 row["pass"], report.name, report.seconds, report.cache_mib, report.peak_mib, report.loss_before,
-                 report.loss_after)
+        log.info("reconstruct pass %d %s: %.1f s, cache %.1f MiB (%d input size(s)), peak %.0f MiB, error %.4g -> "
+                 "%.4g", row["pass"], report.name, report.seconds, report.cache_mib, report.groups, report.peak_mib,
+                 report.loss_before, report.loss_after)
         for lg in ctx.loggers:
             lg.log_metrics({f"reconstruct/{report.name}/seconds": report.seconds,
                             f"reconstruct/{report.name}/peak_mib": report.peak_mib,

@@ -6,7 +6,9 @@ float unit's output, one unit at a time, in model order.
 Units come from the model's adapters (`vitq.models.units`: patch embedding, blocks, Swin's merging
 layers, head). For each unit, forward hooks record its inputs (positional and keyword arguments) and the
 float unit's outputs on every calibration batch, stopping the forward right there; the records are kept
-on the CPU and streamed to the device a mini-batch at a time, so memory holds about one unit's cache.
+on the CPU, grouped by input form (batches of one padded image size form one group, so a detector's
+calibration batches may differ in size), and streamed to the device a mini-batch at a time, each
+mini-batch from one group, so memory holds about one unit's cache.
 What is trained (AdaRound gates, LSQ activation steps, the float weights themselves) and where the unit's
 inputs come from (the float model, the quantized model, or an element-wise random mix of both) are
 options. The optimization itself is a pluggable `fit` callable: a plain loop by default; the engine runs
@@ -78,6 +80,7 @@ class UnitReport:
     loss_before: float
     loss_after: float
     params: int = 0  # trained tensors' elements
+    groups: int = 1  # input forms cached (e.g. padded image sizes among the calibration batches)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -108,17 +111,79 @@ def _flat(out: Any) -> list[torch.Tensor]:
     return []
 
 
-class ArgCache:
-    """Calls of one module recorded over many batches: tensors whose first dimension is the batch are
-    concatenated along it (on the CPU); everything else is stored once (e.g. mmdet's `hw_shape`)."""
+class Rows:
+    """Tensors of equal trailing shape read as one tensor concatenated along dim 0, without copying them
+    into one (which would hold every record twice while it is made)."""
 
-    def __init__(self) -> None:
-        self.parts: list[list[torch.Tensor]] = []
-        self.tensors: list[torch.Tensor] = []
-        self.layout: Any = None  # args/kwargs with tensor slots replaced by their index
+    def __init__(self, parts: list[torch.Tensor]) -> None:
+        self.parts = parts
+        self.starts = torch.tensor([0, *[int(p.shape[0]) for p in parts]]).cumsum(0)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((int(self.starts[-1]), *self.parts[0].shape[1:]))
+
+    def is_floating_point(self) -> bool:
+        return self.parts[0].is_floating_point()
+
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parts)
+
+    def index_select(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` of the concatenation, in that order (exactly `torch.cat(parts).index_select(0, index)`)."""
+        if len(self.parts) == 1:
+            return self.parts[0].index_select(0, index)
+        which = torch.searchsorted(self.starts, index, right=True) - 1
+        out = self.parts[0].new_empty((len(index), *self.parts[0].shape[1:]))
+        for k in which.unique().tolist():
+            at = (which == k).nonzero().squeeze(1)
+            out[at] = self.parts[k].index_select(0, index[at] - self.starts[k])
+        return out
+
+
+class _Group:
+    """Calls of one form: their batch tensors (read as concatenated along dim 0) and one layout."""
+
+    def __init__(self, layout: Any, shapes: list[tuple], n_tensors: int) -> None:
+        self.layout, self.shapes = layout, shapes
+        self.parts: list[list[torch.Tensor]] = [[] for _ in range(n_tensors)]
+        self.tensors: list[Rows] = []
         self.size = 0
 
-    def add(self, args: tuple, kwargs: dict, batch: int) -> None:
+    def matches(self, layout: Any, shapes: list[tuple]) -> bool:
+        return shapes == self.shapes and _same(layout, self.layout)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal argument layouts: the same structure, equal values, equal non-batch tensors."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and torch.equal(a, b))
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):
+        return a is b
+
+
+class ArgCache:
+    """Calls of one module recorded over many batches, on the CPU, grouped by form.
+
+    Tensors whose first dimension is the batch are the per-sample records; everything else (e.g. mmdet's
+    `hw_shape`) is the call's layout. Calls whose batch tensors have the same shapes past the batch axis
+    and whose layouts are equal form one group, whose batch tensors read as one along dim 0 (`Rows`).
+    Batches of one image size make one group; a detector's calibration batches padded to different sizes
+    make one group per size, each replayed with its own layout. `order` is the group of every call."""
+
+    def __init__(self) -> None:
+        self.groups: list[_Group] = []
+        self.order: list[int] = []
+
+    def add(self, args: tuple, kwargs: dict, batch: int) -> int:
+        """Record one call; returns the index of its group."""
         found: list[torch.Tensor] = []
 
         def scan(x: Any) -> Any:
@@ -132,31 +197,40 @@ class ArgCache:
             return x.detach().cpu() if isinstance(x, torch.Tensor) else x
 
         layout = (scan(tuple(args)), scan(dict(kwargs)))
-        if self.layout is None:
-            self.layout, self.parts = layout, [[] for _ in found]
-        elif len(found) != len(self.parts):
-            raise RuntimeError("a reconstruction unit was called with a different argument structure on another "
-                               "batch; give every calibration batch the same form")
-        for part, t in zip(self.parts, found):
+        shapes = [(tuple(t.shape[1:]), t.dtype) for t in found]
+        index = next((i for i, g in enumerate(self.groups) if g.matches(layout, shapes)), None)
+        if index is None:
+            index = len(self.groups)
+            self.groups.append(_Group(layout, shapes, len(found)))
+        group = self.groups[index]
+        for part, t in zip(group.parts, found):
             part.append(t)
-        self.size += batch
+        group.size += batch
+        self.order.append(index)
+        return index
 
     def finish(self) -> None:
-        self.tensors = [torch.cat(p, 0) for p in self.parts]
-        self.parts = []
+        for g in self.groups:
+            g.tensors = [Rows(p) for p in g.parts]
+            g.parts = []
+
+    @property
+    def sizes(self) -> list[int]:
+        return [g.size for g in self.groups]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors)
+        return sum(t.nbytes() for g in self.groups for t in g.tensors)
 
     def get(self, index: torch.Tensor, device: torch.device, other: "ArgCache | None" = None,
-            mix: float = 0.0) -> tuple[tuple, dict]:
-        """The arguments of the samples `index`, on `device`; with `other`, each element is taken from
-        `other` (the quantized model's inputs) with probability `mix`."""
-        tensors = [t.index_select(0, index).to(device, non_blocking=True) for t in self.tensors]
+            mix: float = 0.0, group: int = 0) -> tuple[tuple, dict]:
+        """The arguments of the samples `index` of one group, on `device`; with `other`, each element is
+        taken from `other` (the quantized model's inputs, grouped alike) with probability `mix`."""
+        g = self.groups[group]
+        tensors = [t.index_select(index).to(device, non_blocking=True) for t in g.tensors]
         if other is not None:
             for i, t in enumerate(tensors):
                 if t.is_floating_point():
-                    o = other.tensors[i].index_select(0, index).to(device, non_blocking=True)
+                    o = other.groups[group].tensors[i].index_select(index).to(device, non_blocking=True)
                     tensors[i] = torch.where(torch.rand_like(t) < mix, o, t)
 
         def fill(x: Any) -> Any:
@@ -168,7 +242,7 @@ class ArgCache:
                 return {k: fill(v) for k, v in x.items()}
             return x.to(device) if isinstance(x, torch.Tensor) else x
 
-        args, kwargs = self.layout
+        args, kwargs = g.layout
         return fill(args), fill(kwargs)
 
 
@@ -188,19 +262,25 @@ def _batch_size(args: tuple, kwargs: dict) -> int:
 
 @dataclass
 class UnitData:
-    """One unit's cached calibration records: float inputs, quantized-model inputs, float outputs."""
+    """One unit's cached calibration records: float inputs, quantized-model inputs, float outputs, in
+    groups of one input form (one group per padded image size; see `ArgCache`)."""
 
     fp_in: ArgCache | None = None
     q_in: ArgCache | None = None
-    fp_out: list[torch.Tensor] = field(default_factory=list)
+    fp_out: list[list[Rows]] = field(default_factory=list)  # per group: the float output tensors
+
+    @property
+    def sizes(self) -> list[int]:
+        """Samples per group."""
+        return (self.fp_in if self.fp_in is not None else self.q_in).sizes
 
     @property
     def size(self) -> int:
-        return self.fp_out[0].shape[0]
+        return sum(self.sizes)
 
     def nbytes(self) -> int:
         caches = [c for c in (self.fp_in, self.q_in) if c is not None]
-        return sum(c.nbytes() for c in caches) + sum(t.numel() * t.element_size() for t in self.fp_out)
+        return sum(c.nbytes() for c in caches) + sum(t.nbytes() for g in self.fp_out for t in g)
 
 
 @torch.no_grad()
@@ -242,7 +322,17 @@ def capture(fp_model: nn.Module, fp_unit: nn.Module, qmodel: nn.Module | None, q
             h.remove()
     if not outs:
         raise RuntimeError("reconstruction got no calibration batches")
-    data.fp_out = [torch.cat(parts, 0) for parts in zip(*outs)]
+    order = (data.fp_in if data.fp_in is not None else data.q_in).order
+    if data.fp_in is not None and data.q_in is not None and data.fp_in.order != data.q_in.order:
+        raise RuntimeError("the float and the quantized model called a reconstruction unit with inputs of "
+                           "different forms on the same batch")
+    for g in range(max(order) + 1):
+        parts = [outs[i] for i, k in enumerate(order) if k == g]
+        if any(len(p) != len(parts[0]) or [t.shape[1:] for t in p] != [t.shape[1:] for t in parts[0]]
+               for p in parts):
+            raise RuntimeError("a reconstruction unit gave outputs of different forms for inputs of one form")
+        data.fp_out.append([Rows(list(ts)) for ts in zip(*parts)])
+    del outs
     for c in (data.fp_in, data.q_in):
         if c is not None:
             c.finish()
@@ -314,29 +404,35 @@ class UnitObjective(nn.Module):
         opt = torch.optim.Adam(self.groups, weight_decay=self.options.weight_decay)
         return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.options.iters, eta_min=0.0)
 
-    def sample(self, step: int, rank: int = 0) -> torch.Tensor:
-        """The sample indices of one step: fixed by (seed, step, rank), so a resumed or repeated run draws
-        the same batches, and ranks draw different ones."""
+    def sample(self, step: int, rank: int = 0) -> tuple[int, torch.Tensor]:
+        """The group and the sample indices (within it) of one step: fixed by (seed, step, rank), so a
+        resumed or repeated run draws the same batches, and ranks draw different ones. A mini-batch comes
+        from one group (one input form); the group is drawn with probability proportional to its size, so
+        every cached sample is equally likely. With one group the draw is a plain permutation."""
         g = torch.Generator().manual_seed(self.options.seed * 1_000_003 + step * 1009 + rank)
-        n = self.data.size
-        return torch.randperm(n, generator=g)[: min(self.options.batch_size, n)]
+        sizes = self.data.sizes
+        group = 0 if len(sizes) == 1 else int(torch.multinomial(torch.tensor(sizes, dtype=torch.float), 1,
+                                                                 generator=g))
+        n = sizes[group]
+        return group, torch.randperm(n, generator=g)[: min(self.options.batch_size, n)]
 
-    def inputs(self, index: torch.Tensor, device: torch.device, train: bool) -> tuple[tuple, dict]:
+    def inputs(self, index: torch.Tensor, device: torch.device, train: bool, group: int = 0) -> tuple[tuple, dict]:
         d, o = self.data, self.options
         if o.input_source == "float":
-            return d.fp_in.get(index, device)
+            return d.fp_in.get(index, device, group=group)
         if o.input_source == "quant":
-            return d.q_in.get(index, device)
+            return d.q_in.get(index, device, group=group)
         if train:
-            return d.fp_in.get(index, device, other=d.q_in, mix=o.mix_prob)
-        return d.q_in.get(index, device)  # what the unit sees at inference
+            return d.fp_in.get(index, device, other=d.q_in, mix=o.mix_prob, group=group)
+        return d.q_in.get(index, device, group=group)  # what the unit sees at inference
 
-    def error(self, index: torch.Tensor, device: torch.device, train: bool = True) -> torch.Tensor:
-        """Squared error of the unit's outputs against the float outputs, summed over the channel (last)
-        axis and averaged over everything else, summed over the unit's output tensors."""
-        args, kwargs = self.inputs(index, device, train)
+    def error(self, index: torch.Tensor, device: torch.device, train: bool = True, group: int = 0) -> torch.Tensor:
+        """Squared error of the unit's outputs against the float outputs on samples `index` of `group`,
+        summed over the channel (last) axis and averaged over everything else, summed over the unit's
+        output tensors."""
+        args, kwargs = self.inputs(index, device, train, group)
         outs = _flat(self.unit(*args, **kwargs))
-        targets = [t.index_select(0, index).to(device, non_blocking=True) for t in self.data.fp_out]
+        targets = [t.index_select(index).to(device, non_blocking=True) for t in self.data.fp_out[group]]
         return sum((o.float() - t.float()).pow(2).sum(-1).mean() for o, t in zip(outs, targets))
 
     def regularizer(self, step: int) -> torch.Tensor | None:
@@ -350,13 +446,16 @@ class UnitObjective(nn.Module):
         return o.reg_weight * sum(r.regularizer(beta) for _, r in self.roundings)
 
     def loss(self, step: int, device: torch.device, rank: int = 0) -> torch.Tensor:
-        loss = self.error(self.sample(step, rank), device)
+        group, index = self.sample(step, rank)
+        loss = self.error(index, device, group=group)
         reg = self.regularizer(step)
         return loss if reg is None else loss + reg
 
     @torch.no_grad()
     def evaluate(self, device: torch.device, batch: int = 256) -> float:
         """Mean error over every cached sample, as the unit computes at inference (hard rounding, no drop)."""
+        for layer in _weight_layers(self.unit):
+            layer._wcache = None  # the weight cache does not track the rounding gates
         for _, r in self.roundings:
             r.hard = True
         keeps = [(d, d.keep) for _, d in self.drops]
@@ -365,13 +464,16 @@ class UnitObjective(nn.Module):
         was = self.unit.training
         self.unit.eval()
         try:
-            n, total = self.data.size, 0.0
-            for i in range(0, n, batch):
-                index = torch.arange(i, min(i + batch, n))
-                total += float(self.error(index, device, train=False)) * len(index)
-            return total / n
+            total = 0.0
+            for group, n in enumerate(self.data.sizes):
+                for i in range(0, n, batch):
+                    index = torch.arange(i, min(i + batch, n))
+                    total += float(self.error(index, device, train=False, group=group)) * len(index)
+            return total / self.data.size
         finally:
             self.unit.train(was)
+            for layer in _weight_layers(self.unit):
+                layer._wcache = None
             for _, r in self.roundings:
                 r.hard = False
             for d, keep in keeps:
@@ -516,10 +618,10 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches: Iterable[Any],
                     after = objective.evaluate(device)
                 finally:
                     objective.finish()
-                cache_mib, n_params = data.nbytes() / 2**20, objective.n_params
+                cache_mib, n_params, groups = data.nbytes() / 2**20, objective.n_params, len(data.sizes)
                 del data, objective
             report = UnitReport(name, round(time.perf_counter() - start, 3), round(cache_mib, 2),
-                                round(mem.peak / 2**20, 1), before, after, n_params)
+                                round(mem.peak / 2**20, 1), before, after, n_params, groups)
             reports.append(report)
             if on_unit is not None:
                 on_unit(report)
@@ -528,5 +630,5 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches: Iterable[Any],
     return reports
 
 
-__all__ = ["ArgCache", "INPUT_SOURCES", "PeakMemory", "ReconstructOptions", "UnitData", "UnitObjective", "UnitReport",
-           "capture", "plain_fit", "reconstruct"]
+__all__ = ["ArgCache", "INPUT_SOURCES", "PeakMemory", "ReconstructOptions", "Rows", "UnitData", "UnitObjective",
+           "UnitReport", "capture", "plain_fit", "reconstruct"]
