@@ -634,8 +634,11 @@ def main() -> None:
         torch.set_num_threads(1)
 
         def keep_ft(rows: list[dict]) -> None:
+            figure = ROOT / "docs" / "figures" / "finetune_validation.png"
             data["finetune"] = {"rows": rows, "paired": finetune.paired(OUT, rows), "argv": " ".join(sys.argv[1:]),
-                                "load": " / ".join(f"{v:.1f}" for v in os.getloadavg())}
+                                "load": " / ".join(f"{v:.1f}" for v in os.getloadavg()),
+                                "figure": "figures/finetune_validation.png"
+                                if finetune.plot_validation(OUT, rows, figure) else None}
             store.write_text(json.dumps(data, indent=2, default=str))
 
         keep_ft(finetune.run_rows(accuracy_rows, OUT, on_row=keep_ft))

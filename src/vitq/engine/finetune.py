@@ -253,6 +253,7 @@ def finetune_stage(ctx: RunContext) -> None:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")  # start.ckpt
             trainer.fit(module, train_dataloaders=data.train, val_dataloaders=data.val,
                         ckpt_path=str(resume_ckpt) if resume_ckpt else None)
     except BaseException:
