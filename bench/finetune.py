@@ -151,3 +151,15 @@ def plot_validation(out: Path, rows: list[dict], path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def readme_line(block: dict) -> str:
+    """One README sentence: each PTQ model and its finetuned top-1 on vit_cifar."""
+    by = {r["label"]: r for r in block.get("rows") or []}
+    cells = [f"{text} {by[label]['quant_top1']:.2f} -> {by[label + '-ft']['quant_top1']:.2f}"
+             for label, (_, text) in BASES.items() if label in by and f"{label}-ft" in by]
+    if not cells:
+        return ""
+    fp = next(iter(by.values()))["fp_top1"]
+    return (f"\nQuantization-aware finetuning on vit_cifar ({EPOCHS} epochs, top-1 %, float {fp:.2f}): " + ", ".join(cells)
+            + "; intervals, training time and a 10-epoch row in docs/results.md.\n")

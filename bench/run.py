@@ -559,6 +559,9 @@ def readme_summary(data: dict) -> str:
                                                                               "noisyquant") if f"{name}-w6a6" in by]
         text += (f"\nLiu et al. 2021 and NoisyQuant on {MODELS[key][0]} at W6A6 (top-1 %): " + ", ".join(cells)
                  + "; every comparison with its paired interval and calibration time in docs/results.md.\n")
+    from bench import finetune
+
+    text += finetune.readme_line(data.get("finetune") or {})
     return text
 
 
