@@ -227,7 +227,7 @@ def validate(cfg: DictConfig) -> Recipe:
         raise ValueError("stage=test evaluates a saved model: pass quant.from_checkpoint=<run>/quantized.ckpt")
     from .finetune import finetune_options
 
-    if cfg.stage == "test" and finetune_options(cfg).epochs > 0:  # (also checks the finetune values)
+    if finetune_options(cfg).epochs > 0 and cfg.stage == "test":  # (finetune_options checks the values)
         raise ValueError("stage=test only evaluates a saved model: drop quant.finetune.epochs, or pass stage=all to "
                          "finetune the checkpoint and evaluate the result")
     calib = cfg.quant.calib
