@@ -74,7 +74,7 @@ def detector_config(model_cfg: Mapping[str, Any]):  # noqa: ANN201  (an mmengine
     arch = str(model_cfg["arch"])
     path = Path(arch) if arch.endswith(".py") else CONFIG_DIR / f"{arch}.py"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.py")))
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_")))  # _: parts
         raise FileNotFoundError(f"model.arch={arch}: no mmdet config {path}; known: {known}, or a path to a .py file")
     cfg = Config.fromfile(str(path))
     if model_cfg.get("kwargs"):

@@ -3,7 +3,7 @@
 # mmdet 3.3's packaged Cascade Mask R-CNN base, the box heads of configs/convnext/cascade-mask-rcnn_
 # convnext-t-p4-w7_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py (BN in place of SyncBN: the same keys, and
 # single-process inference), and the Swin-T backbone of mmdet's Swin Mask R-CNN configs.
-_base_ = ['mmdet::_base_/models/cascade-mask-rcnn_r50_fpn.py']
+_base_ = ['mmdet::_base_/models/cascade-mask-rcnn_r50_fpn.py', './_swin_t_backbone.py']
 
 
 def _box_head(stds):
@@ -25,25 +25,8 @@ def _box_head(stds):
 
 
 model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='SwinTransformer',
-        embed_dims=96,
-        depths=[2, 2, 6, 2],
-        num_heads=[3, 6, 12, 24],
-        window_size=7,
-        mlp_ratio=4,
-        qkv_bias=True,
-        qk_scale=None,
-        drop_rate=0.,
-        attn_drop_rate=0.,
-        drop_path_rate=0.2,
-        patch_norm=True,
-        out_indices=(0, 1, 2, 3),
-        with_cp=False,
-        convert_weights=False,
-        init_cfg=None),  # no ImageNet initialisation: weights come from model.checkpoint
-    neck=dict(in_channels=[96, 192, 384, 768]),
+    backbone={{_base_.swin_t_backbone}},
+    neck=dict(in_channels={{_base_.swin_t_neck_in_channels}}),
     roi_head=dict(bbox_head=[
         _box_head([0.1, 0.1, 0.2, 0.2]),
         _box_head([0.05, 0.05, 0.1, 0.1]),

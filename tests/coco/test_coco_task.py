@@ -101,3 +101,21 @@ def test_checkpoint_that_does_not_fit_lists_keys(detector, tmp_path):  # noqa: D
     assert "unexpected (1): roi_head.extra.weight" in msg and "mmdet 3 key layout" in msg
     with pytest.raises(FileNotFoundError, match="model.checkpoint=.*does not exist"):
         load_detector_checkpoint(detector, tmp_path / "absent.pth")
+
+
+def test_detector_configs_share_one_swin_t_backbone_and_unknown_arch_lists_detectors_only():
+    """Both Swin-T detectors take the backbone from `_swin_t_backbone.py` (replacing mmdet's ResNet-50);
+    the Swin-S ones change only depth and drop path; the shared part is not offered as a model.arch."""
+    from tasks.coco import detector_config
+
+    models = {arch: detector_config({"arch": arch}).model for arch in
+              ("mask_rcnn_swin_t", "cascade_mask_rcnn_swin_t", "mask_rcnn_swin_s", "cascade_mask_rcnn_swin_s")}
+    assert models["mask_rcnn_swin_t"].backbone == models["cascade_mask_rcnn_swin_t"].backbone
+    t = models["mask_rcnn_swin_t"].backbone
+    assert t.type == "SwinTransformer" and t.depths == [2, 2, 6, 2] and "depth" not in t  # no ResNet key left
+    assert models["cascade_mask_rcnn_swin_t"].neck.in_channels == [96, 192, 384, 768]
+    s = models["cascade_mask_rcnn_swin_s"].backbone
+    assert s.depths == [2, 2, 18, 2] and s.drop_path_rate == 0.3 and s.embed_dims == t.embed_dims
+    with pytest.raises(FileNotFoundError, match="known: cascade_mask_rcnn_swin_s, cascade_mask_rcnn_swin_t, "
+                                                "mask_rcnn_swin_s, mask_rcnn_swin_t, or a path"):
+        detector_config({"arch": "nope"})
