@@ -14,6 +14,7 @@ pay for it and a machine without mmdet can still import vitq.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import sys
 from typing import Any, Iterable, Mapping
 
@@ -87,25 +88,32 @@ def _twins() -> dict[type, type]:
     return _TWINS
 
 
-class MMDetSwinAdapter(Adapter):
+class _MMDetAdapter(Adapter):
+    """An adapter whose root is an mmdet class (`root_class`: module, name), looked up only once mmdet is
+    loaded, with the mmdet twins."""
+
+    root_class: tuple[str, str]
+
+    @property
+    def roots(self) -> tuple[type[nn.Module], ...]:  # type: ignore[override]
+        if not _loaded():
+            return ()
+        module, name = self.root_class
+        return (getattr(importlib.import_module(module), name),)
+
+    @property
+    def twins(self) -> dict[type, type]:  # type: ignore[override]
+        return _twins()
+
+
+class MMDetSwinAdapter(_MMDetAdapter):
     """mmdet's SwinTransformer backbone (WindowMSA / ShiftWindowMSA, PatchMerging, FFN, out norms).
 
     ShiftWindowMSA, PatchMerging and FFN keep their forward: their Linear, Conv2d and LayerNorm children
     become twins (PatchMerging's LayerNorm feeds its reduction Linear, as in timm)."""
 
     family = "mmdet_swin"
-
-    @property
-    def roots(self) -> tuple[type[nn.Module], ...]:  # type: ignore[override]
-        if not _loaded():
-            return ()
-        from mmdet.models.backbones.swin import SwinTransformer
-
-        return (SwinTransformer,)
-
-    @property
-    def twins(self) -> dict[type, type]:  # type: ignore[override]
-        return _twins()
+    root_class = ("mmdet.models.backbones.swin", "SwinTransformer")
 
     def units(self, root: nn.Module) -> list[str]:
         names = ["patch_embed"]
@@ -139,25 +147,14 @@ class DetectorOptions:
                              f"{', '.join(DETECTOR_SCOPES)}")
 
 
-class MMDetDetectorAdapter(Adapter):
+class MMDetDetectorAdapter(_MMDetAdapter):
     """An mmdet detector whose backbone has an adapter: the backbone through that adapter, and, as
     `quant.detector_scope` says, the neck and the heads through the plain Linear / Conv2d twins
     (convolution maps keep their channel axis 1)."""
 
     family = "mmdet"
     Options = DetectorOptions
-
-    @property
-    def roots(self) -> tuple[type[nn.Module], ...]:  # type: ignore[override]
-        if not _loaded():
-            return ()
-        from mmdet.models.detectors import BaseDetector
-
-        return (BaseDetector,)
-
-    @property
-    def twins(self) -> dict[type, type]:  # type: ignore[override]
-        return _twins()
+    root_class = ("mmdet.models.detectors", "BaseDetector")
 
     def _backbone(self, root: nn.Module) -> Adapter:
         backbone = getattr(root, "backbone", None)
