@@ -6,7 +6,6 @@ import copy
 import itertools
 
 import pytest
-import timm
 import torch
 
 import vitq
@@ -14,24 +13,16 @@ from vitq.methods.liu21 import (Liu21, Product, Target, block_groups, linear_op,
                                 pareto_choice)
 from vitq.quant.points import Kind, QuantPoint
 
+from small_vit import calibrated, model_and_inputs
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VIT = dict(model_name="vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10, depth=2,
-           embed_dim=48, num_heads=2)
 FAST = dict(candidates=8, rounds=4, search_samples=16)  # a smaller search keeps the suite fast
 
 
 @pytest.fixture(scope="module")
 def data():
-    torch.manual_seed(0)
-    model = timm.create_model(**VIT).eval()
-    return model, torch.randn(32, 3, 32, 32)
-
-
-def calibrated(model, recipe, x):
-    q = vitq.quantize(copy.deepcopy(model), recipe)
-    vitq.calibrate(q, lambda m: [m(x[i:i + 16]) for i in range(0, len(x), 16)])
-    return q
+    return model_and_inputs(32)
 
 
 def _point(bits: int, amax: float, kind: str = Kind.LINEAR_INPUT) -> QuantPoint:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
 
 import vitq
@@ -16,24 +15,16 @@ from vitq.methods.noisyquant import NoisyGrid, add_noise, layer_output, noisy_la
 from vitq.quant.modules import QuantLinear
 from vitq.quant.quantizers import UniformQuantizer
 
+from small_vit import calibrated, model_and_inputs
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VIT = dict(model_name="vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10, depth=2,
-           embed_dim=48, num_heads=2)
 FAST = dict(noisy_candidates=11, noisy_clip_candidates=10, noisy_samples=512)
 
 
 @pytest.fixture(scope="module")
 def data():
-    torch.manual_seed(0)
-    model = timm.create_model(**VIT).eval()
-    return model, torch.randn(48, 3, 32, 32)
-
-
-def calibrated(model, recipe, x):
-    q = vitq.quantize(copy.deepcopy(model), recipe)
-    vitq.calibrate(q, lambda m: [m(x[i:i + 16]) for i in range(0, len(x), 16)])
-    return q
+    return model_and_inputs(48)
 
 
 # ---------------------------------------------------------------------------------------------------
