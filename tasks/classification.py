@@ -44,7 +44,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from timm.data import create_transform
 
-from vitq.engine.tasks import EvalModule, Task, register_task
+from vitq.engine.tasks import EvalModule, Task, distillation_kl, hold_out, register_task
 from vitq.images import check_images, load_rgb
 
 __all__ = [
@@ -279,13 +279,8 @@ class ClassificationDataModule(lightning.LightningDataModule):
         """The training split less `val_samples` images (drawn by `seed`), with the train transform, and
         those images with the evaluation transform, for the finetune stage's validation loop."""
         train = self.checked_train_dataset()
-        n = len(train)
-        if not 0 <= val_samples < n:
-            raise ValueError(f"quant.finetune.val_samples={val_samples} must be between 0 and the training split "
-                             f"size {n} minus one (task={self.name})")
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
-        return (train.subset(sorted(order[val_samples:]), self.train_transform),
-                train.subset(sorted(order[:val_samples]), self.eval_transform))
+        rest, held = hold_out(len(train), val_samples, seed, f"the training split of task={self.name}")
+        return train.subset(rest, self.train_transform), train.subset(held, self.eval_transform)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_dataset, self.batch_size, shuffle=False)
@@ -788,16 +783,13 @@ class ClassificationTask(Task):
 
     def finetune_losses(self, student: torch.nn.Module, teacher: torch.nn.Module, batch: Any, temperature: float
                         ) -> dict[str, torch.Tensor]:
-        """Cross-entropy on the labels, KL(teacher || student) of the logits at `temperature` (x T^2, so its
-        gradient scale does not depend on T; Hinton et al., 2015), and the batch's top-1 accuracy (%)."""
+        """Cross-entropy on the labels, the logit distillation from the float model, and the batch's top-1
+        accuracy (%)."""
         x, y = batch
         logits = student(x)
         with torch.no_grad():
             target = teacher(x)
-        t = float(temperature)
-        kd = torch.nn.functional.kl_div(torch.log_softmax(logits / t, -1), torch.log_softmax(target / t, -1),
-                                        reduction="batchmean", log_target=True) * t * t
-        return {"task": torch.nn.functional.cross_entropy(logits, y), "kd": kd,
+        return {"task": torch.nn.functional.cross_entropy(logits, y), "kd": distillation_kl(logits, target, temperature),
                 "top1": (logits.argmax(-1) == y).float().mean() * 100}
 
     def fit_module(self, model: torch.nn.Module, fit: Mapping[str, Any]) -> lightning.LightningModule:

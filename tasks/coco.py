@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from vitq.engine.tasks import EvalModule, Task, register_task
+from vitq.engine.tasks import EvalModule, Task, hold_out, register_task
 
 from .coco_eval import METRICS, compare_ap, evaluate_records, prediction_record
 
@@ -303,13 +303,9 @@ class CocoTask(Task):
 
     def finetune_split(self, val_samples: int, seed: int) -> tuple[Dataset, Dataset]:
         """train2017 images with their boxes and masks (random flips) less `val_samples` held out (no flips)."""
-        n = self._train_limit()
-        if not 0 <= val_samples < n:
-            raise ValueError(f"quant.finetune.val_samples={val_samples} must be between 0 and the {n} train2017 "
-                             f"images under {self.root} minus one")
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
-        return (Subset(self.dataset("train", with_annotations=True, flip=0.5), sorted(order[val_samples:])),
-                Subset(self.dataset("train", with_annotations=True), sorted(order[:val_samples])))
+        rest, held = hold_out(self._train_limit(), val_samples, seed, f"train2017 under {self.root}")
+        return (Subset(self.dataset("train", with_annotations=True, flip=0.5), rest),
+                Subset(self.dataset("train", with_annotations=True), held))
 
     def finetune_losses(self, student: nn.Module, teacher: nn.Module, batch: Any, temperature: float
                         ) -> dict[str, torch.Tensor]:

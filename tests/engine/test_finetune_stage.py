@@ -12,6 +12,7 @@ import torch
 
 from vitq.engine.lifecycle import RunInterrupted
 from vitq.engine.run import run
+from vitq.engine.tasks import distillation_kl, hold_out
 
 from tiny import ROOT, tiny_cfg
 
@@ -90,7 +91,8 @@ def test_a_saved_ptq_model_can_be_finetuned_later(finetuned):
 @pytest.mark.parametrize("override, message", [
     (["stage=test", "quant.from_checkpoint=x.ckpt"], "stage=test only evaluates"),
     (["quant.finetune.lr=0"], "quant.finetune.lr must be > 0"),
-    (["quant.finetune.val_samples=100000"], "quant.finetune.val_samples=100000 must be between 0"),
+    (["quant.finetune.val_samples=100000"],
+     "quant.finetune.val_samples=100000 must be between 0 and 511: the training split of task=mnist holds 512"),
     (["quant.finetune.ckpt_path=/nonexistent/last.ckpt"], "does not exist"),
     (["quant.finetune.epoch=2"], "finetune.epoch"),
 ])
@@ -120,3 +122,30 @@ def test_two_process_ddp_finetune_ends_identical_on_both_ranks(finetuned, tmp_pa
     (result,) = tmp_path.glob("*/results.json")
     row = json.loads(result.read_text())
     assert row["finetune_epochs"] == 1 and row["reconstruct_passes"] >= 1
+
+
+def test_hold_out_draws_disjoint_sorted_splits_by_seed_and_distillation_kl_is_the_tempered_kl():
+    rest, held = hold_out(10, 3, 0, "ten samples")
+    assert len(held) == 3 and sorted(rest + held) == list(range(10)) and rest == sorted(rest) and held == sorted(held)
+    assert hold_out(10, 3, 0, "x") == (rest, held) and hold_out(10, 3, 1, "x") != (rest, held)
+    with pytest.raises(ValueError, match="val_samples=10 must be between 0 and 9: ten samples holds 10"):
+        hold_out(10, 10, 0, "ten samples")
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    p, log_q = torch.softmax(teacher / 2, -1), torch.log_softmax(student / 2, -1)
+    by_hand = (p * (p.log() - log_q)).sum(-1).mean() * 4  # KL(p || q) at T=2, times T^2
+    assert torch.allclose(distillation_kl(student, teacher, 2.0), by_hand, atol=1e-6)
+    assert float(distillation_kl(teacher, teacher, 2.0)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_the_recipe_files_finetune_block_has_every_setting_at_its_schema_default():
+    """`base/uniform.yaml` lists the keys (so `quant.finetune.<key>=` works on the command line); its values
+    are the schema's defaults, so a recipe file and a config without the block mean the same."""
+    from dataclasses import asdict
+
+    import yaml
+
+    from vitq.engine.config import FinetuneConf
+
+    block = yaml.safe_load((ROOT / "src/vitq/conf/quant/base/uniform.yaml").read_text())["finetune"]
+    assert block == asdict(FinetuneConf())

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 import vitq
 
 from ..distributed import EpochShuffle, check_same_on_ranks, rank_world, sharded
+from ..quant.api import keep_float_weights
 from ..quant.finetune import QuantTraining
 from .config import FinetuneConf
 from .stages import RunContext, processes, register_stage
@@ -61,34 +62,33 @@ def finetune_options(cfg: Any) -> FinetuneConf:
     return options
 
 
+def resume_checkpoint(options: FinetuneConf, out_dir: Path) -> Path:
+    """The Lightning checkpoint `quant.finetune.ckpt_path` names (`last`: this run directory's last epoch);
+    the model finetuning started from, `start.ckpt`, sits beside it."""
+    return out_dir / FINETUNE_DIR / "last.ckpt" if options.ckpt_path == "last" else Path(str(options.ckpt_path))
+
+
 def resume_start(cfg: Any, out_dir: Path) -> Path | None:
     """The saved start model of the finetune run `quant.finetune.ckpt_path` resumes, or None (nothing to
     resume: `last` in a directory with no finetune checkpoint starts from the beginning, as Lightning does)."""
     options = finetune_options(cfg)
     if options.epochs == 0 or not options.ckpt_path:
         return None
+    ckpt = resume_checkpoint(options, out_dir)
+    start = ckpt.parent / START
     if options.ckpt_path == "last":
-        start = out_dir / FINETUNE_DIR / START
         if not start.is_file():
             log.warning("quant.finetune.ckpt_path=last: %s holds no finetune checkpoint, so the run starts from the "
                         "beginning (to resume a run, pass its directory as hydra.run.dir=<run dir>)", out_dir)
             return None
         return start
-    ckpt = Path(options.ckpt_path)
     if not ckpt.is_file():
         raise FileNotFoundError(f"quant.finetune.ckpt_path={ckpt} does not exist; pass a .ckpt from a run's "
                                 f"{FINETUNE_DIR}/ directory, or last with hydra.run.dir=<that run's directory>")
-    start = ckpt.parent / START
     if not start.is_file():
         raise FileNotFoundError(f"quant.finetune.ckpt_path={ckpt}: its start model {start} is missing (a finetune "
                                 f"checkpoint resumes together with the {START} saved beside it)")
     return start
-
-
-def resume_checkpoint(options: FinetuneConf, folder: Path) -> Path | None:
-    """The Lightning checkpoint a resumed run continues from (None: `last` found none, start afresh)."""
-    path = folder / "last.ckpt" if options.ckpt_path == "last" else Path(str(options.ckpt_path))
-    return path if path.is_file() else None
 
 
 def resumed_epoch(path: Path) -> int:
@@ -175,8 +175,8 @@ class EpochLoader(DataLoader):
         self.seed, self.first_epoch, self.epoch_of = seed, first_epoch, epoch_of
 
     def __iter__(self):  # noqa: ANN204
-        epoch, self.first_epoch = (self.first_epoch, None) if self.first_epoch is not None else (self.epoch_of(), None)
-        epoch = int(epoch)
+        epoch = int(self.first_epoch if self.first_epoch is not None else self.epoch_of())
+        self.first_epoch = None
         self.sampler.set_epoch(epoch)
         seed_everything(self.seed * 1_000_003 + epoch * 1009 + rank_world()[0], verbose=False)
         return super().__iter__()
@@ -210,14 +210,12 @@ def finetune_data(ctx: RunContext, options: FinetuneConf, trainer: L.Trainer, fi
 
 def save_start(ctx: RunContext, path: Path) -> None:
     """The model finetuning starts from, with the exact float weights (the teacher of a resumed run)."""
-    kept = getattr(ctx.qmodel, "vitq_float_state", None)
-    if kept is None:
-        ctx.qmodel.vitq_float_state = {k: v.detach().to("cpu", copy=True) for k, v in ctx.fp_model.state_dict().items()}
+    kept_now = keep_float_weights(ctx.qmodel, ctx.fp_model)
     try:
         meta = {g: OmegaConf.to_container(ctx.cfg[g], resolve=True) for g in ("model", "task", "quant")}
         vitq.save_quantized(ctx.qmodel, path, meta=meta)
     finally:
-        if kept is None:
+        if kept_now:  # the final checkpoint keeps them only if finetuning changes the weights
             del ctx.qmodel.vitq_float_state
 
 
@@ -239,7 +237,9 @@ def finetune_stage(ctx: RunContext) -> None:
     trainer = ctx.make_trainer(max_epochs=options.epochs, callbacks=[checkpoint], enable_checkpointing=True,
                                use_distributed_sampler=False, gradient_clip_val=options.grad_clip,
                                check_val_every_n_epoch=1)
-    resume_ckpt = resume_checkpoint(options, folder) if resuming else None
+    resume_ckpt = resume_checkpoint(options, ctx.out_dir) if resuming else None
+    if resume_ckpt is not None and not resume_ckpt.is_file():  # `last` before a first epoch ended: from the start
+        resume_ckpt = None
     data = finetune_data(ctx, options, trainer, first_epoch=resumed_epoch(resume_ckpt) if resume_ckpt else 0)
     world = processes(trainer)
     steps = math.ceil(len(data.train.dataset) // world / data.train.batch_size)
@@ -264,8 +264,8 @@ def finetune_stage(ctx: RunContext) -> None:
     finally:
         training.finish()
         ctx.qmodel.cpu(), ctx.fp_model.cpu()
-    if options.weights and getattr(ctx.qmodel, "vitq_float_state", None) is None:  # keep the true float baseline
-        ctx.qmodel.vitq_float_state = {k: v.detach().to("cpu", copy=True) for k, v in ctx.fp_model.state_dict().items()}
+    if options.weights:  # the checkpoint's float baseline stays the true float model
+        keep_float_weights(ctx.qmodel, ctx.fp_model)
     check_same_on_ranks(dict(ctx.qmodel.state_dict()), "after finetuning")
     if world > 1:
         log.info("finetune: every parameter is identical on the %d processes", world)

@@ -49,6 +49,23 @@ def get_task(name: str) -> type["Task"]:
     return TASKS[name]
 
 
+def hold_out(n: int, count: int, seed: int, what: str) -> tuple[list[int], list[int]]:
+    """Indices 0..n-1 as (the rest, `count` held out), drawn by `seed`, each in ascending order: the
+    finetune stage's training and validation samples (`what` names the split in the error)."""
+    if not 0 <= count < n:
+        raise ValueError(f"quant.finetune.val_samples={count} must be between 0 and {n - 1}: {what} holds {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
+    return sorted(order[count:]), sorted(order[:count])
+
+
+def distillation_kl(logits: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the logits at `temperature`, times T^2 so that its gradient scale does not
+    depend on T (Hinton et al., 2015); mean over the batch."""
+    t = float(temperature)
+    return torch.nn.functional.kl_div(torch.log_softmax(logits / t, -1), torch.log_softmax(target / t, -1),
+                                      reduction="batchmean", log_target=True) * t * t
+
+
 class EvalModule(L.LightningModule):
     """What `Trainer.test` runs for a task: keeps per-sample outcomes (the engine logs the metrics).
 

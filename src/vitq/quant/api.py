@@ -277,6 +277,16 @@ def load_quantized(model: nn.Module, path: str | os.PathLike | Mapping[str, Any]
     return model
 
 
+def keep_float_weights(qmodel: nn.Module, fp_model: nn.Module) -> bool:
+    """Before a stage changes weights non-equivalently (reconstruction, finetuning), keep the float model's
+    weights on the quantized model (`vitq_float_state`, saved as the checkpoint's `float_state_dict`);
+    weights kept earlier stay. True when they were kept now."""
+    if getattr(qmodel, "vitq_float_state", None) is not None:
+        return False
+    qmodel.vitq_float_state = {k: v.detach().to("cpu", copy=True) for k, v in fp_model.state_dict().items()}
+    return True
+
+
 def float_state_dict(ckpt: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
     """The float weights inside a quantized checkpoint, keyed for the float architecture `model`: the
     weights from before reconstruction where a stage changed them (`float_state_dict`), else the stored

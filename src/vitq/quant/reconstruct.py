@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from .api import keep_float_weights
 from .modules import _QuantWeight
 from .points import Kind, QuantPoint
 from .quantizers import UniformQuantizer
@@ -581,8 +582,7 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches: Iterable[Any],
         raise ValueError("reconstruct needs a calibrated model: call vitq.calibrate(qmodel, loop) first")
     device = torch.device(device) if device is not None else next(qmodel.parameters()).device
     fit = fit or plain_fit
-    if getattr(qmodel, "vitq_float_state", None) is None:
-        qmodel.vitq_float_state = {k: v.detach().to("cpu", copy=True) for k, v in fp_model.state_dict().items()}
+    keep_float_weights(qmodel, fp_model)
     q_units, fp_units = dict(model_units(qmodel)), dict(model_units(fp_model))
     names = [n for n, _ in model_units(qmodel)]
     if units is not None:
