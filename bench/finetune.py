@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 EPOCHS = 3
 SETTINGS = [f"quant.finetune.epochs={EPOCHS}", "quant.finetune.weights=true"]  # lr 1e-4 for steps and weights
@@ -52,16 +51,14 @@ def run_rows(accuracy_rows: Callable, out: Path, on_row: Callable | None = None)
 
 def paired(out: Path, rows: list[dict]) -> list[dict]:
     """Finetuned minus its PTQ model, paired over the same evaluation images (95% bootstrap interval)."""
-    from vitq.report.ci import paired_bootstrap
+    from vitq.report.ci import compare_runs
 
     by = {r["label"]: r for r in rows}
     result = []
     pairs = [(label, f"{label}-ft") for label in BASES] + [(label, f"{label}-ft{e}") for label, e in LONG.items()]
     for label, tuned_label in pairs:
         if label in by and tuned_label in by:
-            base = torch.load(out / "cifar" / label / "outcomes.pt")["top1"]
-            tuned = torch.load(out / "cifar" / tuned_label / "outcomes.pt")["top1"]
-            delta, low, high = paired_bootstrap(base, tuned)
+            delta, low, high = compare_runs(out / "cifar" / label, out / "cifar" / tuned_label)
             result.append({"label": tuned_label, "base": label, "delta": delta, "ci": [low, high]})
     return result
 

@@ -144,7 +144,7 @@ def search_recipes() -> dict[str, list[str]]:
 def paired_deltas(model_key: str, rows: list[dict]) -> list[dict]:
     """Each compared pair: quantized top-1 difference with its paired 95% bootstrap interval over the
     same evaluation images (from the runs' per-image outcomes)."""
-    from vitq.report.ci import paired_bootstrap
+    from vitq.report.ci import compare_runs
 
     by = {r["label"]: r for r in rows}
     out = []
@@ -153,9 +153,7 @@ def paired_deltas(model_key: str, rows: list[dict]) -> list[dict]:
             label, ref = f"{key}-w{w}a{a}", f"{base}-w{w}a{a}"
             if label not in by or ref not in by:
                 continue
-            mine = torch.load(OUT / model_key / label / "outcomes.pt")["top1"]
-            theirs = torch.load(OUT / model_key / ref / "outcomes.pt")["top1"]
-            delta, low, high = paired_bootstrap(theirs, mine)
+            delta, low, high = compare_runs(OUT / model_key / ref, OUT / model_key / label)
             out.append({"label": label, "base": ref, "text": text, "bits": f"W{w}A{a}", "delta": delta,
                         "ci": [low, high], "calib_seconds": by[label]["calib_seconds"],
                         "base_calib_seconds": by[ref]["calib_seconds"], "bit_map": by[label].get("bit_map"),

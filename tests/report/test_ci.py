@@ -34,3 +34,16 @@ def test_reproducible_and_paired():
     assert low <= -12.5 <= high and high <= 0.0  # one loss in eight, never a gain
     with pytest.raises(ValueError, match="same non-zero length"):
         paired_bootstrap(fp, quant[:4])
+
+
+def test_compare_runs_pairs_the_outcomes_two_runs_wrote(tmp_path):
+    import torch
+
+    from vitq.report.ci import compare_runs, paired_bootstrap
+
+    a, b = torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([1.0, 1.0, 1.0, 0.0])
+    for name, top1 in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        torch.save({"top1": top1, "top5": torch.ones(4)}, tmp_path / name / "outcomes.pt")
+    assert compare_runs(tmp_path / "a", tmp_path / "b") == paired_bootstrap(a, b)
+    assert compare_runs(tmp_path / "a", tmp_path / "b", "top5") == (0.0, 0.0, 0.0)

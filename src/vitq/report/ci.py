@@ -1,6 +1,9 @@
 """Paired bootstrap confidence intervals for metric differences over evaluation samples."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 
@@ -25,3 +28,12 @@ def paired_bootstrap(fp: torch.Tensor, quant: torch.Tensor, resamples: int = 100
     tail = (1.0 - level) / 2
     low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=means.dtype)).tolist()
     return float(diff.mean() * scale), low, high
+
+
+def compare_runs(base_dir: "str | os.PathLike", other_dir: "str | os.PathLike", metric: str = "top1"
+                 ) -> tuple[float, float, float]:
+    """(delta, low, high) of `metric` between two finished runs on the same evaluation samples, other minus
+    base, from the per-sample outcomes each run wrote (`<run>/outcomes.pt`)."""
+    base = torch.load(Path(base_dir) / "outcomes.pt")[metric]
+    other = torch.load(Path(other_dir) / "outcomes.pt")[metric]
+    return paired_bootstrap(base, other)
