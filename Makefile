@@ -1,19 +1,22 @@
-# Each target sets up .venv on first use (plain pip; torch/torchvision resolve from the local wheel cache).
-# The `det` extra (mmdet, mmengine, pycocotools) needs mmcv with compiled ops, which the package index has
-# only as source: scripts/install_mmcv.sh builds it once (about 13 minutes on 2 cores) and caches the
-# wheel per torch and Python version in ~/.cache/vitq/wheels (VITQ_WHEEL_CACHE), so later set-ups take seconds.
+# Each target sets up .venv on first use (plain pip, about 2 minutes; torch/torchvision resolve from the
+# local wheel cache). The `det` extra brings mmdet with mmcv-lite, mmcv's Python package without compiled
+# ops: vitq provides the RoIAlign and NMS kernels that its detectors call through torchvision
+# (src/vitq/mmcv_kernels.py, docs/coco.md). `make mmcv` swaps in the compiled mmcv instead (opt-in:
+# a 25-minute build on 2 cores, cached per torch and Python version in ~/.cache/vitq/wheels).
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: setup train test test-slow bench clean
+.PHONY: setup mmcv train test test-slow bench clean
 
-$(STAMP): pyproject.toml scripts/install_mmcv.sh
+$(STAMP): pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install -e ".[dev,export,det,slurm]"
-	bash scripts/install_mmcv.sh $(PY)
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+mmcv: $(STAMP)
+	bash scripts/install_mmcv.sh $(PY)
 
 train: $(STAMP)
 	$(PY) train.py $(ARGS)

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Installs mmcv (with its compiled ops: RoIAlign, NMS, ...) into the given Python environment.
+# Replaces mmcv-lite by mmcv with its compiled ops (RoIAlign, NMS, DeformConv, RoIPool, ...) in the given
+# Python environment. Opt-in (`make mmcv`): vitq's detectors run on mmcv-lite with the RoIAlign and NMS
+# kernels that vitq provides through torchvision; detectors that need other mmcv ops need this.
 #
 # The package index carries only mmcv's source, and building it against a recent torch fails twice
 # unless handled: mmcv's setup.py imports pkg_resources (setuptools>=77.0.3,<81 and wheel, built
@@ -22,7 +24,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 if "$PY" - "$MMCV_VERSION" <<'PYEOF' 2>/dev/null
 import sys
 import mmcv
-from mmcv.ops import RoIAlign, nms  # noqa: F401  (the compiled ops)
+import mmcv._ext  # noqa: F401  (the compiled ops; mmcv-lite lacks them)
 sys.exit(0 if mmcv.__version__ == sys.argv[1] else 1)
 PYEOF
 then
@@ -62,6 +64,8 @@ else
   echo "installing cached $wheel"
 fi
 
+# mmcv-lite and mmcv install the same `mmcv` package: remove the lite one first (pip install mmcv-lite undoes this)
+"$PY" -m pip uninstall -q -y mmcv-lite mmcv 2>/dev/null || true
 "$PY" -m pip install -q "$wheel"
-"$PY" -c 'import mmcv; from mmcv.ops import RoIAlign, nms; print("mmcv", mmcv.__version__, "ops ok")'
+"$PY" -c 'import mmcv, mmcv._ext; from mmcv.ops import RoIAlign, nms; print("mmcv", mmcv.__version__, "compiled ops ok")'
 echo "mmcv ready in $(( $(date +%s) - t0 )) s"

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from vitq import mmcv_kernels
 from vitq.engine.tasks import EvalModule, Task, hold_out, register_task
 
 from .coco_eval import METRICS, compare_ap, evaluate_records, prediction_record
@@ -33,17 +34,22 @@ LAYOUT = {"train images": "train2017", "val images": "val2017",
           "val annotations": "annotations/instances_val2017.json"}
 LAYOUT_TEXT = ("<root>/train2017/*.jpg, <root>/val2017/*.jpg, <root>/annotations/instances_train2017.json, "
                "<root>/annotations/instances_val2017.json")
-INSTALL_HINT = ("install the detection extra: `make setup` (or `pip install -e '.[det]'` then "
-                "`bash scripts/install_mmcv.sh .venv/bin/python`; GPU clusters: docs/coco.md)")
+INSTALL_HINT = "install the detection extra: `make setup` (or `pip install -e '.[det]'`; docs/coco.md)"
+
+
+class CocoSubset(Subset):
+    """A Subset of an mmdet dataset whose class lives here: a spawned loader worker unpickles this class
+    first, importing this module and with it vitq's mmcv kernels, before the mmdet dataset inside it
+    imports mmcv.ops (under mmcv-lite that import needs them)."""
 
 
 def require_mmdet() -> None:
-    """mmdet with mmcv's compiled ops, or a message saying how to install them."""
+    """mmdet and mmcv's ops (compiled, or mmcv-lite with vitq's torchvision kernels), or how to install them."""
     try:
         import mmdet  # noqa: F401
-        from mmcv.ops import RoIAlign  # noqa: F401  (compiled ops: a source-only mmcv lacks them)
+        from mmcv.ops import RoIAlign  # noqa: F401
     except (ImportError, ModuleNotFoundError) as e:
-        raise ImportError(f"task=coco needs mmdet 3 and mmcv with compiled ops ({e}); {INSTALL_HINT}") from e
+        raise ImportError(f"task=coco needs mmdet 3 and mmcv (or mmcv-lite) ({e}); {INSTALL_HINT}") from e
 
 
 def check_layout(root: str | None) -> Path:
@@ -91,6 +97,7 @@ def build_detector(model_cfg: Mapping[str, Any]) -> nn.Module:
 
     register_all_modules(init_default_scope=True)
     cfg = detector_config(model_cfg)
+    mmcv_kernels.check_detector_config(cfg.model)
     MMLogger.get_instance("mmengine").setLevel(logging.WARNING)  # init_weights lists every parameter
     model = MODELS.build(cfg.model)
     model.init_weights()
@@ -287,7 +294,7 @@ class CocoTask(Task):
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(limit, generator=g)[:num_samples].tolist()
         batch = min(batch_size, int(self.cfg.get("batch_size") or batch_size))  # detector batches are small
-        return self._loader(Subset(train, idx), batch)
+        return self._loader(CocoSubset(train, idx), batch)
 
     def calibration_module(self, model: nn.Module) -> L.LightningModule:
         return DetectorForward(model)
@@ -299,13 +306,13 @@ class CocoTask(Task):
                               val.cat_ids, img_ids)
 
     def test_loader(self) -> DataLoader:
-        return self._loader(Subset(self.dataset("val"), self._eval_indices()), int(self.cfg.get("batch_size") or 1))
+        return self._loader(CocoSubset(self.dataset("val"), self._eval_indices()), int(self.cfg.get("batch_size") or 1))
 
     def finetune_split(self, val_samples: int, seed: int) -> tuple[Dataset, Dataset]:
         """train2017 images with their boxes and masks (random flips) less `val_samples` held out (no flips)."""
         rest, held = hold_out(self._train_limit(), val_samples, seed, f"train2017 under {self.root}")
-        return (Subset(self.dataset("train", with_annotations=True, flip=0.5), rest),
-                Subset(self.dataset("train", with_annotations=True), held))
+        return (CocoSubset(self.dataset("train", with_annotations=True, flip=0.5), rest),
+                CocoSubset(self.dataset("train", with_annotations=True), held))
 
     def finetune_losses(self, student: nn.Module, teacher: nn.Module, batch: Any, temperature: float
                         ) -> dict[str, torch.Tensor]:

@@ -1,7 +1,9 @@
 """Shared fixtures."""
 from __future__ import annotations
 
+import os
 import socket
+import stat
 from typing import Callable
 
 import pytest
@@ -26,3 +28,17 @@ def free_port() -> Callable[[], int]:
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
     return pick
+
+
+def _is_char_device(path: str) -> bool:
+    return os.path.exists(path) and stat.S_ISCHR(os.stat(path).st_mode)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dev_null_stays_a_device():
+    """Fail the run if a test replaced /dev/null (as root, renaming a file onto it succeeds)."""
+    before = _is_char_device(os.devnull)
+    yield
+    if before and not _is_char_device(os.devnull):
+        pytest.fail(f"{os.devnull} is no longer a character device after the test session: a test wrote over it "
+                    "(restore it as root: rm -f /dev/null; mknod -m 666 /dev/null c 1 3)", pytrace=False)

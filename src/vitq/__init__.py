@@ -9,6 +9,10 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from . import mmcv_kernels
+
+mmcv_kernels.install()  # before anything imports mmcv.ops: its kernels from torchvision where mmcv-lite is installed
+
 from .quant import (CalibrationError, Kind, PointSpec, Recipe, ReconstructOptions, calibrate, iter_points, load_quantized,
                     reconstruct, save_quantized, set_integer, set_mode, summary)
 from .quant import quantize as _quantize

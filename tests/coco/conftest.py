@@ -109,5 +109,4 @@ def has_mmdet() -> bool:
 
 # In CI (`CI` set, as .ci/run does) make test installs mmdet: a missing one fails there instead of skipping.
 needs_mmdet = pytest.mark.skipif(not has_mmdet() and not os.environ.get("CI"),
-                                 reason="mmdet/mmcv with compiled ops not installed (make setup installs them: "
-                                 "scripts/install_mmcv.sh)")
+                                 reason="mmdet and mmcv(-lite) not installed (make setup installs them)")

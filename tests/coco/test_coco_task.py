@@ -119,3 +119,19 @@ def test_detector_configs_share_one_swin_t_backbone_and_unknown_arch_lists_detec
     with pytest.raises(FileNotFoundError, match="known: cascade_mask_rcnn_swin_s, cascade_mask_rcnn_swin_t, "
                                                 "mask_rcnn_swin_s, mask_rcnn_swin_t, or a path"):
         detector_config({"arch": "nope"})
+
+
+def test_a_spawned_loader_worker_gets_the_kernels_before_mmdet_imports_mmcv_ops(coco_mini_root):
+    """The worker unpickles the task's Subset class first (importing vitq's mmcv._ext hook); an mmdet dataset
+    unpickled first would import mmcv.ops without it and, under mmcv-lite, fail on mmcv._ext."""
+    from torch.utils.data import DataLoader
+
+    from tasks.coco import CocoSubset
+
+    task = make_task(coco_mini_root)
+    datasets = [task.calib_loader(2, 2, seed=0).dataset, task.test_loader().dataset, *task.finetune_split(2, 0)]
+    assert all(type(ds) is CocoSubset for ds in datasets)
+    loader = DataLoader(datasets[-1], batch_size=2, num_workers=1, multiprocessing_context="spawn",
+                        collate_fn=task.collate_fn())
+    (batch,) = list(loader)
+    assert len(batch["inputs"]) == 2 and len(batch["data_samples"][0].gt_instances) > 0
