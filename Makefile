@@ -2,7 +2,7 @@
 # local wheel cache). The `det` extra brings mmdet with mmcv-lite, mmcv's Python package without compiled
 # ops: vitq provides the RoIAlign and NMS kernels that its detectors call through torchvision
 # (src/vitq/mmcv_kernels.py, docs/coco.md). `make mmcv` swaps in the compiled mmcv instead (opt-in:
-# a 25-minute build on 2 cores, cached per torch and Python version in ~/.cache/vitq/wheels).
+# a 17 to 26 minute build on 2 cores, cached per torch and Python version in ~/.cache/vitq/wheels).
 PY := .venv/bin/python
 STAMP := .venv/.installed
 

@@ -6,7 +6,7 @@
 # The package index carries only mmcv's source, and building it against a recent torch fails twice
 # unless handled: mmcv's setup.py imports pkg_resources (setuptools>=77.0.3,<81 and wheel, built
 # with --no-build-isolation), and it hard-codes -std=c++17 while torch>=2.14's headers need C++20
-# (scripts/cxx20, passed as CXX). The build takes about 13 minutes on 2 cores, so the wheel is kept
+# (scripts/cxx20, passed as CXX). The build takes 17 to 26 minutes on 2 cores, so the wheel is kept
 # in a user-level cache keyed by the torch and Python versions; later set-ups install it in seconds.
 #
 # Usage: scripts/install_mmcv.sh [PYTHON]          (default: .venv/bin/python)
@@ -42,7 +42,7 @@ wheel="$(ls "$cache"/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
 "$PY" -m pip install -q "setuptools>=77.0.3,<81" wheel ninja
 
 if [ -z "$wheel" ]; then
-  echo "building mmcv $MMCV_VERSION for $key (no cached wheel in $cache; about 13 minutes on 2 cores)"
+  echo "building mmcv $MMCV_VERSION for $key (no cached wheel in $cache; 17 to 26 minutes on 2 cores)"
   start=$(date +%s)
   tmp="$(mktemp -d)"
   trap 'rm -rf "$tmp"' EXIT

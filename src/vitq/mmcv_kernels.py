@@ -1,6 +1,6 @@
 """mmcv's compiled kernels that mmdet's (Cascade) Mask R-CNN calls, provided through torchvision.
 
-mmcv-lite is mmcv's Python package without the compiled `mmcv._ext`, whose build takes about 25 minutes
+mmcv-lite is mmcv's Python package without the compiled `mmcv._ext`, whose build takes 17 to 26 minutes
 on 2 cores (and a CUDA toolchain on GPU machines). mmcv loads every kernel from `mmcv._ext` when
 `mmcv.ops` is imported, so `import vitq` puts an import hook in front of that module: where no compiled
 `_ext` is installed (or `VITQ_MMCV_KERNELS=torchvision` asks for it), `mmcv._ext` becomes a module with
@@ -32,7 +32,7 @@ import torch
 ENV = "VITQ_MMCV_KERNELS"
 MODES = ("auto", "torchvision")  # auto: compiled mmcv where installed, else torchvision's
 INSTALL_HINT = ("install the compiled mmcv in place of mmcv-lite: `bash scripts/install_mmcv.sh .venv/bin/python` "
-                "(about 25 minutes on 2 cores; docs/coco.md)")
+                "(17 to 26 minutes on 2 cores; docs/coco.md)")
 PROVIDED_KERNELS = ("roi_align_forward", "roi_align_backward", "nms")
 # names a detector config may give as `type` whose work these kernels cover (RoIAlign in average mode)
 PROVIDED_OPS = ("RoIAlign", "roi_align", "nms", "batched_nms")
