@@ -33,7 +33,7 @@ def doc():
     from vitq.quant.quantizers import GRIDS
 
     METHODS.pop("shrink", None), GRIDS.pop("pow2_uniform", None), TASKS.pop("blobs", None)
-    ADAPTERS[:] = [a for a in ADAPTERS if a.family != "tiny"]
+    ADAPTERS.pop("tiny")
 
 
 def _vit():

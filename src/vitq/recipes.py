@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .quant.recipe import Recipe
+from .registry import UnknownName
 
 RECIPE_DIR = Path(__file__).parent / "conf" / "quant"
 
@@ -43,7 +44,7 @@ def recipe_config(name: str, **overrides: Any) -> dict[str, Any]:
     """The resolved recipe mapping for `name`, with top-level or dotted keys overridden."""
     path = RECIPE_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise ValueError(f"unknown recipe {name!r}: choose one of {', '.join(recipes())}")
+        raise UnknownName(f"unknown recipe {name!r}; known: {', '.join(recipes())}")
     node = _load(path)
     for key, value in overrides.items():
         key = key.replace("__", ".")

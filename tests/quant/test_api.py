@@ -276,10 +276,13 @@ class _NoLayersAdapter(Adapter):
         return []
 
 
-def test_known_family_without_quantizable_layers_raises(monkeypatch):
-    monkeypatch.setattr("vitq.models.registry.ADAPTERS", [*ADAPTERS, _NoLayersAdapter()])
-    with pytest.raises(ValueError, match="_NoLayers has no quantizable blocks"):
-        vitq.quantize(_NoLayers(), W8A8)
+def test_known_family_without_quantizable_layers_raises():
+    ADAPTERS.register("test-empty", _NoLayersAdapter())
+    try:
+        with pytest.raises(ValueError, match="_NoLayers has no quantizable blocks"):
+            vitq.quantize(_NoLayers(), W8A8)
+    finally:
+        ADAPTERS.pop("test-empty")
 
 
 # ---------------------------------------------------------------------------------------------------

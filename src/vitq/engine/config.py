@@ -163,7 +163,7 @@ def quant_schema(method: str) -> type:
     from ..models import ADAPTERS  # the model adapters' switches are quant keys too (e.g. detector_scope)
 
     extra += [(f.name, typing.get_type_hints(a.Options)[f.name], field(default=f.default))
-              for a in ADAPTERS if a.Options is not None for f in dataclasses.fields(a.Options)]
+              for a in ADAPTERS.values() if a.Options is not None for f in dataclasses.fields(a.Options)]
     return dataclasses.make_dataclass(f"QuantConf_{impl.name}", extra, bases=(QuantConf,)) if extra else QuantConf
 
 

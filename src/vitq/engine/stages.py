@@ -26,6 +26,7 @@ from ..distributed import sharded
 from ..files import written_atomically
 from ..methods import Method
 from ..quant.recipe import Recipe
+from ..registry import Registry
 from ..report.table import float_layers_line, print_results, results_row
 from .float_model import float_key, obtain_float_model
 from .tasks import Task
@@ -63,14 +64,11 @@ class RunContext:
 
 
 Stage = Callable[[RunContext], None]
-STAGES: dict[str, Stage] = {}
+STAGES: Registry[Stage] = Registry("stage")
 
 
 def register_stage(name: str) -> Callable[[Stage], Stage]:
-    def add(fn: Stage) -> Stage:
-        STAGES[name] = fn
-        return fn
-    return add
+    return STAGES.register(name)
 
 
 def pipeline(ctx: RunContext) -> list[str]:

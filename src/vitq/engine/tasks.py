@@ -17,18 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..distributed import gather_batches
-
-TASKS: dict[str, type["Task"]] = {}
-
-
-def register_task(*names: str) -> Callable[[type["Task"]], type["Task"]]:
-    """Class decorator: the task answers to `task.name=<name>` for each name given."""
-    def add(cls: type[Task]) -> type[Task]:
-        for name in names:
-            TASKS[name] = cls
-        return cls
-    return add
-
+from ..registry import Registry
 
 def _discover() -> None:
     try:
@@ -40,13 +29,21 @@ def _discover() -> None:
         ep.load()
 
 
+TASKS: Registry[type["Task"]] = Registry("task", "add one under tasks/ with @register_task, see docs/adding.md",
+                                         discover=_discover)
+
+
+def register_task(*names: str) -> Callable[[type["Task"]], type["Task"]]:
+    """Class decorator: the task answers to `task.name=<name>` for each name given."""
+    def add(cls: type[Task]) -> type[Task]:
+        for name in names:
+            TASKS.register(name, cls)
+        return cls
+    return add
+
+
 def get_task(name: str) -> type["Task"]:
-    if name not in TASKS:
-        _discover()
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}: registered tasks are {', '.join(sorted(TASKS))} "
-                         "(add one under tasks/ with @register_task, see docs/adding.md)")
-    return TASKS[name]
+    return TASKS.get(name)
 
 
 def hold_out(n: int, count: int, seed: int, what: str) -> tuple[list[int], list[int]]:

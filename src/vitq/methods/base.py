@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from torch import nn
 
+from ..registry import Registry
+
 if TYPE_CHECKING:
     from ..quant.points import PointSpec
     from ..quant.reconstruct import ReconstructOptions
 
-METHODS: dict[str, type["Method"]] = {}
-ADDONS: dict[str, type["Addon"]] = {}
+METHODS: Registry[type["Method"]] = Registry("method", "or add one in src/vitq/methods/, see docs/adding.md")
+ADDONS: Registry[type["Addon"]] = Registry("add-on")
 
 
 def register_method(cls: type["Method"]) -> type["Method"]:
@@ -29,7 +31,7 @@ def register_method(cls: type["Method"]) -> type["Method"]:
     if "own_options" not in cls.__dict__:  # the options the class itself declares (or inherits)
         own = cls.__dict__.get("Options")
         cls.own_options = own if own is not None else getattr(cls, "own_options", cls.Options)
-    METHODS[cls.name] = cls
+    METHODS.register(cls.name, cls)
     cls.Options = _with_addon_fields(cls)
     return cls
 
@@ -37,7 +39,7 @@ def register_method(cls: type["Method"]) -> type["Method"]:
 def register_addon(cls: type["Addon"]) -> type["Addon"]:
     """Class decorator: an add-on whose switches (`cls.Options`) every method accepts; active when the
     option named `cls.switch` is true."""
-    ADDONS[cls.name] = cls
+    ADDONS.register(cls.name, cls)
     for method in METHODS.values():
         method.Options = _with_addon_fields(method)
     return cls
@@ -61,10 +63,7 @@ def _with_addon_fields(method: type["Method"]) -> type:
 
 
 def get_method(name: str) -> type["Method"]:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}: choose one of {sorted(METHODS)} "
-                         "(or add one in src/vitq/methods/, see docs/adding.md)")
-    return METHODS[name]
+    return METHODS.get(name)
 
 
 @dataclasses.dataclass

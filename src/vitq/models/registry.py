@@ -14,6 +14,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from torch import nn
 
 from ..quant.modules import QuantConv2d, QuantLayerNorm, QuantLinear
+from ..registry import Registry
 
 BASE_TWINS: dict[type[nn.Module], type] = {
     nn.Linear: QuantLinear,
@@ -68,16 +69,16 @@ class Adapter:
         return self.twins.get(cls) or BASE_TWINS.get(cls)
 
 
-ADAPTERS: list[Adapter] = []
+ADAPTERS: Registry[Adapter] = Registry("model family", "add an adapter in src/vitq/models/, see docs/adding.md")
 
 
 def register_adapter(adapter: Adapter) -> Adapter:
-    ADAPTERS.append(adapter)
-    return adapter
+    """Adapters are tried in the order they were registered, keyed by their family."""
+    return ADAPTERS.register(adapter.family, adapter)
 
 
 def adapter_for(module: nn.Module) -> Adapter | None:
-    for adapter in ADAPTERS:
+    for adapter in ADAPTERS.values():
         if isinstance(module, adapter.roots):
             return adapter
     return None
@@ -98,7 +99,7 @@ def find_roots(model: nn.Module) -> list[tuple[str, nn.Module, Adapter]]:
 def _roots_or_raise(model: nn.Module) -> list[tuple[str, nn.Module, Adapter]]:
     roots = find_roots(model)
     if not roots:
-        known = ", ".join(sorted(f"{c.__module__}.{c.__name__}" for a in ADAPTERS for c in a.roots))
+        known = ", ".join(sorted(f"{c.__module__}.{c.__name__}" for a in ADAPTERS.values() for c in a.roots))
         raise UnsupportedModelError(
             f"vitq has no adapter for {type(model).__module__}.{type(model).__name__} or any of its submodules. "
             f"Known model classes: {known}. Add one in src/vitq/models/ (see docs/adding.md)."
@@ -114,14 +115,14 @@ def adapter_option_fields() -> dict[str, Any]:
     """Every registered adapter's switches: field name -> default."""
     import dataclasses
 
-    return {f.name: f.default for a in ADAPTERS if a.Options is not None for f in dataclasses.fields(a.Options)}
+    return {f.name: f.default for a in ADAPTERS.values() if a.Options is not None for f in dataclasses.fields(a.Options)}
 
 
 def check_adapter_options(options: Mapping[str, Any]) -> None:
     """Build each adapter's Options from `options`, so a bad value fails when the recipe is read."""
     import dataclasses
 
-    for a in ADAPTERS:
+    for a in ADAPTERS.values():
         if a.Options is not None:
             names = {f.name for f in dataclasses.fields(a.Options)}
             a.Options(**{k: v for k, v in options.items() if k in names})

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import global_batch, rank_world
+from ..registry import Registry
 from .quantizers import Grid, UniformQuantizer
 
 Reduce = str  # "min" | "max" | "sum" | "mean" | "cat"
@@ -427,21 +428,16 @@ class PTFObserver(TokenSampleMixin, Observer):
         quantizer.set_ptf(base, zp, alpha)
 
 
-OBSERVERS: dict[str, Callable[..., Observer]] = {
-    "minmax": MinMaxObserver,
-    "ema": EMAObserver,
-    "percentile": PercentileObserver,
-    "omse": OMSEObserver,
-    "quantile": QuantileObserver,
-}
+OBSERVERS: Registry[Callable[..., Observer]] = Registry("observer", "a method can add one with register_observer")
+for _name, _factory in {"minmax": MinMaxObserver, "ema": EMAObserver, "percentile": PercentileObserver,
+                        "omse": OMSEObserver, "quantile": QuantileObserver}.items():
+    OBSERVERS.register(_name, _factory)
 
 
 def make_observer(name: str, axis: int | None = None, channel_axis: int = -1, **kwargs) -> Observer:  # noqa: ANN003
-    if name not in OBSERVERS:
-        raise ValueError(f"unknown observer {name!r}: choose one of {sorted(OBSERVERS)}")
-    return OBSERVERS[name](axis=axis, channel_axis=channel_axis, **kwargs)
+    return OBSERVERS.get(name)(axis=axis, channel_axis=channel_axis, **kwargs)
 
 
 def register_observer(name: str, factory: Callable[..., Observer]) -> None:
     """Let a method add its own observer (e.g. a search) under a name recipes can use."""
-    OBSERVERS[name] = factory
+    OBSERVERS.register(name, factory)

@@ -17,25 +17,24 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from ..registry import Registry
+
 MIN_BITS, MAX_BITS = 2, 16
 _EPS = 1e-8
 
-GRIDS: dict[str, type["Grid"]] = {}
+GRIDS: Registry[type["Grid"]] = Registry("quantizer", "a grid is a class registered with @register_grid")
 
 
 def register_grid(name: str) -> Callable[[type["Grid"]], type["Grid"]]:
     """Class decorator: make a grid available to recipes as `quantizer: <name>`."""
     def add(cls: type[Grid]) -> type[Grid]:
         cls.grid_name = name
-        GRIDS[name] = cls
-        return cls
+        return GRIDS.register(name, cls)
     return add
 
 
 def get_grid(name: str) -> type["Grid"]:
-    if name not in GRIDS:
-        raise ValueError(f"unknown quantizer {name!r}: choose one of {sorted(GRIDS)}")
-    return GRIDS[name]
+    return GRIDS.get(name)
 
 
 def check_bits(bits: int, where: str = "quantizer") -> int:
