@@ -2,12 +2,21 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
+import tempfile
 from typing import Callable
 
-import pytest
-import torch
+# Libraries' own caches (matplotlib's font list, wandb, yapf through mmengine) go to a directory of this
+# session, removed at its end, not to the home directory: the suite leaves the machine as it found it.
+# Set before anything imports those libraries; train.py runs started by tests inherit it.
+_CACHES = tempfile.mkdtemp(prefix="vitq-test-caches-")
+for _var in ("XDG_CACHE_HOME", "MPLCONFIGDIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+    os.environ[_var] = os.path.join(_CACHES, _var.lower())
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +48,7 @@ def dev_null_stays_a_device():
     """Fail the run if a test replaced /dev/null (as root, renaming a file onto it succeeds)."""
     before = _is_char_device(os.devnull)
     yield
+    shutil.rmtree(_CACHES, ignore_errors=True)
     if before and not _is_char_device(os.devnull):
         pytest.fail(f"{os.devnull} is no longer a character device after the test session: a test wrote over it "
                     "(restore it as root: rm -f /dev/null; mknod -m 666 /dev/null c 1 3)", pytrace=False)

@@ -206,3 +206,27 @@ def test_isvit_reconstruction_raises_backbone_sqnr(coco_mini_root, random_checkp
     before, after = levels["before"], levels["after"]
     assert len(before) == len(after) == 4
     assert all(a > b + 1.0 for a, b in zip(after, before)), (before, after)
+
+
+@needs_mmdet
+def test_two_process_ddp_run_through_train_py(synthetic_coco, random_checkpoint, tmp_path):
+    """Lightning's DDP starts its second process as a fresh `python train.py ...`: both processes get vitq's
+    kernels (under mmcv-lite) before mmdet imports mmcv.ops, and the run ends with every image evaluated."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    overrides = ["task=coco", f"task.root={synthetic_coco}", "task.img_size=96", "task.batch_size=1",
+                 "task.num_workers=0", "logger=csv", "quant=minmax", f"model.checkpoint={random_checkpoint}",
+                 "quant.calib.num_samples=2", "quant.calib.batch_size=1", f"paths.cache_dir={tmp_path / 'cache'}",
+                 f"paths.output_root={tmp_path / 'out'}", "trainer=ddp", "trainer.accelerator=cpu",
+                 "trainer.devices=2", *SMALL]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(root / "train.py"), *overrides], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Traceback" not in output, output[-3000:]
+    (out,) = [p.parent for p in (tmp_path / "out").glob("*/results.json")]
+    row = json.loads((out / "results.json").read_text())
+    assert row["eval_samples"] == 5 and row["task"] == "coco" and 0 <= row["quant_box_AP"] <= 100
