@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from vitq import mmcv_kernels
+from vitq.engine.checkpoints import state_diff
 from vitq.engine.tasks import EvalModule, Task, hold_out, register_task
 
 from .coco_eval import METRICS, compare_ap, evaluate_records, prediction_record
@@ -138,10 +139,7 @@ def load_detector_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     layout = "mmdet 3"
     if any(k.startswith("backbone.layers.") for k in state):
         state, layout = convert_mmdet2_swin(state), "mmdet 2 Swin repository"
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    missing, unexpected, shapes = state_diff(model.state_dict(), state)
     if missing or unexpected or shapes:
         detail = "; ".join(f"{label} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
                            for label, keys in (("missing", missing), ("unexpected", unexpected),

@@ -11,8 +11,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .quant.recipe import Recipe
+from .quant.recipe import BINDINGS, Recipe
 from .registry import UnknownName
+
+# keys of a recipe YAML that the run reads, not the recipe (bits shorthands, calibration, a checkpoint)
+RUN_KEYS = frozenset({"w_bits", "a_bits", "attn_bits", "observer", "calib", "from_checkpoint", "finetune"})
+BINDINGS.register("run keys", lambda: RUN_KEYS)
 
 RECIPE_DIR = Path(__file__).parent / "conf" / "quant"
 

@@ -126,7 +126,7 @@ def test_detector_scope(detector, scope, parts):
     row_setting = vitq.models.find_roots(q)[0][2].describe(q.vitq_recipe.adapter_options)
     assert row_setting == f"det:{scope}"
     # left float by the scope is not "no adapter covers it": only the mask heads' upsampling is
-    assert {cls for _, cls in vitq.quant.float_layers(q)} == {"ConvTranspose2d"}
+    assert {cls for _, cls in vitq.float_layers(q)} == {"ConvTranspose2d"}
 
 
 def test_bad_detector_scope_is_named():

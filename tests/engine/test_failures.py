@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 
-from vitq.engine.float_model import load_checkpoint
+from vitq.engine.checkpoints import load_checkpoint
 from vitq.engine.lifecycle import LOCK, DirectoryInUse, RunInterrupted, signals_end_the_run
 from vitq.engine.run import RESULT_FILES, run
 

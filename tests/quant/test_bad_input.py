@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import vitq
-from vitq.quant import CalibrationError, PointSpec, Recipe, float_layers, iter_points, save_quantized
+from vitq import float_layers
+from vitq.quant import CalibrationError, PointSpec, Recipe, iter_points, save_quantized
 from vitq.report.table import float_layers_line, print_points
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,7 @@ import torch
 
 import vitq
 from vitq.models import units
-from vitq.quant.api import float_state_dict
+from vitq.quant.checkpoint import float_state_dict
 from vitq.quant.modules import QuantLinear
 from vitq.quant.quantizers import UniformQuantizer
 from vitq.quant.reconstruct import ReconstructOptions, Rows, UnitObjective, capture, plain_fit

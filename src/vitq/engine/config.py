@@ -8,13 +8,15 @@ import os
 import secrets
 import typing
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..methods import get_method
-from ..quant.recipe import RUN_KEYS, Recipe
+from ..quant.recipe import Recipe
+from ..recipes import RUN_KEYS
+from .context import STAGES
 
 # logger configs read `offline: ${vitq.wandb_offline:}`: offline unless the user sets WANDB_MODE=online
 OmegaConf.register_new_resolver("vitq.wandb_offline", lambda: os.environ.get("WANDB_MODE", "offline") != "online",
@@ -207,10 +209,28 @@ def _check_group(cfg: DictConfig, group: str, schema: type) -> None:
         ) from None
 
 
+def finetune_options(cfg: Any) -> FinetuneConf:
+    """`quant.finetune` as its dataclass (defaults for a recipe file without the section)."""
+    node = cfg.quant.get("finetune") if hasattr(cfg, "quant") else None
+    values = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    options = FinetuneConf(**{k: v for k, v in (values or {}).items() if k in {f.name for f in fields(FinetuneConf)}})
+    for name in ("epochs", "val_samples"):
+        if getattr(options, name) < 0:
+            raise ValueError(f"quant.finetune.{name} must be >= 0, got {getattr(options, name)}")
+    for name in ("lr", "temperature"):
+        if not getattr(options, name) > 0:
+            raise ValueError(f"quant.finetune.{name} must be > 0, got {getattr(options, name)}")
+    if options.batch_size is not None and options.batch_size < 1:
+        raise ValueError(f"quant.finetune.batch_size must be >= 1 or null, got {options.batch_size}")
+    return options
+
+
+def finetune_epochs(cfg: Mapping[str, Any] | Any) -> int:
+    return finetune_options(cfg).epochs
+
+
 def validate(cfg: DictConfig) -> Recipe:
     """Check every group against its schema and the recipe against the quantizer; return the recipe."""
-    from .stages import STAGES
-
     for group in ("model", "task", "quant", "trainer", "logger"):
         if group not in cfg:
             raise ValueError(f"config group '{group}' is missing; pick one, e.g. {group}=<option>")
@@ -225,8 +245,6 @@ def validate(cfg: DictConfig) -> Recipe:
         raise ValueError(f"stage={cfg.stage!r} is unknown: choose one of {', '.join(stages)}")
     if cfg.stage == "test" and not cfg.quant.from_checkpoint:
         raise ValueError("stage=test evaluates a saved model: pass quant.from_checkpoint=<run>/quantized.ckpt")
-    from .finetune import finetune_options
-
     if finetune_options(cfg).epochs > 0 and cfg.stage == "test":  # (finetune_options checks the values)
         raise ValueError("stage=test only evaluates a saved model: drop quant.finetune.epochs, or pass stage=all to "
                          "finetune the checkpoint and evaluate the result")

@@ -18,9 +18,9 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -33,10 +33,10 @@ from torch.utils.data import DataLoader, Dataset
 import vitq
 
 from ..distributed import EpochShuffle, check_same_on_ranks, rank_world, sharded
-from ..quant.api import keep_float_weights
+from ..quant.ops import keep_float_weights
 from ..quant.finetune import QuantTraining
-from .config import FinetuneConf
-from .stages import RunContext, processes, register_stage
+from .config import FinetuneConf, finetune_options
+from .context import RunContext, processes, register_stage
 from .tasks import Task
 
 log = logging.getLogger(__name__)
@@ -44,22 +44,6 @@ log = logging.getLogger(__name__)
 FINETUNE_DIR = "finetune"
 START = "start.ckpt"
 LOSS_TERMS = ("task", "kd", "feature")  # what Task.finetune_losses may return as losses; other keys are metrics
-
-
-def finetune_options(cfg: Any) -> FinetuneConf:
-    """`quant.finetune` as its dataclass (defaults for a recipe file without the section)."""
-    node = cfg.quant.get("finetune") if hasattr(cfg, "quant") else None
-    values = OmegaConf.to_container(node, resolve=True) if node is not None else {}
-    options = FinetuneConf(**{k: v for k, v in (values or {}).items() if k in {f.name for f in fields(FinetuneConf)}})
-    for name in ("epochs", "val_samples"):
-        if getattr(options, name) < 0:
-            raise ValueError(f"quant.finetune.{name} must be >= 0, got {getattr(options, name)}")
-    for name in ("lr", "temperature"):
-        if not getattr(options, name) > 0:
-            raise ValueError(f"quant.finetune.{name} must be > 0, got {getattr(options, name)}")
-    if options.batch_size is not None and options.batch_size < 1:
-        raise ValueError(f"quant.finetune.batch_size must be >= 1 or null, got {options.batch_size}")
-    return options
 
 
 def resume_checkpoint(options: FinetuneConf, out_dir: Path) -> Path:
@@ -275,7 +259,3 @@ def finetune_stage(ctx: RunContext) -> None:
     ctx.info.update(finetune_epochs=options.epochs, finetune_seconds=round(ctx.timings["finetune"], 2),
                     finetune_resumed=resuming, finetune_trained=counts,
                     **{f"finetune_{k.replace('/', '_')}": round(v, 4) for k, v in val.items()})
-
-
-def finetune_epochs(cfg: Mapping[str, Any] | Any) -> int:
-    return finetune_options(cfg).epochs

@@ -18,8 +18,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from ..quant.reconstruct import UnitObjective, UnitReport, reconstruct
-from .stages import RunContext, register_stage
+from ..pipeline import reconstruct
+from ..quant.reconstruct import UnitObjective, UnitReport
+from .context import RunContext, register_stage
 
 log = logging.getLogger(__name__)
 

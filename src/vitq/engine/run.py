@@ -25,7 +25,8 @@ from .config import validate
 from .finetune import resume_start
 from .float_model import cache_dir
 from .lifecycle import RunInterrupted, acquire, release, signals_end_the_run
-from .stages import RunContext, STAGES, pipeline
+from .context import STAGES, RunContext
+from .stages import pipeline
 from .tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def _run(cfg: DictConfig, out_dir: Path, loggers: list[Logger]) -> dict[str, Any
     vitq.quantize(probe, recipe)  # the recipe fits the model (point names do not depend on the weights)
     if cfg.stage == "summary":
         points = vitq.summary(probe)
-        print_points(points, float_layers=vitq.quant.float_layers(probe))
+        print_points(points, float_layers=vitq.float_layers(probe))
         print(f"recipe {recipe.name}: {recipe.describe()}")
         return {"points": len(points)}
     del probe
@@ -126,7 +127,7 @@ def _run(cfg: DictConfig, out_dir: Path, loggers: list[Logger]) -> dict[str, Any
     ctx.resume_from = resume_start(cfg, out_dir)
     if cfg.quant.from_checkpoint or ctx.resume_from is not None:  # a resumed finetune starts from its saved model
         ctx.checkpoint_path = str(ctx.resume_from or cfg.quant.from_checkpoint)
-        ctx.checkpoint = vitq.quant.read_quantized(ctx.checkpoint_path)
+        ctx.checkpoint = vitq.read_quantized(ctx.checkpoint_path)
     else:  # built now so that too many samples fail before training
         c = cfg.quant.calib
         ctx.calib_loader = task.calib_loader(int(c.num_samples), int(c.batch_size), int(c.seed))

@@ -2,7 +2,8 @@
 
 A run is `float` -> the stages its method names (`calibrate` for every method today; later methods add
 e.g. `reconstruct`, `finetune`) -> `test`. A quantized checkpoint replaces the middle with `load`.
-Stages register here by name; `stage=<name>` stops the run after that stage.
+Stages register by name in `context.STAGES` (the reconstruct and finetune stages in their own modules;
+`vitq.engine` imports all three); `stage=<name>` stops the run after that stage.
 """
 from __future__ import annotations
 
@@ -10,70 +11,24 @@ import copy
 import json
 import logging
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
 
-import lightning as L
 import torch
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
 
 import vitq
 
 from ..distributed import sharded
 from ..files import written_atomically
-from ..methods import Method
-from ..quant.recipe import Recipe
-from ..registry import Registry
 from ..report.table import float_layers_line, print_results, results_row
+from .config import finetune_epochs
+from .context import STAGES, RunContext, processes, register_stage
 from .float_model import float_key, obtain_float_model
-from .tasks import Task
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RunContext:
-    """Everything the stages share."""
-
-    cfg: DictConfig
-    out_dir: Path
-    task: Task
-    recipe: Recipe
-    method: Method
-    make_trainer: Callable[..., L.Trainer]
-    loggers: list[Logger]
-    cache: Path
-    model_cfg: dict
-    task_cfg: dict
-    fp_model: torch.nn.Module | None = None
-    qmodel: torch.nn.Module | None = None
-    float_source: str = ""
-    float_key: str = ""
-    checkpoint: dict | None = None  # a quantized checkpoint read at start-up (quant.from_checkpoint)
-    checkpoint_path: str = ""  # where it came from
-    resume_from: Path | None = None  # a finetune start model this run resumes from (quant.finetune.ckpt_path)
-    finetuned: bool = False
-    calib_loader: Any = None
-    timings: dict[str, float] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)  # extra columns of the result row
-    artifacts: dict[str, Any] = field(default_factory=dict)  # files to write at the end (name -> writer)
-    row: dict | None = None
-
-
-Stage = Callable[[RunContext], None]
-STAGES: Registry[Stage] = Registry("stage")
-
-
-def register_stage(name: str) -> Callable[[Stage], Stage]:
-    return STAGES.register(name)
-
-
 def pipeline(ctx: RunContext) -> list[str]:
-    from .finetune import finetune_epochs
-
     middle = ["load"] if ctx.checkpoint is not None else list(ctx.method.stages)
     if finetune_epochs(ctx.cfg) > 0:
         middle.append("finetune")
@@ -96,7 +51,7 @@ def float_stage(ctx: RunContext) -> None:
                 raise ValueError(f"{path} was made with {group}={made_with}, this run has {group}="
                                  f"{ctx.cfg[group].name}: pass {group}={made_with}")
         model = ctx.task.create_model(pretrained=False)  # architecture only
-        model.load_state_dict(vitq.quant.api.float_state_dict(ctx.checkpoint, model))
+        model.load_state_dict(vitq.quant.float_state_dict(ctx.checkpoint, model))
         ctx.fp_model, ctx.float_source = model.eval(), f"float weights of {path}"
         ctx.float_key = float_key(ctx.model_cfg, ctx.task_cfg, ctx.task, ctx.cfg.seed) + "-ckpt"
     else:
@@ -128,11 +83,6 @@ def load_stage(ctx: RunContext) -> None:
     ctx.recipe = ctx.qmodel.vitq_recipe
     calib = ((ctx.checkpoint.get("meta") or {}).get("quant") or {}).get("calib") or {}
     ctx.info["calib_samples"] = calib.get("num_samples")
-
-
-def processes(trainer: L.Trainer) -> int:
-    """How many processes a trainer's loops run in (each gets whole batches, `vitq.distributed.sharded`)."""
-    return int(trainer.num_devices) * int(trainer.num_nodes)
 
 
 def evaluate(ctx: RunContext, model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
@@ -171,7 +121,7 @@ def test_stage(ctx: RunContext) -> None:
     quant = evaluate(ctx, ctx.qmodel, "quant")
     integer = any(getattr(m, "integer", False) for m in ctx.qmodel.modules())
     metrics = ctx.task.metrics
-    float_layers = vitq.quant.float_layers(ctx.qmodel)
+    float_layers = vitq.float_layers(ctx.qmodel)
     ctx.info["float_layers"] = len(float_layers)
     described = ctx.recipe.method_impl().describe_model(ctx.qmodel)  # e.g. a mixed-precision bit map
     ctx.info.update(described)
@@ -206,7 +156,3 @@ def test_stage(ctx: RunContext) -> None:
     if line := float_layers_line(float_layers):
         print(line)
     ctx.artifacts["points"] = points
-
-
-from . import finetune as _finetune  # noqa: E402,F401  (registers the `finetune` stage)
-from . import reconstruct as _reconstruct  # noqa: E402,F401  (registers the `reconstruct` stage)

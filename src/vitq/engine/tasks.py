@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..distributed import gather_batches
 from ..registry import Registry
+from .checkpoints import load_checkpoint
 
 def _discover() -> None:
     try:
@@ -116,8 +117,6 @@ class Task:
     def load_weights(self, model: nn.Module, path: str) -> nn.Module:
         """Load `model.checkpoint` into the architecture (a state dict, strictly; tasks whose checkpoints
         come in other layouts convert them here)."""
-        from .float_model import load_checkpoint
-
         return load_checkpoint(model, path)
 
     def compare(self, fp: dict[str, Any], quant: dict[str, Any], metrics: tuple[str, ...]

@@ -11,7 +11,7 @@ import dataclasses
 
 from torch import nn
 
-from ..quant.api import set_integer
+from ..quant.ops import set_integer
 from ..quant.points import Kind, PointSpec
 from .base import Method, register_method
 

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from ..models import norm_pairs
-from ..quant.api import iter_points, refit_weight
+from ..quant.ops import iter_points, refit_weight
 from ..quant.modules import _QuantWeight
-from ..quant.observers import RangeSampleObserver
+from ..quant.observers import GRID_OBSERVERS, RangeSampleObserver
 from ..quant.points import Kind, PointSpec
 from ..quant.quantizers import Grid, check_bits, register_grid
 from ..quant.reconstruct import ReconstructOptions
@@ -60,9 +60,6 @@ class SULQuantizer(Grid):
         if axis is not None:
             raise ValueError("the sulq quantizer is per tensor: set per_channel: false")
         return cls(spec.bits)
-
-    def make_observer(self, spec: PointSpec, axis: int | None, channel_axis: int) -> "SULQObserver":
-        return SULQObserver(channel_axis=channel_axis)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, shift-uniform-log2, eta={float(self.eta):g}"
@@ -129,6 +126,9 @@ class SULQObserver(RangeSampleObserver):
         errs = self.errors(grid)
         best = min(range(len(errs)), key=errs.__getitem__)
         grid.set_eta_range(self.etas[best], self.state["min"], self.state["max"])
+
+
+GRID_OBSERVERS.register("sulq", lambda grid, spec, axis, channel_axis: SULQObserver(channel_axis=channel_axis))
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..models import NormPair, norm_pairs
-from ..quant.api import refit_weight
+from ..quant.ops import refit_weight
 from ..quant.recipe import Override
 from . import capture
 from .base import Method, register_method

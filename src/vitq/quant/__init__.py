@@ -1,12 +1,14 @@
-"""The quantization library: pure PyTorch, usable without Hydra or Lightning."""
-from .api import (calibrate, float_layers, iter_points, load_quantized, quantize, read_quantized, save_quantized, set_integer,
-                  set_mode, summary)
+"""The quantization primitives: pure PyTorch, usable without Hydra or Lightning, importing nothing above
+themselves. Binding a recipe to a model (`vitq.quantize`, `vitq.calibrate`, ...) is `vitq.pipeline`."""
+from .checkpoint import CHECKPOINT_FORMAT, float_state_dict, read_quantized, save_quantized
 from .observers import OBSERVERS, Observer, make_observer, register_observer
+from .ops import iter_points, keep_float_weights, refit_weight, set_integer, set_mode, summary
 from .points import SCOPES, CalibrationError, Kind, PointSpec, QuantAct, QuantPoint
 from .quantizers import UniformQuantizer
 from .recipe import Recipe
-from .reconstruct import ReconstructOptions, UnitReport, reconstruct
+from .reconstruct import ReconstructOptions, UnitReport
 
-__all__ = ["OBSERVERS", "SCOPES", "CalibrationError", "Kind", "Observer", "PointSpec", "QuantAct", "QuantPoint", "Recipe", "ReconstructOptions", "UnitReport",
-           "UniformQuantizer", "calibrate", "float_layers", "iter_points", "load_quantized", "make_observer", "quantize",
-           "read_quantized", "reconstruct", "register_observer", "save_quantized", "set_integer", "set_mode", "summary"]
+__all__ = ["CHECKPOINT_FORMAT", "OBSERVERS", "SCOPES", "CalibrationError", "Kind", "Observer", "PointSpec", "QuantAct",
+           "QuantPoint", "Recipe", "ReconstructOptions", "UnitReport", "UniformQuantizer", "float_state_dict",
+           "iter_points", "keep_float_weights", "make_observer", "read_quantized", "refit_weight", "register_observer",
+           "save_quantized", "set_integer", "set_mode", "summary"]

@@ -11,7 +11,7 @@ reservoirs draw each batch's keys from its global index and keep the sample in k
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -441,3 +441,20 @@ def make_observer(name: str, axis: int | None = None, channel_axis: int = -1, **
 def register_observer(name: str, factory: Callable[..., Observer]) -> None:
     """Let a method add its own observer (e.g. a search) under a name recipes can use."""
     OBSERVERS.register(name, factory)
+
+
+# Observers fit grids, grids know nothing of observers. A grid that needs an observer of its own (PTF's
+# factor search, a method's grid) registers a factory (grid, spec, axis, channel_axis) -> Observer under
+# the grid's name; every other observed grid gets the calibrator the recipe names.
+GRID_OBSERVERS: Registry[Callable[..., Observer]] = Registry("grid observer")
+GRID_OBSERVERS.register("ptf", lambda grid, spec, axis, channel_axis: PTFObserver(
+    grid.axis, calibrator=spec.observer, **dict(spec.observer_args)))
+
+
+def observer_for(grid: Grid, spec: Any, axis: int | None, channel_axis: int) -> Observer | None:
+    """The observer that calibrates `grid` as `spec` asks (None for a fixed grid, which needs no data)."""
+    if not grid.observed:
+        return None
+    if grid.grid_name in GRID_OBSERVERS:
+        return GRID_OBSERVERS.get(grid.grid_name)(grid, spec, axis, channel_axis)
+    return make_observer(spec.observer, axis=axis, channel_axis=channel_axis, **dict(spec.observer_args))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .observers import Observer, make_observer
+from .observers import Observer, make_observer, observer_for
 from .quantizers import Grid, check_bits, get_grid
 
 
@@ -117,7 +117,7 @@ class QuantPoint(nn.Module):
         axis = (self.channel_axis if spec.axis is None else spec.axis) if spec.per_channel else None
         self.spec = spec
         self.quantizer = get_grid(spec.quantizer).from_spec(spec, axis, self.channel_axis)
-        self.observer = self.quantizer.make_observer(spec, axis, self.channel_axis)
+        self.observer = observer_for(self.quantizer, spec, axis, self.channel_axis)
 
     def set_mode(self, mode: str) -> None:
         if mode not in ("off", "observe", "quant"):

@@ -10,8 +10,6 @@ Adding a grid is one class here plus `@register_grid`, nothing else.
 """
 from __future__ import annotations
 
-import copy
-import math
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -65,11 +63,6 @@ class Grid(nn.Module):
         """Build from a PointSpec; `axis` is the per-channel axis (None: per tensor), `channel_axis` the
         layout's channel axis (needed by grids that are per channel by construction)."""
         raise NotImplementedError
-
-    def make_observer(self, spec: Any, axis: int | None, channel_axis: int):  # noqa: ANN201
-        from .observers import make_observer
-
-        return make_observer(spec.observer, axis=axis, channel_axis=channel_axis, **dict(spec.observer_args))
 
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         raise NotImplementedError
@@ -286,11 +279,6 @@ class PTFQuantizer(UniformQuantizer):
     def from_spec(cls, spec, axis: int | None, channel_axis: int) -> "PTFQuantizer":  # noqa: ANN001
         return cls(spec.bits, spec.max_factor, axis=channel_axis if spec.axis is None else spec.axis)
 
-    def make_observer(self, spec, axis: int | None, channel_axis: int):  # noqa: ANN001, ANN201
-        from .observers import PTFObserver
-
-        return PTFObserver(self.axis, calibrator=spec.observer, **dict(spec.observer_args))
-
     def extra_repr(self) -> str:
         return f"bits={self.bits}, PTF K={self.max_factor}, channel axis={self.axis}"
 
@@ -350,9 +338,6 @@ class Log2Quantizer(Grid):
     @classmethod
     def from_spec(cls, spec, axis: int | None, channel_axis: int) -> "Log2Quantizer":  # noqa: ANN001
         return cls(spec.bits)
-
-    def make_observer(self, spec, axis: int | None, channel_axis: int) -> None:  # noqa: ANN001
-        return None  # fixed grid
 
     def probe(self) -> "Log2Quantizer":
         return Log2Quantizer(self.bits)
@@ -416,9 +401,6 @@ class LogSqrt2Quantizer(Grid):
         if axis is not None:
             raise ValueError("the log_sqrt2 quantizer is per tensor: set per_channel: false")
         return cls(spec.bits)
-
-    def make_observer(self, spec, axis: int | None, channel_axis: int):  # noqa: ANN001, ANN201
-        return super().make_observer(spec, None, channel_axis)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, log-sqrt2"

@@ -14,8 +14,9 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+from ..registry import Registry
 from .points import SCOPES, Kind, PointSpec
 from .quantizers import get_grid
 
@@ -25,8 +26,13 @@ _SECTIONS = {"weight": (Kind.WEIGHT,), "activation": tuple(k for k in Kind.ALL i
 _SECTIONS.update({k: (k,) for k in Kind.ALL if k != Kind.WEIGHT})
 # the shorthand a recipe YAML interpolates into a section's bits (base/uniform.yaml): named in bits errors
 _BITS_KEYS = {"weight": "quant.w_bits", "activation": "quant.a_bits", "softmax_output": "quant.attn_bits"}
-# keys of a recipe YAML that the run reads, not the recipe (bits shorthands, calibration, a checkpoint)
-RUN_KEYS = frozenset({"w_bits", "a_bits", "attn_bits", "observer", "calib", "from_checkpoint", "finetune"})
+# A recipe names a method and carries its switches and the model adapters' switches, and building one
+# checks them; methods and adapters live on the floors above, so the binding layer (vitq.pipeline, which
+# `import vitq` imports) fills these entries: "method class" (name -> class), "method" (name, options ->
+# method), "adapter options" (() -> field defaults), "check adapter options" (options -> None or raise);
+# and vitq.recipes, which reads the recipe YAML files, "run keys" (() -> the keys of those files that the
+# run reads, not the recipe: w_bits, calib, ...).
+BINDINGS: Registry[Callable[..., Any]] = Registry("recipe binding", "import vitq: vitq.pipeline registers them")
 _RECIPE_KEYS = frozenset({"name", "scope", "method", "overrides", *_SECTIONS})
 
 
@@ -84,27 +90,23 @@ class Recipe:
         if self.scope not in SCOPES:
             raise ValueError(f"unknown scope {self.scope!r}: choose one of {sorted(SCOPES)}")
         self.method_impl()  # an unknown method or option fails here
-        from ..models.registry import check_adapter_options
-
-        check_adapter_options(self.adapter_options)  # e.g. an unknown detector_scope fails here
+        BINDINGS.get("check adapter options")(self.adapter_options)  # e.g. an unknown detector_scope fails here
 
     def method_impl(self):  # noqa: ANN201
         """The method object (hooks) this recipe names."""
-        from ..methods import build_method  # methods build on vitq.quant; import on use
-
-        return build_method(self.method, self.options)
+        return BINDINGS.get("method")(self.method, self.options)
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], run_keys: frozenset[str] = RUN_KEYS) -> "Recipe":
+    def from_config(cls, cfg: Mapping[str, Any], run_keys: frozenset[str] | None = None) -> "Recipe":
         """Build from a plain mapping (a recipe YAML as Hydra composes it, or a dict). `run_keys` are read
-        by the run, not the recipe (w_bits, calib, ...) and pass; any other unknown key is an error. The
-        method's switches are read by name."""
-        from ..methods import build_method, get_method
-
+        by the run, not the recipe (default: the recipe files' run keys, `vitq.recipes.RUN_KEYS`) and pass;
+        any other unknown key is an error. The method's switches are read by name."""
+        if run_keys is None:
+            run_keys = BINDINGS.get("run keys")()
+        build_method = BINDINGS.get("method")
+        adapter_option_fields = BINDINGS.get("adapter options")
         method = str(cfg.get("method") or "ptq")
-        impl = get_method(method)
-        from ..models import adapter_option_fields
-
+        impl = BINDINGS.get("method class")(method)
         _check_keys(cfg, impl.option_names(), frozenset(run_keys), tuple(adapter_option_fields()))
         specs: dict[str, PointSpec] = {}
         for section in ("weight", "activation", *[k for k in Kind.ALL if k != Kind.WEIGHT]):

@@ -3,7 +3,7 @@ float unit's output, one unit at a time, in model order.
 
     report = vitq.reconstruct(qmodel, fp_model, batches, run_batch, ReconstructOptions(adaround=True))
 
-Units come from the model's adapters (`vitq.models.units`: patch embedding, blocks, Swin's merging
+The driver (`vitq.pipeline.reconstruct`) takes the units from the model's adapters (`vitq.models.units`: patch embedding, blocks, Swin's merging
 layers, head). For each unit, forward hooks record its inputs (positional and keyword arguments) and the
 float unit's outputs on every calibration batch, stopping the forward right there; the records are kept
 on the CPU, grouped by input form (batches of one padded image size form one group, so a detector's
@@ -17,16 +17,13 @@ it through Lightning (`vitq.engine.reconstruct`), which also averages gradients 
 from __future__ import annotations
 
 import dataclasses
-import math
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from .api import keep_float_weights
 from .modules import _QuantWeight
 from .points import Kind, QuantPoint
 from .quantizers import UniformQuantizer
@@ -563,72 +560,5 @@ class PeakMemory:
 Fit = Callable[[UnitObjective, torch.device, str], None]
 
 
-def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches: Iterable[Any],
-                run_batch: Callable[[nn.Module, Any], Any], options: ReconstructOptions | None = None,
-                device: torch.device | str | None = None, fit: Fit | None = None,
-                units: list[str] | None = None,
-                on_unit: Callable[[UnitReport], None] | None = None) -> list[UnitReport]:
-    """Reconstruct every unit of a calibrated `qmodel` against `fp_model` (its float original), in order.
-
-    `batches` is re-iterated once per unit (a DataLoader or a list); `run_batch(model, batch)` pushes one
-    batch through a model. `units` restricts the pass to those unit names (default: all the adapters
-    list). The float weights before the first pass are kept as `qmodel.vitq_float_state`, so a saved
-    checkpoint still yields the true float model (`vitq.quant.api.float_state_dict`).
-    """
-    from ..models import units as model_units
-
-    options = options or ReconstructOptions()
-    if not getattr(qmodel, "vitq_calibrated", False):
-        raise ValueError("reconstruct needs a calibrated model: call vitq.calibrate(qmodel, loop) first")
-    device = torch.device(device) if device is not None else next(qmodel.parameters()).device
-    fit = fit or plain_fit
-    keep_float_weights(qmodel, fp_model)
-    q_units, fp_units = dict(model_units(qmodel)), dict(model_units(fp_model))
-    names = [n for n, _ in model_units(qmodel)]
-    if units is not None:
-        unknown = sorted(set(units) - set(names))
-        if unknown:
-            raise ValueError(f"unknown reconstruction unit(s) {unknown}; the model's units: {', '.join(names)}")
-        names = [n for n in names if n in units]
-    # units without a quantized point (e.g. a detector's heads outside quant.detector_scope) stay as they are
-    names = [n for n in names if any(isinstance(p, QuantPoint) and p.configured and p.mode != "off"
-                                     for p in q_units[n].modules())]
-    if set(names) - set(fp_units):
-        raise ValueError("fp_model does not have the quantized model's units: pass the float model qmodel was made from")
-    q_was, fp_was = qmodel.training, fp_model.training
-    qmodel.eval(), fp_model.eval()
-    reports = []
-    try:
-        for name in names:
-            qmodel.to(device), fp_model.to(device)
-            start = time.perf_counter()
-            with PeakMemory(device) as mem:
-                o = options
-                data = capture(fp_model, fp_units[name], qmodel if o.input_source != "float" else None,
-                               q_units[name] if o.input_source != "float" else None, batches, run_batch, device,
-                               want_fp_inputs=o.input_source != "quant")
-                objective = UnitObjective(q_units[name], data, o).to(device)
-                try:
-                    if not objective.trains:
-                        continue
-                    before = objective.evaluate(device)
-                    torch.manual_seed(o.seed + len(reports))  # drop and mix masks: reproducible per unit
-                    fit(objective, device, name)
-                    q_units[name].to(device)  # a trainer may have moved it back to the CPU
-                    after = objective.evaluate(device)
-                finally:
-                    objective.finish()
-                cache_mib, n_params, groups = data.nbytes() / 2**20, objective.n_params, len(data.sizes)
-                del data, objective
-            report = UnitReport(name, round(time.perf_counter() - start, 3), round(cache_mib, 2),
-                                round(mem.peak / 2**20, 1), before, after, n_params, groups)
-            reports.append(report)
-            if on_unit is not None:
-                on_unit(report)
-    finally:
-        qmodel.train(q_was), fp_model.train(fp_was)
-    return reports
-
-
 __all__ = ["ArgCache", "INPUT_SOURCES", "PeakMemory", "ReconstructOptions", "Rows", "UnitData", "UnitObjective",
-           "UnitReport", "capture", "plain_fit", "reconstruct"]
+           "UnitReport", "capture", "plain_fit"]

@@ -22,7 +22,7 @@ def unit_bits(model: nn.Module, unit: str | None) -> str:
     """'W8A8'-style bits of the first weighted layer inside a unit (patch embedding, head), 'fp' if float."""
     if unit is None:
         return "-"
-    from ..quant.api import iter_points
+    from ..quant.ops import iter_points
 
     found: dict[str, int | None] = {}
     for name, p in iter_points(model.get_submodule(unit)):
