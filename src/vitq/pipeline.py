@@ -22,7 +22,7 @@ from .models import adapter_option_fields, find_roots, rewrite
 from .models import units as model_units
 from .models.registry import check_adapter_options
 from .quant.checkpoint import _check_finite, read_quantized
-from .quant.modules import _QuantWeight
+from .quant.modules import QuantWeight
 from .quant.ops import iter_points, keep_float_weights, set_mode
 from .quant.points import Kind, QuantPoint
 from .quant.reconstruct import (Fit, PeakMemory, ReconstructOptions, UnitObjective, UnitReport, capture,
@@ -108,7 +108,7 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
     model.eval()
     try:
         for module in model.modules():  # weights first: a broken weight is named before it spoils activations
-            if isinstance(module, _QuantWeight) and module.weight_quantizer.configured:
+            if isinstance(module, QuantWeight) and module.weight_quantizer.configured:
                 module.weight_quantizer.observe(module.weight)
         with torch.no_grad():
             forward_loop(model)
@@ -141,7 +141,7 @@ def float_layers(model: nn.Module) -> list[tuple[str, str]]:
     # quant.detector_scope=backbone), is not "no adapter covers it"
     covered = {id(m) for _, root, adapter in find_roots(model) for m in root.modules() if adapter.twin_for(m)}
     return [(name, type(m).__name__) for name, m in model.named_modules()
-            if not isinstance(m, _QuantWeight) and isinstance(getattr(m, "weight", None), nn.Parameter)
+            if not isinstance(m, QuantWeight) and isinstance(getattr(m, "weight", None), nn.Parameter)
             and m.weight.dim() >= 2 and not isinstance(m, nn.Embedding) and id(m) not in covered]
 
 
@@ -161,7 +161,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike | Mapping[str, Any]
     place(model, recipe)
     state = ckpt["state_dict"]
     for name, module in model.named_modules():
-        if isinstance(module, _QuantWeight) and module.bias is None and f"{name}.bias" in state:
+        if isinstance(module, QuantWeight) and module.bias is None and f"{name}.bias" in state:
             module.bias = nn.Parameter(torch.zeros(module.out_channels if hasattr(module, "out_channels")
                                                    else module.out_features))
     recipe.method_impl().before_load(model, state)  # wrappers or buffers the method added

@@ -27,15 +27,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..models import norm_pairs
 from ..quant.ops import iter_points, refit_weight
-from ..quant.modules import _QuantWeight
+from ..quant.modules import QuantWeight
 from ..quant.observers import GRID_OBSERVERS, RangeSampleObserver
 from ..quant.points import Kind, PointSpec
 from ..quant.quantizers import Grid, check_bits, register_grid
 from ..quant.reconstruct import ReconstructOptions
 from .base import Method, register_method
-from .repq import reparameterize, set_granularity
+from .repq import fold_post_norm_inputs, per_channel_post_norm_inputs
 
 ETAS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.5, 1.0)  # the published search grid
 
@@ -154,12 +153,8 @@ class ISViT(Method):
         return specs
 
     def prepare(self, model: nn.Module) -> None:
-        if not self.options.sos:
-            return
-        for pair in norm_pairs(model):
-            point = pair.consumer.input_quantizer
-            if point.configured and point.spec.quantizer == "uniform" and not point.spec.per_channel:
-                set_granularity(model, f"{pair.consumer_name}.input", point, per_channel=True)
+        if self.options.sos:
+            per_channel_post_norm_inputs(model)
 
     def reconstruct_passes(self, model: nn.Module) -> list[ReconstructOptions]:
         o = self.options
@@ -181,20 +176,11 @@ class ISViT(Method):
             return
         fold(model)  # stage 2: exact, then grids for the weights stage 1 tuned
         for module in model.modules():
-            if isinstance(module, _QuantWeight):
+            if isinstance(module, QuantWeight):
                 refit_weight(module)
         for p in weights:
             p.set_mode("quant")
 
 
-def fold(model: nn.Module) -> int:
-    """SOS stage 2: fold every per-channel post-LayerNorm grid into its LayerNorm and consumer (RepQ-ViT's
-    reparameterization; the codes do not change, so with float weights the model computes the same).
-    Returns how many pairs were folded."""
-    done = 0
-    for pair in norm_pairs(model):
-        point = pair.consumer.input_quantizer
-        if point.configured and point.spec.per_channel and point.quantizer.scale.numel() > 1:
-            reparameterize(model, pair)
-            done += 1
-    return done
+# SOS stage 2 is RepQ-ViT's reparameterization: with float weights the folded model computes the same
+fold = fold_post_norm_inputs

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.modules import QuantMatMul, QuantSoftmax, _QuantWeight
+from ..quant.modules import QuantMatMul, QuantSoftmax, QuantWeight
 from ..quant.points import SCOPES, Kind, PointSpec, QuantPoint
 from ..quant.quantizers import MAX_BITS, MIN_BITS
 from ..quant.recipe import Override
@@ -223,7 +223,7 @@ class Liu21(Method):
                 err = float((out.float() - cap.output).pow(2).mean())
                 results[bits] = (sens * err, snapshot(group))
             options.append(results)
-            sizes.append(sum(m.weight.numel() for m in group.modules() if isinstance(m, _QuantWeight)))
+            sizes.append(sum(m.weight.numel() for m in group.modules() if isinstance(m, QuantWeight)))
         budget = target * sum(sizes)
         choice = pareto_choice([{b: r[0] for b, r in opt.items()} for opt in options], sizes, budget)
         recipe = model.vitq_recipe
@@ -241,7 +241,7 @@ def mp_candidates(target: int) -> list[int]:
 def searchable(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """Modules holding a searched product: weighted layers and attention matmuls with quantized operands."""
     for name, m in model.named_modules(prefix=prefix):
-        if isinstance(m, _QuantWeight) and m.weight_quantizer.configured and m.input_quantizer.configured:
+        if isinstance(m, QuantWeight) and m.weight_quantizer.configured and m.input_quantizer.configured:
             yield name, m
         elif isinstance(m, QuantMatMul):
             yield name, m
@@ -373,7 +373,7 @@ def block_groups(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
         for cname, child in unit.named_children():
             if any(isinstance(m, QuantSoftmax) for m in child.modules()):
                 yield f"{uname}.{cname}", child, "msa"
-            elif any(isinstance(m, _QuantWeight) for m in child.modules()):
+            elif any(isinstance(m, QuantWeight) for m in child.modules()):
                 yield f"{uname}.{cname}", child, "mlp"
 
 
@@ -404,7 +404,7 @@ def snapshot_bits(group: nn.Module, bits: int) -> None:
         p.quantizer.set_params(amax / p.quantizer.qmax, torch.zeros_like(amax))
         p.set_mode("quant")
     for m in group.modules():
-        if isinstance(m, _QuantWeight) and m.bias is not None:
+        if isinstance(m, QuantWeight) and m.bias is not None:
             if not hasattr(m, "_liu21_bias"):
                 m._liu21_bias = m.bias.detach().clone()
             m.bias.copy_(m._liu21_bias)
@@ -413,7 +413,7 @@ def snapshot_bits(group: nn.Module, bits: int) -> None:
 def snapshot(group: nn.Module) -> dict:
     pts = {id(p): (p.spec, p.quantizer.scale.detach().clone()) for p in _points(group)}
     biases = {id(m): m.bias.detach().clone() for m in group.modules()
-              if isinstance(m, _QuantWeight) and m.bias is not None}
+              if isinstance(m, QuantWeight) and m.bias is not None}
     return {"points": pts, "biases": biases}
 
 
@@ -451,7 +451,7 @@ def bit_map(model: nn.Module) -> dict[str, int]:
     """Width of each MSA/MLP module, read from its weight points (so it holds after a reload too)."""
     out = {}
     for gname, group, _ in block_groups(model):
-        bits = {p.quantizer.bits for m in group.modules() if isinstance(m, _QuantWeight)
+        bits = {p.quantizer.bits for m in group.modules() if isinstance(m, QuantWeight)
                 for p in [m.weight_quantizer] if p.configured}
         out[gname] = max(bits) if bits else None
     return out
@@ -462,7 +462,7 @@ def average_bits(model: nn.Module) -> float:
     total = count = 0
     for _, group, _ in block_groups(model):
         for m in group.modules():
-            if isinstance(m, _QuantWeight) and m.weight_quantizer.configured:
+            if isinstance(m, QuantWeight) and m.weight_quantizer.configured:
                 total += m.weight.numel() * m.weight_quantizer.quantizer.bits
                 count += m.weight.numel()
     return total / max(count, 1)
@@ -478,5 +478,5 @@ def searched_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     for name, m in model.named_modules():
         if isinstance(m, QuantPoint) and m.configured and hasattr(m.quantizer, "scale"):
             yield name, m.quantizer.scale
-        elif isinstance(m, _QuantWeight) and m.bias is not None:
+        elif isinstance(m, QuantWeight) and m.bias is not None:
             yield name + ".bias", m.bias

@@ -33,18 +33,31 @@ class RepQ(Method):
     Options = RepQOptions
 
     def prepare(self, model: nn.Module) -> None:
-        for pair in norm_pairs(model):
-            point = pair.consumer.input_quantizer
-            if point.configured and point.spec.quantizer == "uniform" and not point.spec.per_channel:
-                set_granularity(model, f"{pair.consumer_name}.input", point, per_channel=True)
+        per_channel_post_norm_inputs(model)
 
     def after_freeze(self, model: nn.Module) -> None:
-        if not self.options.reparameterize:
-            return
-        for pair in norm_pairs(model):
-            point = pair.consumer.input_quantizer
-            if point.configured and point.spec.per_channel and point.quantizer.scale.numel() > 1:
-                reparameterize(model, pair)
+        if self.options.reparameterize:
+            fold_post_norm_inputs(model)
+
+
+def per_channel_post_norm_inputs(model: nn.Module) -> None:
+    """Make the uniform input grid of every LayerNorm-fed layer per channel (recorded in the recipe)."""
+    for pair in norm_pairs(model):
+        point = pair.consumer.input_quantizer
+        if point.configured and point.spec.quantizer == "uniform" and not point.spec.per_channel:
+            set_granularity(model, f"{pair.consumer_name}.input", point, per_channel=True)
+
+
+def fold_post_norm_inputs(model: nn.Module) -> int:
+    """Fold every calibrated per-channel post-LayerNorm input grid into its LayerNorm and consumer (the codes
+    do not change); returns how many pairs were folded."""
+    done = 0
+    for pair in norm_pairs(model):
+        point = pair.consumer.input_quantizer
+        if point.configured and point.spec.per_channel and point.quantizer.scale.numel() > 1:
+            reparameterize(model, pair)
+            done += 1
+    return done
 
 
 def set_granularity(model: nn.Module, name: str, point: nn.Module, per_channel: bool) -> None:

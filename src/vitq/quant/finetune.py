@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .modules import _QuantWeight
+from .modules import QuantWeight
 from .points import QuantPoint
 from .quantizers import UniformQuantizer
 
@@ -52,7 +52,7 @@ class QuantTraining:
             self.trainables.steps.append(params[0])
             self.trainables.zero_points.extend(params[1:])
         if weights:
-            layers = [m for m in model.modules() if isinstance(m, _QuantWeight)]
+            layers = [m for m in model.modules() if isinstance(m, QuantWeight)]
             self.trainables.weights = [p for m in layers for p in (m.weight, m.bias) if p is not None]
             for p in self.trainables.weights:
                 p.requires_grad_(True)
@@ -68,7 +68,7 @@ class QuantTraining:
         for grid in self.grids:
             grid.make_fixed()
         for m in self.model.modules():
-            if isinstance(m, _QuantWeight):
+            if isinstance(m, QuantWeight):
                 m._wcache = None
         for p in self.model.parameters():
             p.requires_grad_(self._flags.get(p, False))

@@ -44,7 +44,7 @@ class Twin:
         """Add the quant points and submodules the twin needs (none by default)."""
 
 
-class _QuantWeight(Twin):
+class QuantWeight(Twin):
     """Shared by QuantLinear and QuantConv2d: quantized input and weight, cached weight at inference."""
 
     weight: nn.Parameter
@@ -81,12 +81,12 @@ class _QuantWeight(Twin):
         return state
 
 
-class QuantLinear(_QuantWeight, nn.Linear):
+class QuantLinear(QuantWeight, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._output(F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias))
 
 
-class QuantConv2d(_QuantWeight, nn.Conv2d):
+class QuantConv2d(QuantWeight, nn.Conv2d):
     act_channel_axis = 1  # feature maps [B, C, H, W]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .modules import _QuantWeight
+from .modules import QuantWeight
 from .points import Kind, QuantPoint
 from .quantizers import UniformQuantizer
 from .rounding import AdaRoundQuantizer, DropQuantizer, bake_rounding, make_fixed, make_learnable
@@ -338,7 +338,7 @@ def capture(fp_model: nn.Module, fp_unit: nn.Module, qmodel: nn.Module | None, q
 
 
 def _weight_layers(unit: nn.Module) -> list[nn.Module]:
-    return [m for m in unit.modules() if isinstance(m, _QuantWeight)]
+    return [m for m in unit.modules() if isinstance(m, QuantWeight)]
 
 
 def _activation_points(unit: nn.Module) -> list[QuantPoint]:
