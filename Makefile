@@ -10,6 +10,7 @@ STAMP := .venv/.installed
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
+	rm -rf vitq.egg-info  # metadata left by the layout before tasks/ became vitq.tasks: it hides the entry points
 	$(PY) -m pip install -e ".[dev,export,det,slurm]"
 	touch $(STAMP)
 

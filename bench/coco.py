@@ -50,7 +50,7 @@ def coco_mini_root(shared: Path, tmp: Path) -> Path:
 
 
 def _task(root: Path, img_size: int, batch_size: int = 1):  # noqa: ANN202
-    from tasks.coco import CocoTask
+    from vitq.tasks.coco import CocoTask
 
     return CocoTask({"name": "coco", "root": str(root), "img_size": img_size, "batch_size": batch_size}, MODEL)
 
@@ -65,7 +65,7 @@ def _batches(task: Any, indices: list[int]) -> list[dict]:
 def speed_child(case: str, root: Path, img_size: int = 800) -> dict:
     """Calibrate (8 images, batch 1) and time per-image inference (4 images) of one case."""
     import vitq
-    from tasks.coco import build_detector
+    from vitq.tasks.coco import build_detector
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
@@ -98,7 +98,7 @@ def sqnr_rows(root: Path, img_size: int = 800, recipes: list[str] | None = None)
     calibrated on SQNR_CALIB images, measured on SQNR_EVAL others, random weights (seed 0)."""
     import vitq
     from vitq.report.sqnr import output_sqnr
-    from tasks.coco import build_detector
+    from vitq.tasks.coco import build_detector
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
@@ -138,7 +138,7 @@ SMALL_HEADS = ["+model.kwargs.test_cfg.rcnn.score_thr=0.0", "+model.kwargs.test_
 
 def random_checkpoint(path: Path) -> Path:
     """The randomly initialised Cascade Mask R-CNN Swin-T (seed 0) as an mmdet checkpoint."""
-    from tasks.coco import build_detector
+    from vitq.tasks.coco import build_detector
 
     if not path.exists():
         torch.manual_seed(0)
@@ -175,7 +175,7 @@ def recon_run(root: Path, work: Path, img_size: int = RECON["img_size"], calib: 
     against the float detector, on the calibration images and on the other coco-mini images (none of
     which calibration or reconstruction saw). `eval_images` limits the held-out images (default: all)."""
     import vitq
-    from tasks.coco import backbone_sqnr, build_detector, load_detector_checkpoint
+    from vitq.tasks.coco import backbone_sqnr, build_detector, load_detector_checkpoint
 
     ckpt = random_checkpoint(work / "cascade_swin_t_random.pth")
     overrides = ["task=coco", f"task.root={root}", f"task.img_size={img_size}", f"task.batch_size={batch}",

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools import mask as mask_utils
-from tasks.classification import find_shared_data
-from tasks.coco_eval import METRICS, compare_ap, evaluate_records
+from vitq.tasks.classification import find_shared_data
+from vitq.tasks.coco_eval import METRICS, compare_ap, evaluate_records
 
 torch.set_num_threads(1)
 reps = int(sys.argv[1])

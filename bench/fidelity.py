@@ -20,7 +20,7 @@ def protocol_data(cifar: Path) -> tuple[torch.Tensor, torch.Tensor]:
     import timm
     from torchvision.datasets import ImageFolder
 
-    from tasks.classification import interleaved_first
+    from vitq.tasks.classification import interleaved_first
 
     torch.manual_seed(0)
     model = timm.create_model(ARCH, pretrained=False)

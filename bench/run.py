@@ -104,7 +104,7 @@ def compose(overrides: list[str]):  # noqa: ANN201
 
 
 def shared(name: str) -> Path | None:
-    from tasks.classification import find_shared_data
+    from vitq.tasks.classification import find_shared_data
 
     return find_shared_data(name)
 

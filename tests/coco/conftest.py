@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.classification import find_shared_data
+from vitq.tasks.classification import find_shared_data
 
 # COCO's 80 class names (mmdet's CocoDataset.METAINFO order), with ids 1..80 for generated data
 CLASSES = ("person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",

@@ -12,7 +12,7 @@ def detector_outputs(root: str) -> dict[str, torch.Tensor]:
     import vitq.mmcv_kernels
     from mmengine.dataset import pseudo_collate
 
-    from tasks.coco import CocoTask, build_detector
+    from vitq.tasks.coco import CocoTask, build_detector
 
     model_cfg = {"name": "cascade_mask_rcnn_swin_t", "arch": "cascade_mask_rcnn_swin_t",
                  "kwargs": {"test_cfg": {"rcnn": {"score_thr": 0.0}}}}  # random weights: keep every box

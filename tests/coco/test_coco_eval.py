@@ -14,7 +14,7 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from tasks.coco_eval import METRICS, STATS, bootstrap_weights, compare_ap, evaluate_coco, evaluate_records
+from vitq.tasks.coco_eval import METRICS, STATS, bootstrap_weights, compare_ap, evaluate_coco, evaluate_records
 
 
 def load_gt(ann_file: Path) -> COCO:

@@ -35,7 +35,7 @@ def coco_cfg(tmp: Path, root: Path | None, *overrides: str):
 @pytest.fixture(scope="module")
 def random_checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised Cascade Mask R-CNN Swin-T saved as an mmdet checkpoint (seed 0)."""
-    from tasks.coco import build_detector
+    from vitq.tasks.coco import build_detector
 
     torch.manual_seed(0)
     model = build_detector({"name": "cascade_mask_rcnn_swin_t", "arch": "cascade_mask_rcnn_swin_t"})
@@ -181,7 +181,7 @@ def test_isvit_reconstruction_raises_backbone_sqnr(coco_mini_root, random_checkp
     import copy
 
     import vitq
-    from tasks.coco import CocoTask, backbone_sqnr, build_detector, load_detector_checkpoint
+    from vitq.tasks.coco import CocoTask, backbone_sqnr, build_detector, load_detector_checkpoint
 
     common = ["quant=isvit", f"model.checkpoint={random_checkpoint}", *SMALL, "quant.iters=4",
               "quant.recon_batch_size=2", "quant.calib.num_samples=4", "quant.calib.batch_size=2"]

@@ -15,7 +15,7 @@ MODEL = {"name": "cascade_mask_rcnn_swin_t", "arch": "cascade_mask_rcnn_swin_t"}
 
 
 def make_task(root, **cfg):
-    from tasks.coco import CocoTask
+    from vitq.tasks.coco import CocoTask
 
     return CocoTask({"name": "coco", "root": str(root), "img_size": 96, "batch_size": 2, **cfg}, MODEL)
 
@@ -64,14 +64,14 @@ def to_mmdet2_swin(state: dict) -> OrderedDict:
 
 @pytest.fixture(scope="module")
 def detector():
-    from tasks.coco import build_detector
+    from vitq.tasks.coco import build_detector
 
     torch.manual_seed(1)
     return build_detector(MODEL)
 
 
 def test_mmdet3_and_mmdet2_checkpoints_load(detector, tmp_path):
-    from tasks.coco import build_detector, load_detector_checkpoint
+    from vitq.tasks.coco import build_detector, load_detector_checkpoint
 
     state = detector.state_dict()
     torch.save({"state_dict": state, "meta": {}}, tmp_path / "mmdet3.pth")
@@ -87,7 +87,7 @@ def test_mmdet3_and_mmdet2_checkpoints_load(detector, tmp_path):
 
 
 def test_checkpoint_that_does_not_fit_lists_keys(detector, tmp_path):  # noqa: D103
-    from tasks.coco import build_detector, load_detector_checkpoint
+    from vitq.tasks.coco import build_detector, load_detector_checkpoint
 
     state = dict(detector.state_dict())
     dropped = next(k for k in state if k.endswith("conv_logits.weight"))
@@ -106,7 +106,7 @@ def test_checkpoint_that_does_not_fit_lists_keys(detector, tmp_path):  # noqa: D
 def test_detector_configs_share_one_swin_t_backbone_and_unknown_arch_lists_detectors_only():
     """Both Swin-T detectors take the backbone from `_swin_t_backbone.py` (replacing mmdet's ResNet-50);
     the Swin-S ones change only depth and drop path; the shared part is not offered as a model.arch."""
-    from tasks.coco import detector_config
+    from vitq.tasks.coco import detector_config
 
     models = {arch: detector_config({"arch": arch}).model for arch in
               ("mask_rcnn_swin_t", "cascade_mask_rcnn_swin_t", "mask_rcnn_swin_s", "cascade_mask_rcnn_swin_s")}
@@ -126,7 +126,7 @@ def test_a_spawned_loader_worker_gets_the_kernels_before_mmdet_imports_mmcv_ops(
     unpickled first would import mmcv.ops without it and, under mmcv-lite, fail on mmcv._ext."""
     from torch.utils.data import DataLoader
 
-    from tasks.coco import CocoSubset
+    from vitq.tasks.coco import CocoSubset
 
     task = make_task(coco_mini_root)
     datasets = [task.calib_loader(2, 2, seed=0).dataset, task.test_loader().dataset, *task.finetune_split(2, 0)]

@@ -39,7 +39,7 @@ def mmdet_swin(seed: int = 0, **cfg) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def detector(one_thread):
-    from tasks.coco import build_detector
+    from vitq.tasks.coco import build_detector
 
     torch.manual_seed(0)
     return build_detector({"name": "cascade_mask_rcnn_swin_t", "arch": "cascade_mask_rcnn_swin_t", "kwargs": SMALL})
@@ -50,7 +50,7 @@ def batch(synthetic_coco):
     """Two generated val images through the task's pipeline at short side 96, collated."""
     from mmengine.dataset import pseudo_collate
 
-    from tasks.coco import CocoTask
+    from vitq.tasks.coco import CocoTask
 
     task = CocoTask({"name": "coco", "root": str(synthetic_coco), "img_size": 96, "batch_size": 2},
                     {"name": "cascade_mask_rcnn_swin_t", "arch": "cascade_mask_rcnn_swin_t"})

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import RandomSampler, SequentialSampler
 
-from tasks.classification import (
+from vitq.tasks.classification import (
     TASKS,
     ClassificationDataModule,
     _mnist_arrays,

@@ -6,7 +6,7 @@ import timm
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from tasks.classification import ClassificationModule
+from vitq.tasks.classification import ClassificationModule
 
 
 def tiny_vit():

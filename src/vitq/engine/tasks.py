@@ -2,12 +2,12 @@
 
 A task brings its data, builds the float architecture, trains it when asked, and evaluates a model into
 named metrics with per-sample outcomes (for paired confidence intervals). The engine looks tasks up by
-name and never imports a task module: task packages register themselves (the built-in `tasks` package
-is imported on the first lookup; others can be named by the `vitq.tasks` entry-point group).
+name and never imports a task module: on the first lookup it loads the modules of the `vitq.tasks`
+entry-point group (vitq's own `vitq.tasks.classification` and `vitq.tasks.coco`, and those other installed
+packages declare), and each registers its tasks.
 """
 from __future__ import annotations
 
-import importlib
 from importlib.metadata import entry_points
 from typing import Any, Callable, ClassVar, Mapping
 
@@ -21,16 +21,15 @@ from ..registry import Registry
 from .checkpoints import load_checkpoint
 
 def _discover() -> None:
-    try:
-        importlib.import_module("tasks")
-    except ModuleNotFoundError as e:
-        if e.name != "tasks":
-            raise
+    """Load every module the `vitq.tasks` entry-point group names (vitq's own tasks are declared in its
+    pyproject.toml); loading a task module registers its tasks."""
     for ep in entry_points(group="vitq.tasks"):
         ep.load()
 
 
-TASKS: Registry[type["Task"]] = Registry("task", "add one under tasks/ with @register_task, see docs/adding.md",
+TASKS: Registry[type["Task"]] = Registry("task", "vitq's own load through the vitq.tasks entry points: if none is "
+                                         "known, reinstall with `make setup` or `pip install -e .`; add one "
+                                         "under tasks/ with @register_task, see docs/adding.md",
                                          discover=_discover)
 
 

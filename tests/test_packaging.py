@@ -1,0 +1,25 @@
+"""How vitq installs: tasks/ as the package `vitq.tasks`, declared as entry points, no top-level `tasks`."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+
+def test_the_built_in_tasks_are_vitq_tasks_entry_points():
+    declared = {ep.name: ep.value for ep in entry_points(group="vitq.tasks")}
+    assert declared == {"classification": "vitq.tasks.classification", "coco": "vitq.tasks.coco"}
+
+
+def test_the_registry_finds_tasks_through_the_entry_points_in_a_fresh_process(tmp_path):
+    # a fresh interpreter, away from the checkout: the registry loads the entry points on its first lookup
+    code = ("from vitq.engine.tasks import get_task; import sys; "
+            "print(get_task('coco').__module__, get_task('mnist').__module__, 'tasks' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["vitq.tasks.coco", "vitq.tasks.classification", "False"]
+
+
+def test_no_top_level_tasks_module_is_installed(tmp_path):
+    code = "import importlib.util, sys; sys.exit(importlib.util.find_spec('tasks') is not None)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=tmp_path, timeout=120).returncode == 0
