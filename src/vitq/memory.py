@@ -13,6 +13,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import threading
+from typing import Any
+
+import torch
 
 M_TRIM_THRESHOLD = -1  # mallopt parameter number in glibc's malloc.h
 
@@ -29,3 +33,40 @@ def return_freed_memory() -> bool:
     except (OSError, AttributeError):
         log.debug("mallopt is not available (not glibc); allocator left as it is")
         return False
+
+
+class PeakMemory:
+    """Peak memory while a block runs: the CUDA allocator's peak on a GPU, else the process's resident
+    set sampled every 20 ms (the unit's cache, the model and the optimizer state all count)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * 4096
+        except OSError:
+            return 0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak = self.rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.rss())

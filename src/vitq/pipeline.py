@@ -25,8 +25,9 @@ from .quant.checkpoint import _check_finite, read_quantized
 from .quant.modules import QuantWeight
 from .quant.ops import iter_points, keep_float_weights, set_mode
 from .quant.points import Kind, QuantPoint
-from .quant.reconstruct import (Fit, PeakMemory, ReconstructOptions, UnitObjective, UnitReport, capture,
-                                plain_fit)
+from .memory import PeakMemory
+from .quant.reconstruct import Fit, ReconstructOptions, UnitObjective, UnitReport, plain_fit
+from .quant.records import record_unit
 from .quant.recipe import BINDINGS, Recipe
 from .recipes import recipe as named_recipe
 
@@ -216,7 +217,7 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches: Iterable[Any],
             start = time.perf_counter()
             with PeakMemory(device) as mem:
                 o = options
-                data = capture(fp_model, fp_units[name], qmodel if o.input_source != "float" else None,
+                data = record_unit(fp_model, fp_units[name], qmodel if o.input_source != "float" else None,
                                q_units[name] if o.input_source != "float" else None, batches, run_batch, device,
                                want_fp_inputs=o.input_source != "quant")
                 objective = UnitObjective(q_units[name], data, o).to(device)

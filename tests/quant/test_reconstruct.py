@@ -13,7 +13,8 @@ from vitq.models import units
 from vitq.quant.checkpoint import float_state_dict
 from vitq.quant.modules import QuantLinear
 from vitq.quant.quantizers import UniformQuantizer
-from vitq.quant.reconstruct import ReconstructOptions, Rows, UnitObjective, capture, plain_fit
+from vitq.quant.reconstruct import ReconstructOptions, UnitObjective, plain_fit
+from vitq.quant.records import Rows, record_unit
 from vitq.quant.rounding import AdaRoundQuantizer, DropQuantizer, bake_rounding
 
 VIT = dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2,
@@ -41,7 +42,7 @@ def _setup(arch=VIT, recipe="minmax", n=96, bits=4, seed=0, **overrides):
 def _held_out_error(fp, q, unit_name, batches):
     """Mean squared error per token of the quantized unit against the float unit, both given the float
     model's unit inputs (so upstream quantization error does not mask the unit's own)."""
-    data = capture(fp, dict(units(fp))[unit_name], None, None, batches, run, torch.device("cpu"),
+    data = record_unit(fp, dict(units(fp))[unit_name], None, None, batches, run, torch.device("cpu"),
                    want_fp_inputs=True)
     objective = UnitObjective(dict(units(q))[unit_name], data,
                               ReconstructOptions(input_source="float", tune_weights=True, progress=False))
@@ -253,7 +254,7 @@ def test_capture_keeps_non_batch_arguments_once_and_tuple_outputs():
     fp, q = _quantized_pair(_Net)
     fc = q.stage.fc
     batches = [torch.randn(4, 6, 8) for _ in range(3)]
-    data = capture(fp, fp.stage, q, q.stage, batches, run, torch.device("cpu"), want_fp_inputs=True)
+    data = record_unit(fp, fp.stage, q, q.stage, batches, run, torch.device("cpu"), want_fp_inputs=True)
     assert data.size == 12 and len(data.fp_in.groups) == 1 and data.fp_in.groups[0].tensors[0].shape == (12, 6, 8)
     group = data.q_in.groups[0]
     assert group.layout[0][1] == (2, 3) and len(group.tensors) == 1  # stored once, not per batch
@@ -291,7 +292,7 @@ def test_calibration_batches_of_different_spatial_size_reconstruct():
         return (torch.randn(n, h, w, 2, generator=g) @ mixing).permute(0, 3, 1, 2).contiguous()
 
     batches = [feature_map(4, 2, 3), feature_map(3, 3, 4), feature_map(2, 2, 3)]
-    data = capture(fp, fp.stage, q, q.stage, batches, run, cpu, want_fp_inputs=True)
+    data = record_unit(fp, fp.stage, q, q.stage, batches, run, cpu, want_fp_inputs=True)
     assert data.sizes == [6, 3] and data.fp_in.order == data.q_in.order == [0, 1, 0]
     assert [grp.layout[0][1] for grp in data.q_in.groups] == [(2, 3), (3, 4)]
     assert [[t.shape for t in o] for o in data.fp_out] == [[(6, 6, 8)], [(3, 12, 8)]]

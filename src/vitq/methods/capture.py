@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..quant.points import QuantPoint
+from ..quant.records import Slot
 
 _KEY = "_vitq_capture"
 
@@ -57,7 +58,7 @@ class Capture:
         """Positional arguments for calling the module on the cached rows: the tensors, with the other
         positional values of the first call in their places (e.g. mmdet Swin's `hw_shape`)."""
         assert self.args is not None
-        return tuple(self.args[v.i] if isinstance(v, _Slot) else v for v in self.layout)
+        return tuple(self.args[v.i] if isinstance(v, Slot) else v for v in self.layout)
 
     def record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.full or not _observing(module):
@@ -68,21 +69,16 @@ class Capture:
         if self.args is None:
             self.args, self.kwargs = tensors, dict(kwargs)
             slots = iter(range(len(tensors)))
-            self.layout = [_Slot(next(slots)) if isinstance(a, torch.Tensor) else a for a in args]
+            self.layout = [Slot(next(slots)) if isinstance(a, torch.Tensor) else a for a in args]
         else:
             same = [a for a in args if not isinstance(a, torch.Tensor)] == [
-                v for v in self.layout if not isinstance(v, _Slot)]
+                v for v in self.layout if not isinstance(v, Slot)]
             if not same or any(o.shape[1:] != n.shape[1:] for o, n in zip(self.args, tensors)):
                 return  # a call of another form (e.g. another image size): keep the calls of the first form
             self.args = [torch.cat([old, new]) for old, new in zip(self.args, tensors)]
         if self.keep_output and isinstance(output, torch.Tensor):
             out = output.detach().float().clone()
             self.output = out if self.output is None else torch.cat([self.output, out])
-
-
-@dataclass(frozen=True)
-class _Slot:
-    i: int
 
 
 def _observing(module: nn.Module) -> bool:
