@@ -10,8 +10,9 @@ import torch
 import vitq
 from vitq.models import norm_pairs
 from vitq.quant import iter_points
-from vitq.quant.observers import QuantileObserver
-from vitq.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
+from vitq.quant.sample_observers import QuantileObserver
+from vitq.quant.log_grids import LogSqrt2Quantizer
+from vitq.quant.quantizers import UniformQuantizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

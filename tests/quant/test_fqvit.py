@@ -19,8 +19,10 @@ from vitq.quant import Recipe, iter_points
 from vitq.quant.integer import (EXP_BITS, exp_constants, int_exp, int_layernorm, int_softmax_log2, isqrt,
                                 log_round_codes, shift_matmul)
 from vitq.quant.modules import QuantLayerNorm, QuantSoftmax
-from vitq.quant.observers import MinMaxObserver, PTFObserver, make_observer
-from vitq.quant.quantizers import Log2Quantizer, PTFQuantizer, UniformQuantizer
+from vitq.quant.observers import MinMaxObserver, make_observer
+from vitq.quant.sample_observers import PTFObserver
+from vitq.quant.log_grids import Log2Quantizer
+from vitq.quant.quantizers import PTFQuantizer, UniformQuantizer
 
 torch.set_num_threads(1)  # shared 2-core machine: one intra-op thread, no OpenMP spinning
 

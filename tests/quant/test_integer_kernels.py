@@ -18,7 +18,8 @@ from vitq.quant.integer import (EXP_FRACTION_BITS, EXP_OCTAVES, exp_limit, exp_t
                                 int_softmax_log2, int_softmax_log2_codes, isqrt, ln_constants, ln_std_bits,
                                 log_round_codes, LN_FRACTION_BITS)
 from vitq.quant.modules import QuantLayerNorm, QuantSoftmax
-from vitq.quant.quantizers import Log2Quantizer, PTFQuantizer, UniformQuantizer
+from vitq.quant.log_grids import Log2Quantizer
+from vitq.quant.quantizers import PTFQuantizer, UniformQuantizer
 
 
 # ---------------------------------------------------------------------------------------------------

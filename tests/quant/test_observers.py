@@ -9,7 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vitq.quant import OBSERVERS, UniformQuantizer, make_observer
-from vitq.quant.observers import EMAObserver, MinMaxObserver, OMSEObserver, PercentileObserver
+from vitq.quant.observers import EMAObserver, MinMaxObserver, PercentileObserver
+from vitq.quant.sample_observers import OMSEObserver
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import timm
 import torch
 
 import vitq
-from vitq.quant.observers import PTFObserver
+from vitq.quant.sample_observers import PTFObserver
 from vitq.quant.quantizers import PTFQuantizer
 
 
@@ -58,7 +58,8 @@ def test_integer_lis_codes_agree_with_the_simulation(std, measured):
     0.012) and 0.28 % (peaked, step 0.078) of codes differ, never by more than one code; the rest of the
     difference is the i-exp polynomial (0.33 % relative)."""
     from vitq.quant.integer import int_softmax_log2
-    from vitq.quant.quantizers import Log2Quantizer, UniformQuantizer
+    from vitq.quant.log_grids import Log2Quantizer
+    from vitq.quant.quantizers import UniformQuantizer
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 6, 197, 197, generator=g) * std

@@ -29,7 +29,8 @@ from torch import nn
 
 from ..quant.ops import iter_points, refit_weight
 from ..quant.modules import QuantWeight
-from ..quant.observers import GRID_OBSERVERS, RangeSampleObserver
+from ..quant.observers import GRID_OBSERVERS
+from ..quant.sample_observers import RangeSampleObserver
 from ..quant.points import Kind, PointSpec
 from ..quant.quantizers import Grid, check_bits, register_grid
 from ..quant.reconstruct import ReconstructOptions

@@ -1,5 +1,6 @@
 """The quantization primitives: pure PyTorch, usable without Hydra or Lightning, importing nothing above
 themselves. Binding a recipe to a model (`vitq.quantize`, `vitq.calibrate`, ...) is `vitq.pipeline`."""
+from . import log_grids, sample_observers  # noqa: F401  (register the log grids and the sample-based observers)
 from .checkpoint import CHECKPOINT_FORMAT, float_state_dict, read_quantized, save_quantized
 from .observers import OBSERVERS, Observer, make_observer, register_observer
 from .ops import iter_points, keep_float_weights, refit_weight, set_integer, set_mode, summary
