@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import vitq
-from vitq.methods.liu21 import (Liu21, Product, Target, block_groups, linear_op, mp_candidates, pair_matrix,
-                                pareto_choice)
+from vitq.methods.liu21 import Liu21, Product, Target, linear_op, pair_matrix
+from vitq.methods.mixed_precision import block_groups, mp_candidates, pareto_choice
 from vitq.quant.points import Kind, QuantPoint
 
 from small_vit import calibrated, model_and_inputs

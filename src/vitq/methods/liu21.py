@@ -17,10 +17,10 @@ is weighted by its sensitivity, the nuclear norm of the attention map (MSA) or o
 widths minimize the sum of these under the model-size budget (target x the blocks' weight count) over
 the exact Pareto frontier of (size, error). The bit map is printed, logged, kept in the model's recipe
 as overrides (saved with the checkpoint, so a reload places the same widths) and added to result rows.
+The groups, snapshots, Pareto choice and bit map are in `mixed_precision.py`.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -35,6 +35,8 @@ from ..quant.quantizers import MAX_BITS, MIN_BITS
 from ..quant.recipe import Override
 from . import capture
 from .base import Method, register_method
+from .mixed_precision import (average_bits, bit_map, block_groups, mp_candidates, pareto_choice, print_bit_map,
+                              restore, sensitivity, snapshot, snapshot_bits)
 
 log = logging.getLogger(__name__)
 _CHUNK_ELEMENTS = 2**24  # candidate outputs scored at once (64 MB of float32)
@@ -212,7 +214,7 @@ class Liu21(Method):
         sizes: list[int] = []
         for gname, group, kind in groups:
             cap = capture.captured(group, self.name, gname)
-            sens = sensitivity(group, kind, cap)
+            sens = sensitivity(group, kind, cap, self.name)
             results = {}
             for bits in mp_candidates(target):
                 snapshot_bits(group, bits)
@@ -231,11 +233,6 @@ class Liu21(Method):
             restore(group, opt[bits][1])
             recipe.overrides.append(Override(f"{gname}.*", None, {"bits": bits}))
         print_bit_map(bit_map(model), f"chosen (target {target} bits, average {average_bits(model):.3f})")
-
-
-def mp_candidates(target: int) -> list[int]:
-    """Liu et al.: {4..8} for a 6-bit target, {6..10} for 8 bits; in general target-2 .. target+2."""
-    return list(range(target - 2, target + 3))
 
 
 def searchable(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -358,120 +355,6 @@ def pair_matrix(keys: int, count: int) -> torch.Tensor:
     cols = torch.arange(i.numel())
     d[i, cols], d[j, cols] = 1.0, -1.0
     return d
-
-
-# ---- mixed precision --------------------------------------------------------------------------------------
-def block_groups(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
-    """(name, module, 'msa' | 'mlp') for every child of a transformer block that gets one width: the child
-    holding the softmax is the MSA, every other child with weighted layers an MLP. Blocks are the
-    adapter's units that contain an attention softmax."""
-    from ..models import units
-
-    for uname, unit in units(model):
-        if not any(isinstance(m, QuantSoftmax) for m in unit.modules()):
-            continue
-        for cname, child in unit.named_children():
-            if any(isinstance(m, QuantSoftmax) for m in child.modules()):
-                yield f"{uname}.{cname}", child, "msa"
-            elif any(isinstance(m, QuantWeight) for m in child.modules()):
-                yield f"{uname}.{cname}", child, "mlp"
-
-
-def sensitivity(group: nn.Module, kind: str, cap: capture.Capture) -> float:
-    """Nuclear norm (sum of singular values) of the attention map (MSA) or of the output (MLP), averaged
-    over the cached samples (and heads)."""
-    if kind == "msa":
-        av = next(m for m in group.modules() if isinstance(m, QuantMatMul) and m.a_quantizer is None)
-        maps = capture.captured(av, Liu21.name, "attention map").args[0]
-        return float(torch.linalg.matrix_norm(maps.double(), ord="nuc").mean())
-    out = cap.output
-    return float(torch.linalg.matrix_norm(out.reshape(out.shape[0], -1, out.shape[-1]).double(), ord="nuc").mean())
-
-
-def _points(group: nn.Module) -> Iterator[QuantPoint]:
-    for m in group.modules():
-        if isinstance(m, QuantPoint) and m.configured:
-            yield m
-
-
-def snapshot_bits(group: nn.Module, bits: int) -> None:
-    """Every point of the group to `bits`, starting from the max-based step of its calibrated range."""
-    for p in _points(group):
-        q = p.quantizer
-        amax = q.scale.detach() * q.qmax if not hasattr(p, "_liu21_amax") else p._liu21_amax
-        p._liu21_amax = amax  # the calibrated range, kept while widths are tried
-        p.configure(dataclasses.replace(p.spec, bits=bits))
-        p.quantizer.set_params(amax / p.quantizer.qmax, torch.zeros_like(amax))
-        p.set_mode("quant")
-    for m in group.modules():
-        if isinstance(m, QuantWeight) and m.bias is not None:
-            if not hasattr(m, "_liu21_bias"):
-                m._liu21_bias = m.bias.detach().clone()
-            m.bias.copy_(m._liu21_bias)
-
-
-def snapshot(group: nn.Module) -> dict:
-    pts = {id(p): (p.spec, p.quantizer.scale.detach().clone()) for p in _points(group)}
-    biases = {id(m): m.bias.detach().clone() for m in group.modules()
-              if isinstance(m, QuantWeight) and m.bias is not None}
-    return {"points": pts, "biases": biases}
-
-
-def restore(group: nn.Module, snap: dict) -> None:
-    for p in _points(group):
-        spec, scale = snap["points"][id(p)]
-        p.configure(spec)
-        p.quantizer.set_params(scale, torch.zeros_like(scale))
-        p.set_mode("quant")
-        p.__dict__.pop("_liu21_amax", None)
-    for m in group.modules():
-        if id(m) in snap["biases"]:
-            m.bias.copy_(snap["biases"][id(m)])
-            m.__dict__.pop("_liu21_bias", None)
-
-
-def pareto_choice(omegas: list[dict[int, float]], sizes: list[int], budget: float) -> list[int]:
-    """Widths minimizing the summed error under the size budget, over the exact Pareto frontier of
-    (size, error): groups are added one at a time, and a partial assignment survives only if no other
-    one is both smaller and less wrong."""
-    front: list[tuple[float, float, tuple[int, ...]]] = [(0.0, 0.0, ())]
-    for omega, size in zip(omegas, sizes):
-        grown = sorted((c + size * b, e + w, bits + (b,)) for c, e, bits in front for b, w in omega.items())
-        front = []
-        for c, e, bits in grown:
-            if not front or e < front[-1][1]:
-                front.append((c, e, bits))
-    feasible = [f for f in front if f[0] <= budget + 1e-9]
-    if not feasible:
-        raise ValueError(f"no bit assignment fits the size budget {budget:.0f} (smallest {front[0][0]:.0f})")
-    return list(min(feasible, key=lambda f: f[1])[2])
-
-
-def bit_map(model: nn.Module) -> dict[str, int]:
-    """Width of each MSA/MLP module, read from its weight points (so it holds after a reload too)."""
-    out = {}
-    for gname, group, _ in block_groups(model):
-        bits = {p.quantizer.bits for m in group.modules() if isinstance(m, QuantWeight)
-                for p in [m.weight_quantizer] if p.configured}
-        out[gname] = max(bits) if bits else None
-    return out
-
-
-def average_bits(model: nn.Module) -> float:
-    """Weight-count-weighted average width of the MSA/MLP modules' weights."""
-    total = count = 0
-    for _, group, _ in block_groups(model):
-        for m in group.modules():
-            if isinstance(m, QuantWeight) and m.weight_quantizer.configured:
-                total += m.weight.numel() * m.weight_quantizer.quantizer.bits
-                count += m.weight.numel()
-    return total / max(count, 1)
-
-
-def print_bit_map(bits: dict[str, int], what: str) -> None:
-    text = ", ".join(f"{k}={v}" for k, v in bits.items())
-    log.info("liu21 mixed-precision bit map, %s: %s", what, text)
-    print(f"liu21 mixed-precision bit map, {what}: {text}")
 
 
 def searched_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
