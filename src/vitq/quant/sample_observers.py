@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .observers import GRID_OBSERVERS, OBSERVERS, Observer, amin_amax, make_observer, tail_quantiles
+from .observers import GRID_OBSERVERS, OBSERVERS, MinMaxObserver, Observer, make_observer, tail_quantiles
 from .quantizers import Grid, UniformQuantizer
 
 
@@ -55,18 +55,13 @@ class TokenSampleMixin:
         return x if per_channel else x.reshape(1, -1)
 
 
-class RangeSampleObserver(TokenSampleMixin, Observer):
+class RangeSampleObserver(TokenSampleMixin, MinMaxObserver):
     """Min, max and a token sample: what a search over clips (or grid shifts) scores candidates on."""
 
     reductions = {"min": "min", "max": "max", "sample": "cat", "keys": "cat"}
 
     def observe(self, x: torch.Tensor) -> None:
-        lo, hi = amin_amax(x, self.axis)
-        if self.empty:
-            self.state = {"min": lo, "max": hi}
-        else:
-            self.state["min"] = torch.minimum(self.state["min"], lo)
-            self.state["max"] = torch.maximum(self.state["max"], hi)
+        super().observe(x)
         self._add_tokens(x, self._next_batch())
 
     def _after_merge(self) -> None:
