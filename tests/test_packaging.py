@@ -17,7 +17,7 @@ def test_the_registry_finds_tasks_through_the_entry_points_in_a_fresh_process(tm
             "print(get_task('coco').__module__, get_task('mnist').__module__, 'tasks' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["vitq.tasks.coco", "vitq.tasks.classification", "False"]
+    assert out.stdout.split() == ["vitq.tasks.coco", "vitq.tasks.classification.task", "False"]
 
 
 def test_no_top_level_tasks_module_is_installed(tmp_path):

@@ -12,7 +12,7 @@ from torch.utils.data import RandomSampler, SequentialSampler
 from vitq.tasks.classification import (
     TASKS,
     ClassificationDataModule,
-    _mnist_arrays,
+    mnist_arrays,
     build_datamodule,
     find_shared_data,
     mnist_split_indices,
@@ -75,7 +75,7 @@ def test_mnist_split_sizes_and_every_class_in_both(mnist):
 
 
 def test_mnist_split_is_first_80_percent_of_each_class_in_file_order():
-    X, y = _mnist_arrays()
+    X, y = mnist_arrays()
     assert X.shape == (5000, 784) and X.dtype == np.uint8 and X.max() == 255
     train_idx, test_idx = mnist_split_indices(y)
     assert len(np.intersect1d(train_idx, test_idx)) == 0
