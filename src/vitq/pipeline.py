@@ -17,29 +17,24 @@ import torch
 from torch import nn
 
 from .distributed import check_same_on_ranks
-from .methods import Method, build_method, get_method
+from .memory import PeakMemory
+from .methods import build_method, get_method
 from .models import adapter_option_fields, find_roots, rewrite
 from .models import units as model_units
 from .models.registry import check_adapter_options
-from .quant.checkpoint import _check_finite, read_quantized
+from .quant.checkpoint import check_finite, read_quantized
 from .quant.modules import QuantWeight
 from .quant.ops import iter_points, keep_float_weights, set_mode
 from .quant.points import Kind, QuantPoint
-from .memory import PeakMemory
+from .quant.recipe import BINDINGS, Recipe
 from .quant.reconstruct import Fit, ReconstructOptions, UnitObjective, UnitReport, plain_fit
 from .quant.records import record_unit
-from .quant.recipe import BINDINGS, Recipe
 from .recipes import recipe as named_recipe
 
 BINDINGS.register("method class", get_method)
 BINDINGS.register("method", build_method)
 BINDINGS.register("adapter options", adapter_option_fields)
 BINDINGS.register("check adapter options", check_adapter_options)
-
-
-def method_of(recipe: Recipe) -> Method:
-    """The method object (hooks) a recipe names, with its options."""
-    return recipe.method_impl()
 
 
 def quantize(model: nn.Module, recipe: Recipe | Mapping[str, Any] | str, inplace: bool = True) -> nn.Module:
@@ -155,7 +150,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike | Mapping[str, Any]
     """
     if isinstance(path, Mapping):
         ckpt = path
-        _check_finite(ckpt, "the checkpoint")
+        check_finite(ckpt, "the checkpoint")
     else:
         ckpt = read_quantized(path)
     recipe = Recipe.from_config(ckpt["recipe"])

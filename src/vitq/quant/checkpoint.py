@@ -48,11 +48,11 @@ def read_quantized(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not a vitq quantized checkpoint (cannot be read: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a vitq quantized checkpoint (expected format {CHECKPOINT_FORMAT})")
-    _check_finite(ckpt, str(path))
+    check_finite(ckpt, str(path))
     return ckpt
 
 
-def _check_finite(ckpt: Mapping[str, Any], where: str) -> None:
+def check_finite(ckpt: Mapping[str, Any], where: str) -> None:
     """A NaN scale makes a model whose every output is NaN, and its evaluation would still 'succeed'."""
     broken = [k for k, t in ckpt["state_dict"].items()
               if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(t.isfinite().all())]
