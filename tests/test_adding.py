@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 
 import vitq
 from vitq.engine.run import run
+from vitq.registry import Registry
 from vitq.quant import Recipe, iter_points
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,3 +119,34 @@ def test_task_finetunes_through_its_hooks(doc, tmp_path):
     row = run(cfg, tmp_path / "out")
     assert row["finetune_epochs"] == 2 and row["setting"].endswith("+finetune 2 ep")
     assert row["finetune_val_kd"] >= 0 and row["finetune_val_task"] > 0  # both terms reached the validation loop
+
+
+PLUGINS: Registry[int] = Registry("plugin")  # filled by the throw-away package's modules below
+
+
+def test_a_new_file_in_the_package_folder_is_all_it_takes(tmp_path):
+    """Adding a method is its file plus its YAML: `vitq.methods` and `vitq.models` import every module in
+    their folder, so no `__init__` names them (checked on the real packages and on a new package)."""
+    import sys
+
+    import vitq.methods
+    import vitq.models
+    from vitq.registry import import_modules
+
+    for package in (vitq.methods, vitq.models):
+        folder = Path(package.__path__[0])
+        assert {f"{package.__name__}.{p.stem}" for p in folder.glob("*.py") if p.stem != "__init__"} <= set(sys.modules)
+    pkg = tmp_path / "plugins"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "one.py").write_text("from test_adding import PLUGINS\nPLUGINS.register('one', 1)\n")
+    (pkg / "two.py").write_text("from test_adding import PLUGINS\nPLUGINS.register('two', 2)\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert import_modules("plugins", [str(pkg)]) == ["one", "two"]
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in ("plugins", "plugins.one", "plugins.two"):
+            sys.modules.pop(name, None)
+    assert PLUGINS.get("one") == 1 and PLUGINS.get("two") == 2
+    assert isinstance(PLUGINS, Registry)

@@ -5,9 +5,21 @@ A registry belongs to the floor that reads it; the floors above fill it (`@GRIDS
 """
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+import importlib
+import pkgutil
+from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
+
+
+def import_modules(package: str, path: Iterable[str]) -> list[str]:
+    """Import every module of a package, in name order: each registers what it defines, so adding a method
+    or a model family is adding its file (`from vitq.registry import import_modules` in the package's
+    `__init__`, with `__name__, __path__`)."""
+    names = sorted(m.name for m in pkgutil.iter_modules(list(path)))
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    return names
 
 
 class UnknownName(ValueError):

@@ -1,7 +1,9 @@
-"""Methods: one file each; importing this package registers the built-in ones."""
-from . import fqvit, isvit, liu21, noisyquant, qdrop, repq  # noqa: F401  (registration side effects)
+"""Methods: one file each; importing this package imports every module in it, which registers them."""
+from ..registry import import_modules
 from .base import (ADDONS, METHODS, Addon, Method, NoOptions, build_method, get_method, register_addon,
                    register_method)
 
 __all__ = ["ADDONS", "METHODS", "Addon", "Method", "NoOptions", "build_method", "get_method", "register_addon",
            "register_method"]
+
+import_modules(__name__, __path__)  # registration side effects: a new method is a new file here
