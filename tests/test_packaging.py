@@ -23,3 +23,17 @@ def test_the_registry_finds_tasks_through_the_entry_points_in_a_fresh_process(tm
 def test_no_top_level_tasks_module_is_installed(tmp_path):
     code = "import importlib.util, sys; sys.exit(importlib.util.find_spec('tasks') is not None)"
     assert subprocess.run([sys.executable, "-c", code], cwd=tmp_path, timeout=120).returncode == 0
+
+
+def test_metadata_without_the_entry_points_is_named(monkeypatch, caplog):
+    """An install whose metadata declares no tasks (an egg-info left by the layout before `vitq.tasks`)
+    says where that metadata is and how to fix it, instead of only 'unknown task'."""
+    import pytest
+
+    from vitq.engine import tasks
+    from vitq.registry import UnknownName
+
+    monkeypatch.setattr(tasks, "entry_points", lambda group: [])
+    with caplog.at_level("WARNING", logger="vitq.engine.tasks"), pytest.raises(UnknownName, match="reinstall"):
+        tasks.get_task("no-such-task")
+    assert "no vitq.tasks entry points are declared" in caplog.text and "vitq.egg-info" in caplog.text

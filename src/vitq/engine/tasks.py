@@ -8,7 +8,8 @@ packages declare), and each registers its tasks.
 """
 from __future__ import annotations
 
-from importlib.metadata import entry_points
+import logging
+from importlib.metadata import PackageNotFoundError, distribution, entry_points
 from typing import Any, Callable, ClassVar, Mapping
 
 import lightning as L
@@ -20,10 +21,22 @@ from ..distributed import gather_batches
 from ..registry import Registry
 from .checkpoints import load_checkpoint
 
+log = logging.getLogger(__name__)
+
+
 def _discover() -> None:
     """Load every module the `vitq.tasks` entry-point group names (vitq's own tasks are declared in its
     pyproject.toml); loading a task module registers its tasks."""
-    for ep in entry_points(group="vitq.tasks"):
+    found = entry_points(group="vitq.tasks")
+    if not found:  # vitq's metadata declares none: an install from before tasks/ became vitq.tasks
+        try:
+            where = getattr(distribution("vitq"), "_path", "the installed metadata")
+        except PackageNotFoundError:
+            where = "nowhere (vitq is not installed)"
+        log.warning("no vitq.tasks entry points are declared (vitq's metadata: %s); remove a vitq.egg-info left "
+                    "in the project root by an older install and reinstall (`make setup` or `pip install -e .`)",
+                    where)
+    for ep in found:
         ep.load()
 
 
