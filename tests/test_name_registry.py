@@ -28,6 +28,9 @@ def test_discovery_runs_before_a_miss_is_reported():
     assert reg.get("late") == "x" and len(calls) == 1
     with pytest.raises(UnknownName, match=r"^unknown task 'nope'; known: late$"):
         reg.get("nope")
+    with pytest.raises(UnknownName):
+        reg.get("nope again")
+    assert len(calls) == 1  # discovery runs once, not on every miss
 
 
 @pytest.mark.parametrize("lookup, kind", [
@@ -35,7 +38,7 @@ def test_discovery_runs_before_a_miss_is_reported():
     ("vitq.quant.observers:make_observer", "observer"),
     ("vitq.methods:get_method", "method"),
     ("vitq.engine.tasks:get_task", "task"),
-    ("vitq.engine.stages:STAGES", "stage"),
+    ("vitq.engine.context:STAGES", "stage"),
     ("vitq.models.registry:ADAPTERS", "model family"),
     ("vitq.methods:ADDONS", "add-on"),
     ("vitq.recipes:recipe", "recipe"),

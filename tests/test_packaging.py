@@ -34,6 +34,20 @@ def test_metadata_without_the_entry_points_is_named(monkeypatch, caplog):
     from vitq.registry import UnknownName
 
     monkeypatch.setattr(tasks, "entry_points", lambda group: [])
+    monkeypatch.setattr(tasks.TASKS, "_discovered", False)  # restored afterwards: later lookups discover for real
     with caplog.at_level("WARNING", logger="vitq.engine.tasks"), pytest.raises(UnknownName, match="reinstall"):
         tasks.get_task("no-such-task")
     assert "no vitq.tasks entry points are declared" in caplog.text and "vitq.egg-info" in caplog.text
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    """setuptools takes `packages` literally: a package folder missing from it is left out of a wheel (an
+    editable install would still find it, so only this check catches it)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root / "src").parts) for p in (root / "src").rglob("__init__.py")}
+    found |= {".".join(("vitq", *p.parent.relative_to(root).parts)) for p in (root / "tasks").rglob("__init__.py")}
+    assert found == listed

@@ -213,8 +213,8 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches: Iterable[Any],
             with PeakMemory(device) as mem:
                 o = options
                 data = record_unit(fp_model, fp_units[name], qmodel if o.input_source != "float" else None,
-                               q_units[name] if o.input_source != "float" else None, batches, run_batch, device,
-                               want_fp_inputs=o.input_source != "quant")
+                                   q_units[name] if o.input_source != "float" else None, batches, run_batch,
+                                   device, want_fp_inputs=o.input_source != "quant")
                 objective = UnitObjective(q_units[name], data, o).to(device)
                 try:
                     if not objective.trains:

@@ -30,7 +30,8 @@ class Registry(Generic[T]):
     def __init__(self, kind: str, hint: str = "", discover: Callable[[], None] | None = None) -> None:
         self.kind = kind  # what an entry is, in messages: "method", "quantizer", ...
         self.hint = hint  # how to add one, appended to the error
-        self._discover = discover  # called once before a miss is reported (e.g. loading entry points)
+        self._discover = discover  # called before the first miss is reported (e.g. loading entry points)
+        self._discovered = False
         self._entries: dict[str, T] = {}
 
     def register(self, name: str, entry: T | None = None) -> Callable[[T], T] | T:
@@ -46,7 +47,8 @@ class Registry(Generic[T]):
         return add
 
     def get(self, name: str) -> T:
-        if name not in self._entries and self._discover is not None:
+        if name not in self._entries and self._discover is not None and not self._discovered:
+            self._discovered = True
             self._discover()
         if name not in self._entries:
             raise UnknownName(self.unknown_message(name))

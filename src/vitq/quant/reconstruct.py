@@ -6,8 +6,9 @@ float unit's output, one unit at a time, in model order.
 The driver (`vitq.pipeline.reconstruct`) takes the units from the model's adapters (`vitq.models.units`:
 patch embedding, blocks, Swin's merging layers, head). For each unit, forward hooks record its inputs
 (positional and keyword arguments) and the float unit's outputs on every calibration batch, stopping the
-forward right there (`records.record_unit`); the records are kept on the CPU, grouped by input form (batches of one padded image size form one group, so a detector's
-calibration batches may differ in size), and streamed to the device a mini-batch at a time, each
+forward right there (`records.record_unit`); the records are kept on the CPU, grouped by input form
+(batches of one padded image size form one group, so a detector's calibration batches may differ in
+size), and streamed to the device a mini-batch at a time, each
 mini-batch from one group, so memory holds about one unit's cache.
 What is trained (AdaRound gates, LSQ activation steps, the float weights themselves) and where the unit's
 inputs come from (the float model, the quantized model, or an element-wise random mix of both) are

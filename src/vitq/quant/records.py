@@ -16,7 +16,7 @@ from torch import nn
 
 
 class _Stop(Exception):
-    """Raised by a capture hook: the rest of the forward is not needed."""
+    """Raised by a `record_unit` hook: the rest of the forward is not needed."""
 
 
 def _to(x: Any, device: torch.device) -> Any:
@@ -216,8 +216,8 @@ class UnitData:
 
 @torch.no_grad()
 def record_unit(fp_model: nn.Module, fp_unit: nn.Module, qmodel: nn.Module | None, q_unit: nn.Module | None,
-            batches: Iterable[Any], run_batch: Callable[[nn.Module, Any], Any], device: torch.device,
-            want_fp_inputs: bool) -> UnitData:
+                batches: Iterable[Any], run_batch: Callable[[nn.Module, Any], Any], device: torch.device,
+                want_fp_inputs: bool) -> UnitData:
     """Run the calibration batches up to the unit (and no further) and record what it sees."""
     data = UnitData(fp_in=ArgCache() if want_fp_inputs else None, q_in=ArgCache() if q_unit is not None else None)
     outs: list[list[torch.Tensor]] = []

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
