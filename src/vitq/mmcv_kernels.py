@@ -224,9 +224,8 @@ def missing_ops(model_config: Mapping[str, Any]) -> list[str]:
                        if m.startswith("mmcv.ops")), None)
         if module is None:
             continue
-        if name in PROVIDED_OPS and not (name == "RoIAlign" and cfg.get("pool_mode") == "max"):
-            continue
-        if name in PROVIDED_OPS or module in needy_modules:
+        max_pool = name == "RoIAlign" and cfg.get("pool_mode") == "max"  # torchvision's RoIAlign averages
+        if max_pool or (name not in PROVIDED_OPS and module in needy_modules):
             found.append(f"{key} (type={name}, {module})")
     return found
 
