@@ -8,16 +8,23 @@ process so its peak RSS is its own; `torch.set_num_threads(THREADS)` in every ca
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from bench import common
+
+ONLY = ("coco", "coco-sqnr", "coco-recon")
 THREADS = 2
 CALIB, EVAL = 8, 2  # speed: calibration images, timed inference images (after one warm-up image)
 SQNR_CALIB, SQNR_EVAL = 4, 2
@@ -213,6 +220,46 @@ def recon_run(root: Path, work: Path, img_size: int = RECON["img_size"], calib: 
     return result
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--coco-sqnr-size", type=int, default=800, help="coco: short side of the SQNR images")
+    parser.add_argument("--coco-recon-size", type=int, default=320, help="coco: short side of the reconstruction images")
+    parser.add_argument("--coco-recipes", default=None, help="coco: comma-separated SQNR labels; all if unset")
+
+
+def measure(data: dict, args: argparse.Namespace, save: Callable[[], None]) -> None:
+    """`coco`: speed, SQNR and reconstruction; `coco-sqnr` / `coco-recon`: that part alone. Each keeps the
+    other parts, and SQNR / reconstruction rows of other image sizes."""
+    mini = common.shared("coco-mini")
+    if mini is None:
+        print("skipping coco: ../shared/data/coco-mini not found")
+        return
+    block = data.get("coco") or {}
+    work = Path(tempfile.mkdtemp(prefix="vitq-coco-bench-"))
+    root = coco_mini_root(mini, work)
+    if args.only in (None, "coco", "coco-sqnr"):
+        recipes = args.coco_recipes.split(",") if args.coco_recipes else None
+        fresh = [{**r, "short_side": args.coco_sqnr_size} for r in sqnr_rows(root, args.coco_sqnr_size, recipes)]
+        done = {(r["short_side"], r["label"]) for r in fresh}
+        block["sqnr"] = [r for r in block.get("sqnr", []) if (r.get("short_side"), r["label"]) not in done] + fresh
+    if args.only in (None, "coco"):
+        block["speed"] = []
+        for case in SPEED_CASES:  # each case in its own process, so that its peak RSS is its own
+            proc = subprocess.run([sys.executable, "-m", "bench.coco", case, str(root)], cwd=common.ROOT,
+                                  capture_output=True, text=True, check=True)
+            block["speed"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(block["speed"][-1], flush=True)
+    data["coco"] = block
+    save()
+    if args.only in (None, "coco", "coco-recon"):
+        row = recon_run(root, work, img_size=args.coco_recon_size)
+        print({k: v for k, v in row.items() if k != "units"}, flush=True)
+        block["recon"] = [r for r in block.get("recon", []) if r["img_size"] != args.coco_recon_size] + [row]
+
+
+def report(data: dict) -> list[str]:
+    return report_lines(data["coco"]) if data.get("coco") else []
+
+
 def report_lines(data: dict) -> list[str]:
     speed, sqnr = data.get("speed", []), data.get("sqnr", [])
     lines = ["## COCO detector on the CPU (Cascade Mask R-CNN Swin-T)", "",
@@ -291,3 +338,11 @@ def recon_lines(r: dict) -> list[str]:
     lines += [f"| {u['pass']} | {u['name']} | {u['seconds']:.1f} | {u['cache_mib']:.1f} | {u.get('groups', 1)} | "
               f"{u['peak_mib']:.0f} | {u['loss_before']:.4g} | {u['loss_after']:.4g} |" for u in r["units"]]
     return [*lines, ""]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="one COCO speed case, printed as JSON")
+    parser.add_argument("case", choices=list(SPEED_CASES))
+    parser.add_argument("root", type=Path, help="coco-mini in the COCO 2017 layout (coco_mini_root)")
+    a = parser.parse_args()
+    print(json.dumps(speed_child(a.case, a.root)))

@@ -7,13 +7,28 @@ model's), mean per-image logit cosine, SQNR over all logits, calibration wall ti
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from bench.common import ROOT, shared
+
+ONLY = ("fidelity",)
 ARCH = "deit_small_patch16_224"
 CALIB, EVAL, BATCH = 32, 256, 64
+PEER = ROOT / "bench" / "peer_measurements.json"
+FIDELITY = {  # label -> (recipe name, overrides)
+    "vitq minmax W4A4": ("minmax", {"w_bits": 4, "a_bits": 4}),
+    "vitq repq W4A4": ("repq", {}),
+    "vitq repq W6A6": ("repq", {"w_bits": 6, "a_bits": 6}),
+    "vitq fqvit 8/8/4": ("fqvit", {}),
+    "vitq fqvit 8/8/8, no LIS": ("fqvit", {"lis": False, "attn_bits": 8}),
+}
 
 
 def protocol_data(cifar: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,3 +74,44 @@ def run_case(recipe, calib: torch.Tensor, evaluate: torch.Tensor, fp: torch.Tens
     vitq.calibrate(model, lambda m: m(calib))
     seconds = time.perf_counter() - start
     return {**compare(logits(model, evaluate), fp), "calib_seconds": seconds, "setting": model.vitq_recipe.describe()}
+
+
+def fidelity_rows() -> list[dict]:
+    import vitq
+
+    cifar = shared("cifar10-small")
+    if cifar is None:
+        print("skipping fidelity: ../shared/data/cifar10-small not found")
+        return []
+    torch.set_num_threads(os.cpu_count() or 1)
+    calib, evaluate = protocol_data(cifar)
+    fp = logits(float_model(), evaluate)
+    rows = []
+    for label, (name, overrides) in FIDELITY.items():
+        row = {"label": label, **run_case(vitq.recipe(name, **overrides), calib, evaluate, fp)}
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def measure(data: dict, args: argparse.Namespace, save: Callable[[], None]) -> None:
+    data["fidelity"] = fidelity_rows()
+
+
+def report(data: dict) -> list[str]:
+    fid = data.get("fidelity", [])
+    if not fid:
+        return []
+    peer = json.loads(PEER.read_text()) if PEER.exists() else {"runs": []}
+    lines = ["## Fidelity on DeiT-S beside the published code", "", peer.get("protocol", ""), "",
+             "Against the float model's logits: top-1 agreement (% of the 256 images whose argmax is the float "
+             "model's; one image is 0.39 points), mean logit cosine, SQNR over all logits. Random weights make "
+             "the attention nearly uniform, so this measures faithfulness to float, not accuracy.", "",
+             "| run | agreement % | cosine | SQNR dB | calibration s |", "|---|---|---|---|---|"]
+    for r in fid:
+        lines.append(f"| {r['label']} ({r['setting']}) | {r['agreement']:.2f} | {r['cosine']:.4f} | "
+                     f"{r['sqnr_db']:.2f} | {r['calib_seconds']:.1f} |")
+    for r in peer["runs"]:
+        lines.append(f"| published code: {r['label']} ({r['code']}) | {r['agreement']:.2f} | {r['cosine']:.4f} | "
+                     f"{r['sqnr_db']:.2f} | {r['calib_seconds']:.0f}{'' if r.get('idle') else '*'} |")
+    return lines + ["", peer.get("how", ""), ""]

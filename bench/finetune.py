@@ -7,9 +7,14 @@ are fixed in advance (below) and never chosen on the evaluation images.
 """
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 from typing import Callable
 
+from bench.common import FIGURES, OUT, accuracy_rows, cell, load_average
+
+ONLY = ("finetune",)
 
 EPOCHS = 3
 SETTINGS = [f"quant.finetune.epochs={EPOCHS}", "quant.finetune.weights=true"]  # lr 1e-4 for steps and weights
@@ -26,7 +31,7 @@ BASES = {  # label -> (overrides, text), in the order they run (the most asked-f
 LONG = {"minmax-w4a4": 10}
 
 
-def run_rows(accuracy_rows: Callable, out: Path, on_row: Callable | None = None) -> list[dict]:
+def run_rows(out: Path, on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Every base and its finetuned row, in pairs (so a stopped section keeps whole comparisons)."""
     rows: list[dict] = []
 
@@ -63,13 +68,24 @@ def paired(out: Path, rows: list[dict]) -> list[dict]:
     return result
 
 
-def _cell(row: dict) -> str:
-    low, high = row["delta_top1_ci"]
-    return f"{row['quant_top1']:.2f} ({row['delta_top1']:+.2f} [{low:+.2f}, {high:+.2f}])"
+def measure(data: dict, args: argparse.Namespace, save: Callable[[], None]) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    figure = FIGURES / "finetune_validation.png"
+
+    def keep(rows: list[dict]) -> None:
+        data["finetune"] = {"rows": rows, "paired": paired(OUT, rows), "argv": " ".join(sys.argv[1:]),
+                            "load": load_average(),
+                            "figure": "figures/finetune_validation.png" if plot_validation(OUT, rows, figure) else None}
+        save()
+
+    keep(run_rows(OUT, on_row=keep))
 
 
-def section(block: dict) -> list[str]:
+def report(data: dict) -> list[str]:
     """The finetuning table for docs/results.md."""
+    block = data.get("finetune") or {}
     rows = block.get("rows") or []
     if not rows:
         return []
@@ -96,7 +112,7 @@ def section(block: dict) -> list[str]:
             continue
         gain = gains.get(tuned_label)
         lines.append(
-            f"| {text}, {epochs} epochs | {_cell(base)} | {_cell(tuned) if tuned else '–'} | "
+            f"| {text}, {epochs} epochs | {cell(base)} | {cell(tuned) if tuned else '–'} | "
             + (f"{gain['delta']:+.2f} [{gain['ci'][0]:+.2f}, {gain['ci'][1]:+.2f}]" if gain else "–") + " | "
             + (f"{tuned['finetune_seconds']:.0f}" if tuned else "–") + " | "
             + (f"{tuned.get('finetune_val_top1', float('nan')):.1f}" if tuned else "–") + " |")
@@ -153,8 +169,9 @@ def plot_validation(out: Path, rows: list[dict], path: Path) -> bool:
     return True
 
 
-def readme_line(block: dict) -> str:
+def readme(data: dict) -> str:
     """One README sentence: each PTQ model and its finetuned top-1 on vit_cifar."""
+    block = data.get("finetune") or {}
     by = {r["label"]: r for r in block.get("rows") or []}
     cells = [f"{text} {by[label]['quant_top1']:.2f} -> {by[label + '-ft']['quant_top1']:.2f}"
              for label, (_, text) in BASES.items() if label in by and f"{label}-ft" in by]

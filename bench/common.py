@@ -1,0 +1,96 @@
+"""What every benchmark section shares: paths, the small models, the pipeline runner and a table cell."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "outputs" / "bench"
+FIGURES = ROOT / "docs" / "figures"
+sys.path.insert(0, str(ROOT))
+
+MODELS = {  # key -> (model config, task config, extra overrides)
+    "mnist": ("vit_mnist", "mnist", []),
+    "cifar": ("vit_cifar", "cifar10", ["task.root={cifar}", "task.eval_root={cifar_eval}"]),
+}
+BITS = [(8, 8), (6, 6), (4, 4)]
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def load_average() -> str:
+    return " / ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def compose(overrides: list[str]):  # noqa: ANN201
+    from hydra import compose as hcompose, initialize_config_dir
+
+    import vitq.engine.config  # noqa: F401  (resolvers)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hcompose("config", overrides=overrides)
+
+
+def shared(name: str) -> Path | None:
+    from vitq.tasks.classification import find_shared_data
+
+    return find_shared_data(name)
+
+
+def accuracy_rows(model_key: str, recipes: dict[str, list[str]],
+                  on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """The real pipeline (vitq.engine.run) per recipe; the float model is trained once and cached."""
+    from vitq.engine.run import run
+
+    model, task, extra = MODELS[model_key]
+    cifar, cifar_eval = shared("cifar10-small"), shared("cifar10-eval")
+    if task == "cifar10" and (cifar is None or cifar_eval is None):
+        print("skipping CIFAR: ../shared/data/cifar10-small or cifar10-eval not found")
+        return []
+    extra = [e.format(cifar=cifar, cifar_eval=cifar_eval) for e in extra]
+    rows = []
+    for label, overrides in recipes.items():
+        cfg = compose([f"model={model}", f"task={task}", "logger=csv", *extra, *overrides])
+        start = time.perf_counter()
+        row = run(cfg, OUT / model_key / label)
+        row.update(label=label, seconds=round(time.perf_counter() - start, 1))
+        rows.append(row)
+        if on_row is not None:  # a long section keeps what it measured so far
+            on_row(rows)
+        print(f"{model_key} {label}: fp {row['fp_top1']:.2f} quant {row['quant_top1']:.2f} "
+              f"delta {row['delta_top1']:+.2f} {row['delta_top1_ci']}", flush=True)
+    return rows
+
+
+def merge_rows(old: list[dict], fresh: list[dict]) -> list[dict]:
+    """Rows of a section refreshed by label: the old ones not measured again, then the fresh ones."""
+    labels = {r["label"] for r in fresh}
+    return [r for r in old if r["label"] not in labels] + fresh
+
+
+def cell(row: dict | None) -> str:
+    """'top-1 (delta [low, high])' of one quantized run, '–' where it was not measured."""
+    if row is None:
+        return "–"
+    low, high = row["delta_top1_ci"]
+    return f"{row['quant_top1']:.2f} ({row['delta_top1']:+.2f} [{low:+.2f}, {high:+.2f}])"
+
+
+def bits_header(bits: list[tuple[int, int]], first: str) -> list[str]:
+    return [f"| {first} | " + " | ".join(f"W{w}A{a}" for w, a in bits) + " |", "|---|" + "---|" * len(bits)]

@@ -1,0 +1,59 @@
+"""The benchmark's loop over its sections: every section renders from results.json, and `--only report`
+rewrites the page and the README table without measuring anything."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import run
+from bench.common import cell
+
+
+def _row(label: str, quant: float, delta: float, ci: list[float]) -> dict:
+    return {"label": label, "fp_top1": 52.9, "fp_top5": 90.0, "eval_samples": 1000, "quant_top1": quant,
+            "delta_top1": delta, "delta_top1_ci": ci}
+
+
+DATA = {"accuracy": {"mnist": [_row("minmax-w4a4", 12.345, -1.5, [-2.0, -1.0])]},
+        "quickstart": [{"run": "first run", "seconds": 99.6}]}
+
+
+def test_cell_format() -> None:
+    assert cell(_row("x", 12.345, -1.5, [-2.0, -1.0])) == "12.35 (-1.50 [-2.00, -1.00])"
+    assert cell(None) == "–"
+
+
+def test_report_has_each_measured_section_only() -> None:
+    text = run.write_report(DATA, ["--only", "report"])
+    lines = text.splitlines()
+    assert "## vit_mnist on mnist" in lines
+    assert "| minmax | – | – | 12.35 (-1.50 [-2.00, -1.00]) |" in lines  # W8A8, W6A6 not measured
+    assert "| first run | 100 |" in lines
+    for absent in ("## Block reconstruction", "## FQ-ViT ablation", "## DeiT-S speed", "## COCO detector",
+                   "## Fidelity", "## Quantization-aware finetuning", "## Liu et al."):
+        assert not any(line.startswith(absent) for line in lines), absent
+
+
+def test_only_names_are_unique_and_parsed() -> None:
+    assert len(run.ONLY) == len(set(run.ONLY))
+    for name in run.ONLY:
+        assert run.parse_args(["--only", name]).only == name
+    with pytest.raises(SystemExit):
+        run.parse_args(["--only", "nonsense"])
+
+
+def test_only_report_rewrites_page_and_readme(tmp_path, monkeypatch) -> None:
+    out = tmp_path / "outputs"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps(DATA))
+    (tmp_path / "README.md").write_text("intro\n<!-- results-table -->\nold\n<!-- /results-table -->\nend\n")
+    monkeypatch.setattr(run, "OUT", out)
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    monkeypatch.setattr(run, "DOC", tmp_path / "results.md")
+    run.main(["--only", "report"])
+    assert "| minmax | – | – | 12.35 (-1.50 [-2.00, -1.00]) |" in (tmp_path / "results.md").read_text()
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.startswith("intro\n<!-- results-table -->\nTop-1 %") and readme.endswith("<!-- /results-table -->\nend\n")
+    assert "| vit_mnist (mnist, 1000 images) | 52.90 | 12.35 (-1.50 ± 0.50) | – |" in readme
+    assert json.loads((out / "results.json").read_text()) == DATA  # nothing measured, nothing changed
