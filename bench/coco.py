@@ -87,7 +87,7 @@ def speed_child(case: str, root: Path, img_size: int = 800) -> dict:
         vitq.calibrate(model, lambda m: [m.test_step(b) for b in calib])
         result["calib_seconds"] = time.perf_counter() - start
         result["calib_cpu_seconds"] = time.process_time() - cpu  # CPU time of all threads: less load-dependent
-        result["recipe"] = model.vitq_recipe.describe()
+        result["recipe"] = model.vitq.recipe.describe()
     with torch.inference_mode():
         model.test_step(evaluate[0])  # warm-up
         start, cpu = time.perf_counter(), time.process_time()
@@ -129,7 +129,7 @@ def sqnr_rows(root: Path, img_size: int = 800, recipes: list[str] | None = None)
         vitq.calibrate(model, lambda m: [m(x) for x in calib])
         seconds = time.perf_counter() - start
         levels = output_sqnr(fp, model, evaluate)
-        rows.append({"label": label, "setting": model.vitq_recipe.describe(), "sqnr_db": levels,
+        rows.append({"label": label, "setting": model.vitq.recipe.describe(), "sqnr_db": levels,
                      "calib_seconds": seconds, "img_shape": list(calib[0].shape[2:]),
                      "load_avg_1min": os.getloadavg()[0]})
         print(rows[-1], flush=True)

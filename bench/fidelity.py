@@ -73,7 +73,7 @@ def run_case(recipe, calib: torch.Tensor, evaluate: torch.Tensor, fp: torch.Tens
     start = time.perf_counter()
     vitq.calibrate(model, lambda m: m(calib))
     seconds = time.perf_counter() - start
-    return {**compare(logits(model, evaluate), fp), "calib_seconds": seconds, "setting": model.vitq_recipe.describe()}
+    return {**compare(logits(model, evaluate), fp), "calib_seconds": seconds, "setting": model.vitq.recipe.describe()}
 
 
 def fidelity_rows() -> list[dict]:

@@ -48,7 +48,7 @@ def child(case: str, calib: int, evaluate: int, batch: int, trim: bool) -> dict:
         start = time.perf_counter()
         vitq.calibrate(model, lambda m: [m(calib_x[i:i + batch]) for i in range(0, calib, batch)])
         result["calib_seconds"] = time.perf_counter() - start
-        result["recipe"] = model.vitq_recipe.describe()
+        result["recipe"] = model.vitq.recipe.describe()
     with torch.inference_mode():
         model(eval_x[:batch])  # warm-up
         start = time.perf_counter()

@@ -45,4 +45,4 @@ def test_quantize_takes_a_recipe_name():
     timm = pytest.importorskip("timm")
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1)
     q = vitq.quantize(model, "fqvit")
-    assert q.vitq_recipe.name == "fqvit" and q.vitq_recipe.method == "fqvit"
+    assert q.vitq.recipe.name == "fqvit" and q.vitq.recipe.method == "fqvit"

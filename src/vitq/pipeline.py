@@ -27,6 +27,7 @@ from .quant.modules import QuantWeight
 from .quant.ops import iter_points, keep_float_weights, set_mode
 from .quant.points import Kind, QuantPoint
 from .quant.recipe import BINDINGS, Recipe
+from .quant.state import QuantState, is_calibrated, quant_state
 from .quant.reconstruct import Fit, ReconstructOptions, UnitObjective, UnitReport, plain_fit
 from .quant.records import record_unit
 from .recipes import recipe as named_recipe
@@ -45,9 +46,9 @@ def quantize(model: nn.Module, recipe: Recipe | Mapping[str, Any] | str, inplace
     A calibrated model is refused: placing a recipe again would silently discard its calibration (and a
     method may already have folded parameters into its weights).
     """
-    if getattr(model, "vitq_calibrated", False):
+    if is_calibrated(model):
         raise ValueError(
-            f"this model is already quantized and calibrated (recipe {model.vitq_recipe.name!r}); quantizing it "
+            f"this model is already quantized and calibrated (recipe {quant_state(model).recipe.name!r}); quantizing it "
             "again would discard that calibration. Quantize a copy of the float model instead "
             "(vitq.quantize(copy.deepcopy(float_model), recipe)), or call vitq.calibrate(model, loop) to "
             "recalibrate with the same recipe")
@@ -74,7 +75,7 @@ def place(model: nn.Module, recipe: Recipe, inplace: bool = True) -> nn.Module:
     for (name, point), spec in zip(points, specs):
         point.path = name
         point.configure(spec)
-    model.vitq_recipe = copy.deepcopy(recipe)  # the model's own: methods record layout changes in it
+    model.vitq = QuantState(copy.deepcopy(recipe))  # the model's own recipe: methods record layout changes in it
     return model
 
 
@@ -85,10 +86,8 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
     torch.distributed, observer states are merged across ranks first, so all ranks end identical.
     The recipe's method hooks run after observing and after freezing (searches, reparameterization).
     """
-    recipe = getattr(model, "vitq_recipe", None)
-    if recipe is None:
-        raise ValueError("model was not made by vitq.quantize (it has no recipe): call vitq.quantize first")
-    method = recipe.method_impl()
+    state = quant_state(model)
+    method = state.recipe.method_impl()
     points = [(n, p) for n, p in iter_points(model) if p.configured]
     if not points:
         raise ValueError("nothing to calibrate: the recipe enables no quant point (is it fp32?)")
@@ -121,7 +120,7 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
         if sync:  # every rank must hold the parameters one process would have computed
             check_same_on_ranks({f"{n}.{k}": v for n, p in points for k, v in p.quantizer.state_dict().items()},
                                 "calibrated quantizer parameters")
-        model.vitq_calibrated = True
+        state.calibrated = True
     except BaseException:
         set_mode(model, "off")
         raise
@@ -167,9 +166,8 @@ def load_quantized(model: nn.Module, path: str | os.PathLike | Mapping[str, Any]
     for name in ckpt.get("integer", []):  # modules that ran the integer kernels when saved
         modules[name].integer = modules[name].can_run_integer()
     recipe.method_impl().after_load(model)
-    model.vitq_calibrated = True
-    if ckpt.get("float_state_dict") is not None:
-        model.vitq_float_state = ckpt["float_state_dict"]
+    model.vitq.calibrated = True
+    model.vitq.float_state = ckpt.get("float_state_dict")
     return model
 
 
@@ -182,11 +180,11 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches: Iterable[Any],
 
     `batches` is re-iterated once per unit (a DataLoader or a list); `run_batch(model, batch)` pushes one
     batch through a model. `units` restricts the pass to those unit names (default: all the adapters
-    list). The float weights before the first pass are kept as `qmodel.vitq_float_state`, so a saved
+    list). The float weights before the first pass are kept as `qmodel.vitq.float_state`, so a saved
     checkpoint still yields the true float model (`vitq.quant.checkpoint.float_state_dict`).
     """
     options = options or ReconstructOptions()
-    if not getattr(qmodel, "vitq_calibrated", False):
+    if not is_calibrated(qmodel):
         raise ValueError("reconstruct needs a calibrated model: call vitq.calibrate(qmodel, loop) first")
     device = torch.device(device) if device is not None else next(qmodel.parameters()).device
     fit = fit or plain_fit

@@ -95,8 +95,8 @@ class ClassificationDataModule(lightning.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_dataset, self.batch_size, shuffle=False)
 
-    def val_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+    # no val_dataloader: Lightning, given this module to train the float model, must not validate on the
+    # evaluation split (the finetune stage validates on training images it holds out)
 
     def calib_dataloader(self, num_samples: int, batch_size: int, seed: int = 0) -> DataLoader:
         """``num_samples`` training images (without replacement, fixed by ``seed``) with the eval transform.

@@ -57,8 +57,8 @@ class ClassificationTask(Task):
     def test_loader(self) -> DataLoader:
         return self.dm.test_dataloader()
 
-    def train_loader(self) -> DataLoader:
-        return self.dm.train_dataloader()
+    def train_data(self) -> lightning.LightningDataModule:
+        return self.dm
 
     def finetune_split(self, val_samples: int, seed: int) -> tuple[Dataset, Dataset]:
         return self.dm.finetune_split(val_samples, seed)

@@ -123,7 +123,7 @@ def test_detector_scope(detector, scope, parts):
     for name, p in vitq.iter_points(q):  # convolution maps are quantized along their true channel axis
         if p.kind in (Kind.LINEAR_INPUT, Kind.LINEAR_OUTPUT) and name.startswith("neck."):
             assert p.channel_axis == 1, name
-    row_setting = vitq.models.find_roots(q)[0][2].describe(q.vitq_recipe.adapter_options)
+    row_setting = vitq.models.find_roots(q)[0][2].describe(q.vitq.recipe.adapter_options)
     assert row_setting == f"det:{scope}"
     # left float by the scope is not "no adapter covers it": only the mask heads' upsampling is
     assert {cls for _, cls in vitq.float_layers(q)} == {"ConvTranspose2d"}

@@ -177,7 +177,7 @@ def test_fp32_recipe_quantizes_nothing(scope):
     from vitq.engine.config import validate
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        recipe = validate(compose("config", overrides=["quant=fp32", f"quant.scope={scope}"]))
+        recipe = validate(compose("config", overrides=["quant=fp32", f"quant.scope={scope}"])).recipe
     assert recipe.specs == {}
 
 
@@ -236,3 +236,19 @@ def test_method_columns_reach_the_row_the_log_and_a_reload(first_run, overrides,
     again = run(tiny_cfg(tmp, *overrides, "stage=test", f"quant.from_checkpoint={out / 'quantized.ckpt'}"),
                 tmp / f"{out.name}-test")
     assert again["quant_top1"] == row["quant_top1"] and all(again[c] == row[c] for c in columns)
+
+
+def test_validate_returns_the_typed_settings_the_stages_read():
+    from vitq.engine.config import validate
+    from vitq.engine.schema import CalibConf
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        run = validate(compose("config", overrides=["quant=minmax", "quant.calib.num_samples=64", "seed=3",
+                                                    "quant.finetune.epochs=2", "quant.finetune.lr=0.01"]))
+    assert run.calib == CalibConf(num_samples=64, batch_size=32, seed=0)
+    assert (run.finetune.epochs, run.finetune.lr, run.finetune.val_samples) == (2, 0.01, 500)
+    assert (run.seed, run.stage, run.from_checkpoint) == (3, "all", None)
+    assert run.model["name"] == "vit_mnist" and run.task["name"] == "mnist" and run.recipe.name == "minmax"
+    assert run.meta() == {"model": run.model, "task": run.task, "quant": run.quant}
+    assert run.quant["calib"] == {"num_samples": 64, "batch_size": 32, "seed": 0}  # resolved, plain data
+    assert type(run.quant) is dict and type(run.quant["calib"]) is dict

@@ -27,3 +27,26 @@ def test_positional_non_tensor_arguments_are_kept_and_other_shapes_are_skipped(m
     assert torch.equal(m(*cap.call_args, **cap.kwargs), torch.cat([outs[0], outs[2]]))
     assert torch.equal(cap.output, torch.cat([outs[0], outs[2]]))
     capture.detach_all(m, "t")
+
+
+class Scaled(nn.Module):
+    def forward(self, x: torch.Tensor, *, gain: torch.Tensor) -> torch.Tensor:
+        return x * gain
+
+
+def test_keyword_tensors_are_kept_per_call_inputs_are_float32_and_remap_maps_every_row(monkeypatch):
+    monkeypatch.setattr(capture, "_observing", lambda module: True)
+    m = Scaled()
+    capture.attach([m], 4, "t", max_tokens=10)  # 2 rows x 3 positions per call: full after two calls
+    xs = [torch.arange(6, dtype=torch.float16).view(2, 3, 1) + 10 * i for i in range(3)]
+    gains = [torch.full((2, 1, 1), float(i + 1)) for i in range(3)]
+    for x, g in zip(xs, gains):
+        m(x, gain=g)
+    cap = capture.captured(m, "t", "test")
+    assert cap.rows == 4 and cap.args[0].dtype == torch.float32  # the third call came after 12 >= 10 tokens
+    assert torch.equal(cap.kwargs["gain"], torch.cat(gains[:2]))  # each call's own keyword tensor, not the first's
+    assert torch.equal(m(*cap.call_args, **cap.kwargs), torch.cat([xs[0].float() * 1, xs[1].float() * 2]))
+    capture.remap_inputs(m, lambda t: t + 0.5)
+    assert torch.equal(cap.args[0], torch.cat(xs[:2]).float() + 0.5)
+    capture.detach_all(m, "t")
+    assert "_vitq_capture" not in m.__dict__

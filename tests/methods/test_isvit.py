@@ -142,7 +142,7 @@ def test_stage_two_fold_is_lossless(tmp_path):
     blocks.1.mlp.fc1 moved by one step, at a rounding tie; every other code identical) and the logits
     equal (measured: identical; bound 1e-4 of the largest logit)."""
     fp, q, x = _calibrated(vitq.recipe("isvit", w_bits=4, a_bits=4))
-    method = q.vitq_recipe.method_impl()
+    method = q.vitq.recipe.method_impl()
     method.before_pass(q, 0)  # stage 1: weight grids off
     assert all(p.mode == "off" for _, p in vitq.iter_points(q) if p.kind == vitq.Kind.WEIGHT)
     codes_before = _consumer_codes(q, x)
@@ -162,7 +162,7 @@ def test_stage_two_fold_is_lossless(tmp_path):
     for pair in norm_pairs(q):
         assert pair.consumer.input_quantizer.quantizer.scale.numel() == 1
     saved = vitq.save_quantized(q, tmp_path / "q.ckpt")  # the recipe now records per-tensor post-LayerNorm inputs
-    assert saved is not None and all(not q.vitq_recipe.resolve(f"{p.consumer_name}.input", "linear_input").per_channel
+    assert saved is not None and all(not q.vitq.recipe.resolve(f"{p.consumer_name}.input", "linear_input").per_channel
                                      for p in norm_pairs(q))
 
 
@@ -180,7 +180,7 @@ def _consumer_codes(model, x):
 
 def test_before_stage_three_weights_are_quantized_on_refitted_grids():
     fp, q, x = _calibrated(vitq.recipe("isvit", w_bits=4, a_bits=4))
-    method = q.vitq_recipe.method_impl()
+    method = q.vitq.recipe.method_impl()
     method.before_pass(q, 0)
     with torch.no_grad():
         q.blocks[0].mlp.fc2.weight.mul_(3.0)  # as if stage 1 had moved the weights

@@ -158,7 +158,7 @@ def test_pareto_choice_is_the_brute_force_optimum(seed):
 def test_mixed_precision_bit_map_is_within_budget_stored_and_reapplied(data, mixed, tmp_path, capsys):
     model, x = data
     q, _ = mixed
-    info = q.vitq_recipe.method_impl().describe_model(q)
+    info = q.vitq.recipe.method_impl().describe_model(q)
     groups = [g for g, _, _ in block_groups(q)]
     assert groups == ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"]
     assert set(info["bit_map"]) == set(groups) and all(4 <= b <= 8 for b in info["bit_map"].values())
@@ -169,7 +169,7 @@ def test_mixed_precision_bit_map_is_within_budget_stored_and_reapplied(data, mix
     assert q.get_submodule("head").weight_quantizer.quantizer.bits == 6  # outside the blocks: the target
     vitq.save_quantized(q, tmp_path / "mp.ckpt")
     back = vitq.load_quantized(copy.deepcopy(model), tmp_path / "mp.ckpt")
-    assert back.vitq_recipe.method_impl().describe_model(back)["bit_map"] == info["bit_map"]
+    assert back.vitq.recipe.method_impl().describe_model(back)["bit_map"] == info["bit_map"]
     assert "bit map, reloaded" in capsys.readouterr().out
     with torch.no_grad():
         assert torch.equal(back(x), q(x))

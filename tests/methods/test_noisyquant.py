@@ -81,7 +81,7 @@ def test_changed_weights_are_folded_again_after_reconstruction(data):
     bias = dict(model.named_modules())[name].bias.detach()
     with torch.no_grad():
         layer.weight.mul_(1.3)  # what a reconstruction pass does: new weights
-    q.vitq_recipe.method_impl().after_reconstruct(q)
+    q.vitq.recipe.method_impl().after_reconstruct(q)
     grid = layer.input_quantizer.quantizer
     inp = torch.randn(3, 5, layer.in_features)
     wq = layer.weight_quantizer(layer.weight)

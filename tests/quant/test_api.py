@@ -77,7 +77,7 @@ def test_points_start_off_and_output_equals_float(float_model, data):
     points = list(iter_points(q))
     assert points and all(p.mode == "off" for _, p in points)
     assert torch.equal(_run(q, x), _run(float_model, x))
-    assert isinstance(q.vitq_recipe, vitq.Recipe)
+    assert isinstance(q.vitq.recipe, vitq.Recipe)
 
 
 def test_quantize_inplace_returns_same_model(float_model, data):
@@ -339,7 +339,7 @@ def test_read_quantized_contents(calibrated, tmp_path):
     path = vitq.save_quantized(calibrated, tmp_path / "q.ckpt")
     ckpt = read_quantized(path)
     assert ckpt["format"] == "vitq-quantized/1"
-    assert vitq.Recipe.from_config(ckpt["recipe"]).specs == calibrated.vitq_recipe.specs
+    assert vitq.Recipe.from_config(ckpt["recipe"]).specs == calibrated.vitq.recipe.specs
     assert set(ckpt["state_dict"]) == set(calibrated.state_dict())
 
 

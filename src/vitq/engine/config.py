@@ -7,8 +7,8 @@ import inspect
 import os
 import secrets
 import typing
-from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Optional
+from dataclasses import field, fields
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -17,6 +17,10 @@ from ..methods import get_method
 from ..quant.recipe import Recipe
 from ..recipes import RUN_KEYS
 from .context import STAGES
+from .schema import CalibConf, FinetuneConf, FitConf, ModelConf, QuantConf, RunConfig, TaskConf
+
+__all__ = ["CalibConf", "FinetuneConf", "FitConf", "ModelConf", "QuantConf", "RunConfig", "TaskConf", "finetune_options",
+           "quant_schema", "validate"]
 
 # logger configs read `offline: ${vitq.wandb_offline:}`: offline unless the user sets WANDB_MODE=online
 OmegaConf.register_new_resolver("vitq.wandb_offline", lambda: os.environ.get("WANDB_MODE", "offline") != "online",
@@ -62,99 +66,6 @@ OmegaConf.register_new_resolver("vitq.run_id", run_id, replace=True, use_cache=T
 OmegaConf.register_new_resolver("vitq.devices_per_node", devices_per_node, replace=True)
 OmegaConf.register_new_resolver("vitq.gpus_per_node", gpus_per_node, replace=True)
 OmegaConf.register_new_resolver("vitq.recipe_name", recipe_name, replace=True)
-
-
-@dataclass
-class ModelConf:
-    name: str = "???"
-    arch: str = "???"
-    pretrained: bool = False
-    checkpoint: Optional[str] = None
-    kwargs: dict = field(default_factory=dict)
-
-
-@dataclass
-class FitConf:
-    epochs: int = 10
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: int = 1
-    label_smoothing: float = 0.0
-    # train-time augmentation, built by tasks/classification.py (absent keys keep the task's default)
-    augment: Optional[str] = None  # cifar10 / ImageFolder: null, "trivialaugment", "randaugment", "autoaugment"
-    affine: Optional[dict] = None  # mnist: kwargs of torchvision's RandomAffine; null: translate 0.1
-    random_erasing: float = 0.0  # probability of timm's RandomErasing (per image, after normalization)
-    # batch mixing and threads, in tasks/classification.py (ClassificationModule)
-    mixup: float = 0.0  # timm Mixup alpha (0: off)
-    cutmix: float = 0.0  # timm CutMix alpha (0: off)
-    num_threads: Optional[int] = None  # torch intra-op threads while training; null: leave as is
-
-
-@dataclass
-class TaskConf:
-    name: str = "???"
-    root: Optional[str] = None
-    eval_root: Optional[str] = None  # ImageFolder root whose val/ is the evaluation split; null: root
-    batch_size: int = 128
-    num_workers: int = 0
-    img_size: Optional[int] = None
-    train_limit: Optional[int] = None
-    eval_limit: Optional[int] = None
-    skip_bad_images: bool = False  # leave unreadable image files out (with a warning naming them), not fail
-    fit: FitConf = field(default_factory=FitConf)
-
-
-@dataclass
-class CalibConf:
-    num_samples: int = 256
-    batch_size: int = 32
-    seed: int = 0
-
-
-@dataclass
-class FinetuneConf:
-    """Quantization-aware finetuning after the recipe's stages (the `finetune` stage, docs/finetune.md)."""
-
-    epochs: int = 0  # 0: no finetuning
-    lr: float = 1.0e-4  # quantizer steps and zero points (LSQ / LSQ+)
-    weights: bool = False  # also train the weights of the quantized layers
-    weight_lr: Optional[float] = None  # null: lr
-    weight_decay: float = 0.0  # on the weights only
-    warmup_epochs: int = 0  # linear warm-up, then cosine decay to 0 (per step)
-    batch_size: Optional[int] = None  # null: task.batch_size
-    temperature: float = 2.0  # of the logit distillation (KL, scaled by T^2)
-    task_weight: float = 1.0  # the task's own loss (cross-entropy; mmdet's detector losses)
-    kd_weight: float = 1.0  # KL(teacher || student) on logits (classification)
-    feature_weight: float = 1.0  # MSE between quantized and float backbone outputs (detection)
-    zero_points: bool = True  # learn asymmetric grids' zero points too
-    train_mode: bool = False  # false: dropout and normalization statistics as in evaluation
-    val_samples: int = 500  # training images held out for the validation loop (never evaluation images)
-    grad_clip: Optional[float] = None  # clip the gradient norm
-    seed: int = 0  # shuffling, augmentation and the held-out split
-    ckpt_path: Optional[str] = None  # resume: "last" (this run directory's last epoch) or a finetune .ckpt
-
-
-@dataclass
-class QuantConf:
-    name: str = "???"
-    scope: str = "matmul"
-    w_bits: int = 8
-    a_bits: int = 8
-    attn_bits: int = 8
-    observer: str = "minmax"
-    calib: CalibConf = field(default_factory=CalibConf)
-    weight: Optional[dict] = None
-    activation: Optional[dict] = None
-    linear_input: Optional[dict] = None
-    matmul_input: Optional[dict] = None
-    softmax_output: Optional[dict] = None
-    norm_input: Optional[dict] = None
-    linear_output: Optional[dict] = None
-    softmax_input: Optional[dict] = None
-    overrides: list = field(default_factory=list)
-    from_checkpoint: Optional[str] = None
-    finetune: FinetuneConf = field(default_factory=FinetuneConf)
-    method: str = "ptq"  # hooks around calibration (vitq/methods/); its switches are further keys
 
 
 def quant_schema(method: str) -> type:
@@ -225,12 +136,8 @@ def finetune_options(cfg: Any) -> FinetuneConf:
     return options
 
 
-def finetune_epochs(cfg: Mapping[str, Any] | Any) -> int:
-    return finetune_options(cfg).epochs
-
-
-def validate(cfg: DictConfig) -> Recipe:
-    """Check every group against its schema and the recipe against the quantizer; return the recipe."""
+def validate(cfg: DictConfig) -> RunConfig:
+    """Check every group against its schema and the recipe against the quantizer; the run's settings."""
     for group in ("model", "task", "quant", "trainer", "logger"):
         if group not in cfg:
             raise ValueError(f"config group '{group}' is missing; pick one, e.g. {group}=<option>")
@@ -245,11 +152,18 @@ def validate(cfg: DictConfig) -> Recipe:
         raise ValueError(f"stage={cfg.stage!r} is unknown: choose one of {', '.join(stages)}")
     if cfg.stage == "test" and not cfg.quant.from_checkpoint:
         raise ValueError("stage=test evaluates a saved model: pass quant.from_checkpoint=<run>/quantized.ckpt")
-    if finetune_options(cfg).epochs > 0 and cfg.stage == "test":  # (finetune_options checks the values)
+    finetune = finetune_options(cfg)  # (checks the values)
+    if finetune.epochs > 0 and cfg.stage == "test":
         raise ValueError("stage=test only evaluates a saved model: drop quant.finetune.epochs, or pass stage=all to "
                          "finetune the checkpoint and evaluate the result")
-    calib = cfg.quant.calib
+    calib = CalibConf(**OmegaConf.to_container(cfg.quant.calib, resolve=True))
     if calib.num_samples < 1 or calib.batch_size < 1:
         raise ValueError("quant.calib.num_samples and quant.calib.batch_size must be at least 1")
     run_keys = RUN_KEYS | {f.name for f in fields(QuantConf)}  # every run-level key of the quant group
-    return Recipe.from_config(OmegaConf.to_container(cfg.quant, resolve=True), run_keys=run_keys)
+    quant = OmegaConf.to_container(cfg.quant, resolve=True)
+    paths = cfg.get("paths") or {}
+    return RunConfig(model=OmegaConf.to_container(cfg.model, resolve=True),
+                     task=OmegaConf.to_container(cfg.task, resolve=True), quant=quant,
+                     recipe=Recipe.from_config(quant, run_keys=run_keys), calib=calib, finetune=finetune,
+                     seed=int(cfg.seed), stage=str(cfg.stage), cache_dir=paths.get("cache_dir"),
+                     from_checkpoint=quant.get("from_checkpoint") or None)

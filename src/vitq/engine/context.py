@@ -12,19 +12,20 @@ from typing import Any, Callable
 import lightning as L
 import torch
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig
 
 from ..methods import Method
 from ..quant.recipe import Recipe
 from ..registry import Registry
+from .schema import RunConfig
 from .tasks import Task
 
 
 @dataclass
 class RunContext:
-    """Everything the stages share."""
+    """Everything the stages share. `run` holds the checked settings; `recipe` is the recipe in force (a
+    loaded checkpoint's, after `load`)."""
 
-    cfg: DictConfig
+    run: RunConfig
     out_dir: Path
     task: Task
     recipe: Recipe
@@ -32,8 +33,6 @@ class RunContext:
     make_trainer: Callable[..., L.Trainer]
     loggers: list[Logger]
     cache: Path
-    model_cfg: dict
-    task_cfg: dict
     fp_model: torch.nn.Module | None = None
     qmodel: torch.nn.Module | None = None
     float_source: str = ""

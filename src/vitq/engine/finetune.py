@@ -27,7 +27,6 @@ import torch
 from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 import vitq
@@ -35,7 +34,7 @@ import vitq
 from ..distributed import EpochShuffle, check_same_on_ranks, rank_world, sharded
 from ..quant.ops import keep_float_weights
 from ..quant.finetune import QuantTraining
-from .config import FinetuneConf, finetune_options
+from .schema import FinetuneConf
 from .context import RunContext, processes, register_stage
 from .tasks import Task
 
@@ -52,10 +51,9 @@ def resume_checkpoint(options: FinetuneConf, out_dir: Path) -> Path:
     return out_dir / FINETUNE_DIR / "last.ckpt" if options.ckpt_path == "last" else Path(str(options.ckpt_path))
 
 
-def resume_start(cfg: Any, out_dir: Path) -> Path | None:
+def resume_start(options: FinetuneConf, out_dir: Path) -> Path | None:
     """The saved start model of the finetune run `quant.finetune.ckpt_path` resumes, or None (nothing to
     resume: `last` in a directory with no finetune checkpoint starts from the beginning, as Lightning does)."""
-    options = finetune_options(cfg)
     if options.epochs == 0 or not options.ckpt_path:
         return None
     ckpt = resume_checkpoint(options, out_dir)
@@ -177,12 +175,12 @@ def finetune_data(ctx: RunContext, options: FinetuneConf, trainer: L.Trainer, fi
     (whole batches per process, none repeated)."""
     train_set, val_set = ctx.task.finetune_split(options.val_samples, options.seed)
     world = processes(trainer)
-    batch = int(options.batch_size or ctx.task_cfg.get("batch_size") or 32)
+    batch = int(options.batch_size or ctx.run.task.get("batch_size") or 32)
     if len(train_set) // world < 1:
         raise ValueError(f"finetuning: {len(train_set)} training images left after holding out "
                          f"quant.finetune.val_samples={options.val_samples} cannot give each of {world} processes one; "
                          "lower quant.finetune.val_samples")
-    common = dict(collate_fn=ctx.task.collate_fn(), num_workers=int(ctx.task_cfg.get("num_workers") or 0))
+    common = dict(collate_fn=ctx.task.collate_fn(), num_workers=int(ctx.run.task.get("num_workers") or 0))
     train = EpochLoader(train_set, batch, options.seed, first_epoch,
                         lambda: trainer.fit_loop.epoch_progress.current.processed, **common)
     val = None
@@ -196,17 +194,16 @@ def save_start(ctx: RunContext, path: Path) -> None:
     """The model finetuning starts from, with the exact float weights (the teacher of a resumed run)."""
     kept_now = keep_float_weights(ctx.qmodel, ctx.fp_model)
     try:
-        meta = {g: OmegaConf.to_container(ctx.cfg[g], resolve=True) for g in ("model", "task", "quant")}
-        vitq.save_quantized(ctx.qmodel, path, meta=meta)
+        vitq.save_quantized(ctx.qmodel, path, meta=ctx.run.meta())
     finally:
         if kept_now:  # the final checkpoint keeps them only if finetuning changes the weights
-            del ctx.qmodel.vitq_float_state
+            ctx.qmodel.vitq.float_state = None
 
 
 @register_stage("finetune")
 def finetune_stage(ctx: RunContext) -> None:
     """Train the quantized model's quantizer parameters (and weights) by `trainer.fit`."""
-    options = finetune_options(ctx.cfg)
+    options = ctx.run.finetune
     folder = ctx.out_dir / FINETUNE_DIR
     resuming = ctx.resume_from is not None
     if rank_zero_only.rank == 0:

@@ -68,7 +68,7 @@ def obtain_float_model(task: Task, model_cfg: Mapping[str, Any], task_cfg: Mappi
     module = task.fit_module(model, fit)
     start = time.perf_counter()
     trainer = make_trainer(max_epochs=int(fit["epochs"]))
-    trainer.fit(module, train_dataloaders=task.train_loader())
+    trainer.fit(module, datamodule=task.train_data())
     seconds = time.perf_counter() - start
     if not trainer.is_global_zero:  # under DDP every rank holds the same weights; one writes the cache
         return model.eval(), f"trained here in {seconds:.0f} s", key

@@ -100,19 +100,18 @@ def _close(loggers: list[Logger], ok: bool) -> None:
 
 def _run(cfg: DictConfig, out_dir: Path, loggers: list[Logger]) -> dict[str, Any]:
     """The stages; `loggers` is filled as they are built, so a failure can still close them."""
-    recipe = validate(cfg)
+    settings = validate(cfg)
+    recipe = settings.recipe
     if cfg.get("release_memory", True):
         return_freed_memory()
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(settings.seed, workers=True)
     torch.set_float32_matmul_precision("high")
-    task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    task = get_task(str(task_cfg["name"]).lower())(task_cfg, model_cfg)  # checks the data now
+    task = get_task(str(settings.task["name"]).lower())(settings.task, settings.model)  # checks the data now
     probe = task.create_model(pretrained=False)
     vitq.quantize(probe, recipe)  # the recipe fits the model (point names do not depend on the weights)
-    if cfg.stage == "summary":
+    if settings.stage == "summary":
         points = vitq.summary(probe)
         print_points(points, float_layers=vitq.float_layers(probe))
         print(f"recipe {recipe.name}: {recipe.describe()}")
@@ -121,20 +120,20 @@ def _run(cfg: DictConfig, out_dir: Path, loggers: list[Logger]) -> dict[str, Any
     loggers.extend(build_loggers(cfg, out_dir))
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    ctx = RunContext(cfg=cfg, out_dir=out_dir, task=task, recipe=recipe, method=recipe.method_impl(),
+    ctx = RunContext(run=settings, out_dir=out_dir, task=task, recipe=recipe, method=recipe.method_impl(),
                      make_trainer=make_trainer_factory(cfg, loggers), loggers=loggers,
-                     cache=cache_dir(cfg.paths.cache_dir), model_cfg=model_cfg, task_cfg=task_cfg)
-    ctx.resume_from = resume_start(cfg, out_dir)
-    if cfg.quant.from_checkpoint or ctx.resume_from is not None:  # a resumed finetune starts from its saved model
-        ctx.checkpoint_path = str(ctx.resume_from or cfg.quant.from_checkpoint)
+                     cache=cache_dir(settings.cache_dir))
+    ctx.resume_from = resume_start(settings.finetune, out_dir)
+    if settings.from_checkpoint or ctx.resume_from is not None:  # a resumed finetune starts from its saved model
+        ctx.checkpoint_path = str(ctx.resume_from or settings.from_checkpoint)
         ctx.checkpoint = vitq.read_quantized(ctx.checkpoint_path)
     else:  # built now so that too many samples fail before training
-        c = cfg.quant.calib
-        ctx.calib_loader = task.calib_loader(int(c.num_samples), int(c.batch_size), int(c.seed))
+        c = settings.calib
+        ctx.calib_loader = task.calib_loader(c.num_samples, c.batch_size, c.seed)
     stages = pipeline(ctx)
-    if cfg.stage not in ("all", "test") and cfg.stage not in stages:
-        raise ValueError(f"stage={cfg.stage} is not part of this run ({' -> '.join(stages)})")
-    stop = stages[-1] if cfg.stage in ("all", "test") else cfg.stage
+    if settings.stage not in ("all", "test") and settings.stage not in stages:
+        raise ValueError(f"stage={settings.stage} is not part of this run ({' -> '.join(stages)})")
+    stop = stages[-1] if settings.stage in ("all", "test") else settings.stage
     for name in stages:
         STAGES[name](ctx)
         if name == stop:
@@ -148,8 +147,8 @@ def _layernorm_ranges(ctx: RunContext) -> None:
     """Per-channel ranges of LayerNorm inputs on a few calibration batches (why PTF exists)."""
     from ..report.ranges import layernorm_input_ranges, plot_ranges, range_table
 
-    c = ctx.cfg.quant.calib
-    loader = ctx.task.calib_loader(min(256, int(c.num_samples)), 64, int(c.seed))
+    c = ctx.run.calib
+    loader = ctx.task.calib_loader(min(256, c.num_samples), 64, c.seed)
 
     def forward_loop(model: torch.nn.Module) -> None:  # rank 0 alone: no trainer (DDP would wait for peers)
         module = ctx.task.calibration_module(model)
@@ -161,14 +160,13 @@ def _layernorm_ranges(ctx: RunContext) -> None:
     with open(ctx.out_dir / "layernorm_ranges.json", "w") as f:
         json.dump(range_table(ranges), f, indent=1)
     plot_ranges(ranges, ctx.out_dir / "layernorm_ranges.png",
-                f"{ctx.cfg.model.name} on {ctx.cfg.task.name}: LayerNorm input range per channel")
+                f"{ctx.run.model['name']} on {ctx.run.task['name']}: LayerNorm input range per channel")
 
 
 def _write_outputs(ctx: RunContext) -> None:
     """Write result files last, the checkpoint atomically, so only finished runs look finished."""
     if ctx.qmodel is not None and (ctx.checkpoint is None or ctx.finetuned):
-        meta = {g: OmegaConf.to_container(ctx.cfg[g], resolve=True) for g in ("model", "task", "quant")}
-        vitq.save_quantized(ctx.qmodel, ctx.out_dir / "quantized.ckpt", meta=meta)
+        vitq.save_quantized(ctx.qmodel, ctx.out_dir / "quantized.ckpt", meta=ctx.run.meta())
         if ctx.recipe.scope == "full":
             _layernorm_ranges(ctx)
     points = ctx.artifacts.get("points")

@@ -21,7 +21,6 @@ import vitq
 from ..distributed import sharded
 from ..files import written_atomically
 from ..report.table import float_layers_line, print_results, results_row
-from .config import finetune_epochs
 from .context import STAGES, RunContext, processes, register_stage
 from .float_model import float_key, obtain_float_model
 
@@ -30,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def pipeline(ctx: RunContext) -> list[str]:
     middle = ["load"] if ctx.checkpoint is not None else list(ctx.method.stages)
-    if finetune_epochs(ctx.cfg) > 0:
+    if ctx.run.finetune.epochs > 0:
         middle.append("finetune")
     unknown = [s for s in middle if s not in STAGES]
     if unknown:
@@ -47,16 +46,17 @@ def float_stage(ctx: RunContext) -> None:
         meta = ctx.checkpoint.get("meta") or {}
         for group in ("model", "task"):
             made_with = (meta.get(group) or {}).get("name")
-            if made_with is not None and made_with != ctx.cfg[group].name:
+            this_run = getattr(ctx.run, group)["name"]
+            if made_with is not None and made_with != this_run:
                 raise ValueError(f"{path} was made with {group}={made_with}, this run has {group}="
-                                 f"{ctx.cfg[group].name}: pass {group}={made_with}")
+                                 f"{this_run}: pass {group}={made_with}")
         model = ctx.task.create_model(pretrained=False)  # architecture only
         model.load_state_dict(vitq.quant.float_state_dict(ctx.checkpoint, model))
         ctx.fp_model, ctx.float_source = model.eval(), f"float weights of {path}"
-        ctx.float_key = float_key(ctx.model_cfg, ctx.task_cfg, ctx.task, ctx.cfg.seed) + "-ckpt"
+        ctx.float_key = float_key(ctx.run.model, ctx.run.task, ctx.task, ctx.run.seed) + "-ckpt"
     else:
         ctx.fp_model, ctx.float_source, ctx.float_key = obtain_float_model(
-            ctx.task, ctx.model_cfg, ctx.task_cfg, ctx.cache, ctx.cfg.seed, ctx.make_trainer)
+            ctx.task, ctx.run.model, ctx.run.task, ctx.cache, ctx.run.seed, ctx.make_trainer)
     ctx.timings["float"] = time.perf_counter() - start
     log.info("float model: %s", ctx.float_source)
 
@@ -66,7 +66,7 @@ def calibrate_stage(ctx: RunContext) -> None:
     """Observe calibration batches through `Trainer.validate` (sharded under DDP, merged after), then let
     the method's hooks search, reparameterize and switch kernels."""
     ctx.qmodel = vitq.quantize(copy.deepcopy(ctx.fp_model), ctx.recipe)
-    ctx.info["calib_samples"] = int(ctx.cfg.quant.calib.num_samples)
+    ctx.info["calib_samples"] = ctx.run.calib.num_samples
     if not any(p.configured for _, p in vitq.iter_points(ctx.qmodel)):
         return
     module = ctx.task.calibration_module(ctx.qmodel)
@@ -80,7 +80,7 @@ def calibrate_stage(ctx: RunContext) -> None:
 @register_stage("load")
 def load_stage(ctx: RunContext) -> None:
     ctx.qmodel = vitq.load_quantized(copy.deepcopy(ctx.fp_model), ctx.checkpoint)
-    ctx.recipe = ctx.qmodel.vitq_recipe
+    ctx.recipe = ctx.qmodel.vitq.recipe
     calib = ((ctx.checkpoint.get("meta") or {}).get("quant") or {}).get("calib") or {}
     ctx.info["calib_samples"] = calib.get("num_samples")
 
@@ -125,9 +125,9 @@ def test_stage(ctx: RunContext) -> None:
     ctx.info["float_layers"] = len(float_layers)
     described = ctx.recipe.method_impl().describe_model(ctx.qmodel)  # e.g. a mixed-precision bit map
     ctx.info.update(described)
-    row = results_row(ctx.cfg, ctx.recipe, metrics, fp, quant, ctx.qmodel, compare=ctx.task.compare, **ctx.info,
-                      integer=integer, calib_seconds=round(ctx.timings.get("calibrate", 0.0), 2),
-                      float_source=ctx.float_source, primary=ctx.task.primary)
+    row = results_row(ctx.run.model["name"], ctx.run.task["name"], ctx.recipe, metrics, fp, quant, ctx.qmodel,
+                      compare=ctx.task.compare, **ctx.info, integer=integer,
+                      calib_seconds=round(ctx.timings.get("calibrate", 0.0), 2), float_source=ctx.float_source, primary=ctx.task.primary)
     if integer:
         row["setting"] += " integer"
     if ctx.finetuned:

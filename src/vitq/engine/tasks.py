@@ -164,8 +164,11 @@ class Task:
         """The module `trainer.fit` trains the float model with (tasks that train here)."""
         raise NotImplementedError(f"task {type(self).__name__} does not train float models here")
 
-    def train_loader(self) -> DataLoader:
-        raise NotImplementedError
+    def train_data(self) -> L.LightningDataModule:
+        """The DataModule `trainer.fit` trains the float model on: its `train_dataloader` (Lightning adds
+        its DistributedSampler under DDP). Without a `val_dataloader`: the float model is never validated
+        on the evaluation samples."""
+        raise NotImplementedError(f"task {type(self).__name__} does not train float models here")
 
     def collate_fn(self) -> Callable | None:
         """How the task's loaders batch samples (None: torch's default)."""

@@ -77,7 +77,7 @@ class Method:
     Order of the hooks: `specs` (when the recipe is read) -> `prepare` (points placed, before any data)
     -> observing -> `after_observe` (searches over collected statistics) -> freeze, mode `quant` ->
     `after_freeze` (reparameterize, fold, switch kernels). A method that changes a point's layout records
-    it in `model.vitq_recipe` (an override), so the saved recipe describes the final model. A reloaded
+    it in `model.vitq.recipe` (an override), so the saved recipe describes the final model. A reloaded
     checkpoint is placed from its stored recipe without `prepare`, then `after_load` runs.
     """
 

@@ -4,14 +4,16 @@ A search scores many candidate parameters of one layer. Running the model once p
 too slow, so the layer's float inputs (and, where asked, its float output) are kept during the
 calibration forward pass and every candidate is scored on them. `attach` puts a forward hook on each
 module; the hook records only while one of the module's quant points observes (the calibration pass,
-when every point passes float values through), and keeps whole calls until `max_rows` rows along the
-first dimension are stored. State lives in the module's `__dict__`, never in its state dict, keyed by
-its owner (a method or an add-on), so two searches on one layer keep separate records. A method that
-reparameterizes a layer after calibration (RepQ-ViT's fold) maps the cached inputs with `remap_inputs`,
-so later searches score the layer as it now is.
+when every point passes float values through), and keeps whole calls of the first call's form (e.g. one
+image size) until `max_rows` rows along the first dimension are stored. The record is reconstruction's
+`ArgCache`, kept on the layer's device in float32. State lives in the module's `__dict__`, never in its
+state dict, keyed by its owner (a method or an add-on), so two searches on one layer keep separate
+records. A method that reparameterizes a layer after calibration (RepQ-ViT's fold) maps the cached
+inputs with `remap_inputs`, so later searches score the layer as it now is.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -19,33 +21,32 @@ import torch
 from torch import nn
 
 from ..quant.points import QuantPoint
-from ..quant.records import Slot
+from ..quant.records import ArgCache, batch_size, fill
 
 _KEY = "_vitq_capture"
 
 
 @dataclass
 class Capture:
-    """What one module saw: positional tensor inputs (concatenated along dim 0 across calls), keyword
-    inputs of the first call, and the output when `keep_output` is set."""
+    """What one module saw: its calls' tensors (read concatenated along dim 0), the call's other
+    arguments, and the output when `keep_output` is set."""
 
     max_rows: int
     keep_output: bool = False
     max_tokens: int | None = None  # or stop once this many vectors (rows x positions) are kept
-    args: list[torch.Tensor] | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    output: torch.Tensor | None = None
+    cache: ArgCache = field(default_factory=lambda: ArgCache(device=None, dtype=torch.float32))
+    outputs: list[torch.Tensor] = field(default_factory=list)
     handle: Any = None
-    layout: list[Any] = field(default_factory=list)  # positional arguments of the first call, tensors as slots
 
     @property
     def rows(self) -> int:
-        return 0 if self.args is None else int(self.args[0].shape[0])
+        return self.cache.groups[0].size if self.cache.groups else 0
 
     @property
     def full(self) -> bool:
-        if self.max_tokens is not None and self.args is not None:
-            return self.args[0].numel() // max(self.args[0].shape[-1], 1) >= self.max_tokens
+        if self.max_tokens is not None and self.cache.groups:
+            shape = self.cache.groups[0].shapes[0][0]  # the first tensor's shape past the batch axis
+            return self.rows * math.prod(shape[:-1]) >= self.max_tokens
         return self.rows >= self.max_rows
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -53,32 +54,43 @@ class Capture:
         its own copy of the capture."""
         self.record(module, args, kwargs, output)
 
+    def record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.full or not _observing(module) or not any(isinstance(a, torch.Tensor) for a in args):
+            return
+        if self.cache.add(args, kwargs, batch_size(args, kwargs), new_form=not self.cache.groups) < 0:
+            return  # a call of another form (e.g. another image size): keep the calls of the first form
+        if self.keep_output and isinstance(output, torch.Tensor):
+            self.outputs.append(output.detach().float().clone())
+
+    @property
+    def args(self) -> list[torch.Tensor]:
+        """The recorded tensors, each concatenated over the calls (once: later reads share it)."""
+        group = self.cache.groups[0]
+        group.parts = [[torch.cat(p)] if len(p) > 1 else p for p in group.parts]
+        return [p[0] for p in group.parts]
+
+    def map_first(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.cache.groups[0].parts[0] = [fn(self.args[0])]
+
     @property
     def call_args(self) -> tuple:
         """Positional arguments for calling the module on the cached rows: the tensors, with the other
-        positional values of the first call in their places (e.g. mmdet Swin's `hw_shape`)."""
-        assert self.args is not None
-        return tuple(self.args[v.i] if isinstance(v, Slot) else v for v in self.layout)
+        arguments of the first call in their places (e.g. mmdet Swin's `hw_shape`)."""
+        return fill(self.cache.groups[0].layout[0], self.args)
 
-    def record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self.full or not _observing(module):
-            return
-        tensors = [a.detach().float().clone() for a in args if isinstance(a, torch.Tensor)]
-        if not tensors:
-            return
-        if self.args is None:
-            self.args, self.kwargs = tensors, dict(kwargs)
-            slots = iter(range(len(tensors)))
-            self.layout = [Slot(next(slots)) if isinstance(a, torch.Tensor) else a for a in args]
-        else:
-            same = [a for a in args if not isinstance(a, torch.Tensor)] == [
-                v for v in self.layout if not isinstance(v, Slot)]
-            if not same or any(o.shape[1:] != n.shape[1:] for o, n in zip(self.args, tensors)):
-                return  # a call of another form (e.g. another image size): keep the calls of the first form
-            self.args = [torch.cat([old, new]) for old, new in zip(self.args, tensors)]
-        if self.keep_output and isinstance(output, torch.Tensor):
-            out = output.detach().float().clone()
-            self.output = out if self.output is None else torch.cat([self.output, out])
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return fill(self.cache.groups[0].layout[1], self.args)
+
+    @property
+    def output(self) -> torch.Tensor | None:
+        if len(self.outputs) > 1:
+            self.outputs = [torch.cat(self.outputs)]
+        return self.outputs[0] if self.outputs else None
+
+    @property
+    def empty(self) -> bool:
+        return not self.cache.groups
 
 
 def _observing(module: nn.Module) -> bool:
@@ -101,7 +113,7 @@ def attach(modules: Iterable[nn.Module], max_rows: int, owner: str, keep_output:
 def captured(module: nn.Module, owner: str, what: str) -> Capture:
     """The module's record; fails, naming the fix, when calibration did not record it."""
     cap = module.__dict__.get(_KEY, {}).get(owner)
-    if cap is None or cap.args is None:
+    if cap is None or cap.empty:
         raise RuntimeError(f"{what}: no cached calibration inputs; calibrate a model freshly made by "
                            "vitq.quantize (the search records layer inputs during that calibration pass)")
     return cap
@@ -110,8 +122,8 @@ def captured(module: nn.Module, owner: str, what: str) -> Capture:
 def remap_inputs(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """The module's input coordinates changed (a reparameterization): map every cached first input."""
     for cap in module.__dict__.get(_KEY, {}).values():
-        if cap.args is not None:
-            cap.args[0] = fn(cap.args[0])
+        if not cap.empty:
+            cap.map_first(fn)
 
 
 def detach(module: nn.Module, owner: str) -> None:

@@ -159,7 +159,7 @@ class ISViT(Method):
 
     def reconstruct_passes(self, model: nn.Module) -> list[ReconstructOptions]:
         o = self.options
-        w = model.vitq_recipe.specs.get(Kind.WEIGHT)
+        w = model.vitq.recipe.specs.get(Kind.WEIGHT)
         iters = o.iters if o.iters is not None else (200 if w is not None and w.bits >= 6 else 1000)
         stage3 = ReconstructOptions(iters=iters, batch_size=o.recon_batch_size, input_source="quant",
                                     tune_weights=True, lr=o.lr)

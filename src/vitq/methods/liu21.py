@@ -203,7 +203,7 @@ class Liu21(Method):
     # ---- mixed precision ----------------------------------------------------------------------------
     @torch.no_grad()
     def _mixed_precision(self, model: nn.Module) -> None:
-        target = model.vitq_recipe.specs[Kind.WEIGHT].bits
+        target = model.vitq.recipe.specs[Kind.WEIGHT].bits
         groups = list(block_groups(model))
         inside = {id(m) for _, g, _ in groups for m in g.modules()}
         for name, module in searchable(model):  # outside the blocks: the target width
@@ -228,7 +228,7 @@ class Liu21(Method):
             sizes.append(sum(m.weight.numel() for m in group.modules() if isinstance(m, QuantWeight)))
         budget = target * sum(sizes)
         choice = pareto_choice([{b: r[0] for b, r in opt.items()} for opt in options], sizes, budget)
-        recipe = model.vitq_recipe
+        recipe = model.vitq.recipe
         for (gname, group, _), opt, bits in zip(groups, options, choice):
             restore(group, opt[bits][1])
             recipe.overrides.append(Override(f"{gname}.*", None, {"bits": bits}))

@@ -63,9 +63,9 @@ def fold_post_norm_inputs(model: nn.Module) -> int:
 def set_granularity(model: nn.Module, name: str, point: nn.Module, per_channel: bool) -> None:
     """Record the change in the model's recipe (so a saved checkpoint reloads the same layout) and apply
     it to the point, keeping the point's parameters when only the record changes."""
-    model.vitq_recipe.overrides.append(Override(name, None, {"per_channel": per_channel}))
+    model.vitq.recipe.overrides.append(Override(name, None, {"per_channel": per_channel}))
     if point.spec.per_channel != per_channel:
-        point.configure(model.vitq_recipe.resolve(name, point.kind))
+        point.configure(model.vitq.recipe.resolve(name, point.kind))
 
 
 @torch.no_grad()

@@ -8,8 +8,10 @@ from .points import SCOPES, CalibrationError, Kind, PointSpec, QuantAct, QuantPo
 from .quantizers import UniformQuantizer
 from .recipe import Recipe
 from .reconstruct import ReconstructOptions, UnitReport
+from .state import QuantState, is_calibrated, quant_state
 
-__all__ = ["CHECKPOINT_FORMAT", "OBSERVERS", "SCOPES", "CalibrationError", "Kind", "Observer", "PointSpec", "QuantAct",
-           "QuantPoint", "Recipe", "ReconstructOptions", "UnitReport", "UniformQuantizer", "float_state_dict",
-           "iter_points", "keep_float_weights", "make_observer", "read_quantized", "refit_weight", "register_observer",
-           "save_quantized", "set_integer", "set_mode", "summary"]
+__all__ = ["CHECKPOINT_FORMAT", "CalibrationError", "Kind", "OBSERVERS", "Observer", "PointSpec", "QuantAct",
+           "QuantPoint", "QuantState", "Recipe", "ReconstructOptions", "SCOPES", "UniformQuantizer", "UnitReport",
+           "float_state_dict", "is_calibrated", "iter_points", "keep_float_weights", "make_observer", "quant_state",
+           "read_quantized", "refit_weight", "register_observer", "save_quantized", "set_integer", "set_mode",
+           "summary"]

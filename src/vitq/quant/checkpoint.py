@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..files import written_atomically
+from .state import quant_state
 
 CHECKPOINT_FORMAT = "vitq-quantized/1"
 
@@ -22,18 +23,15 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, meta: Mapping[str,
 
     `meta` (e.g. the model, task and quant configs of the run) is stored alongside, untouched.
     """
-    recipe = getattr(model, "vitq_recipe", None)
-    if recipe is None:
-        raise ValueError("model was not made by vitq.quantize (it has no recipe)")
+    state = quant_state(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     integer = [n for n, m in model.named_modules() if getattr(m, "integer", False)]
     with written_atomically(path) as tmp:
-        ckpt = {"format": CHECKPOINT_FORMAT, "recipe": recipe.to_config(), "integer": integer,
+        ckpt = {"format": CHECKPOINT_FORMAT, "recipe": state.recipe.to_config(), "integer": integer,
                 "state_dict": model.state_dict(), "meta": dict(meta or {})}
-        float_state = getattr(model, "vitq_float_state", None)
-        if float_state is not None:  # weights were changed non-equivalently (reconstruction): keep the float ones
-            ckpt["float_state_dict"] = float_state
+        if state.float_state is not None:  # weights changed non-equivalently (reconstruction): keep the float ones
+            ckpt["float_state_dict"] = state.float_state
         torch.save(ckpt, tmp)
     return path
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from .modules import QuantLayerNorm, QuantSoftmax
 from .points import QuantPoint
+from .state import quant_state
 
 
 def point_name(module_path: str) -> str:
@@ -90,9 +91,10 @@ def summary(model: nn.Module) -> list[dict[str, Any]]:
 
 def keep_float_weights(qmodel: nn.Module, fp_model: nn.Module) -> bool:
     """Before a stage changes weights non-equivalently (reconstruction, finetuning), keep the float model's
-    weights on the quantized model (`vitq_float_state`, saved as the checkpoint's `float_state_dict`);
+    weights on the quantized model (`qmodel.vitq.float_state`, saved as the checkpoint's `float_state_dict`);
     weights kept earlier stay. True when they were kept now."""
-    if getattr(qmodel, "vitq_float_state", None) is not None:
+    state = quant_state(qmodel)
+    if state.float_state is not None:
         return False
-    qmodel.vitq_float_state = {k: v.detach().to("cpu", copy=True) for k, v in fp_model.state_dict().items()}
+    state.float_state = {k: v.detach().to("cpu", copy=True) for k, v in fp_model.state_dict().items()}
     return True

@@ -3,8 +3,8 @@
 Block reconstruction records each unit's calls over the calibration batches (`record_unit`): the batch
 tensors of every call, grouped by the call's form (`ArgCache`), read back without a concatenated copy
 (`Rows`), and the float unit's outputs. A call's other arguments (e.g. mmdet's `hw_shape`) are its
-layout, with each recorded tensor's place marked by a `Slot`; the calibration-time searches' input
-records (`vitq.methods.capture`) mark their layouts the same way.
+layout, with each recorded tensor's place marked by a `Slot`. The calibration-time searches' input
+records (`vitq.methods.capture`) are an `ArgCache` too, kept on the layer's device and read as one form.
 """
 from __future__ import annotations
 
@@ -107,28 +107,37 @@ class ArgCache:
     Batches of one image size make one group; a detector's calibration batches padded to different sizes
     make one group per size, each replayed with its own layout. `order` is the group of every call."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str | None = "cpu", dtype: torch.dtype | None = None) -> None:
+        """Records are copied to `device` (None: where they are), floating ones cast to `dtype` (None: kept)."""
         self.groups: list[_Group] = []
         self.order: list[int] = []
+        self.device, self.dtype = device, dtype
 
-    def add(self, args: tuple, kwargs: dict, batch: int) -> int:
-        """Record one call; returns the index of its group."""
+    def _copy(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.dtype if self.dtype is not None and x.is_floating_point() else x.dtype
+        return x.detach().to(device=self.device or x.device, dtype=dtype, copy=True)
+
+    def add(self, args: tuple, kwargs: dict, batch: int, new_form: bool = True) -> int:
+        """Record one call; returns the index of its group, or -1 (nothing kept) for a call of a form not
+        seen before when `new_form` is false."""
         found: list[torch.Tensor] = []
 
         def scan(x: Any) -> Any:
             if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch:
-                found.append(x.detach().to("cpu", copy=True))
+                found.append(self._copy(x))
                 return Slot(len(found) - 1)
             if isinstance(x, (list, tuple)):
                 return type(x)(scan(v) for v in x)
             if isinstance(x, dict):
                 return {k: scan(v) for k, v in x.items()}
-            return x.detach().cpu() if isinstance(x, torch.Tensor) else x
+            return x.detach().to(self.device or x.device) if isinstance(x, torch.Tensor) else x
 
         layout = (scan(tuple(args)), scan(dict(kwargs)))
         shapes = [(tuple(t.shape[1:]), t.dtype) for t in found]
         index = next((i for i, g in enumerate(self.groups) if g.matches(layout, shapes)), None)
         if index is None:
+            if not new_form:
+                return -1
             index = len(self.groups)
             self.groups.append(_Group(layout, shapes, len(found)))
         group = self.groups[index]
@@ -162,17 +171,20 @@ class ArgCache:
                     o = other.groups[group].tensors[i].index_select(index).to(device, non_blocking=True)
                     tensors[i] = torch.where(torch.rand_like(t) < mix, o, t)
 
-        def fill(x: Any) -> Any:
-            if isinstance(x, Slot):
-                return tensors[x.i]
-            if isinstance(x, (list, tuple)):
-                return type(x)(fill(v) for v in x)
-            if isinstance(x, dict):
-                return {k: fill(v) for k, v in x.items()}
-            return x.to(device) if isinstance(x, torch.Tensor) else x
-
         args, kwargs = g.layout
-        return fill(args), fill(kwargs)
+        return fill(args, tensors, device), fill(kwargs, tensors, device)
+
+
+def fill(layout: Any, tensors: list[torch.Tensor], device: torch.device | None = None) -> Any:
+    """A recorded call's arguments: its layout with each `Slot` replaced by its tensor (the layout's own
+    tensors moved to `device` where one is given)."""
+    if isinstance(layout, Slot):
+        return tensors[layout.i]
+    if isinstance(layout, (list, tuple)):
+        return type(layout)(fill(v, tensors, device) for v in layout)
+    if isinstance(layout, dict):
+        return {k: fill(v, tensors, device) for k, v in layout.items()}
+    return layout.to(device) if isinstance(layout, torch.Tensor) and device is not None else layout
 
 
 @dataclass(frozen=True)
@@ -182,13 +194,13 @@ class Slot:
     i: int
 
 
-def _batch_size(args: tuple, kwargs: dict) -> int:
+def batch_size(args: tuple, kwargs: dict) -> int:
     for x in [*args, *kwargs.values()]:
         if isinstance(x, torch.Tensor) and x.dim() > 0:
             return int(x.shape[0])
         if isinstance(x, (list, tuple)) and x and isinstance(x[0], torch.Tensor):
             return int(x[0].shape[0])
-    raise RuntimeError("a reconstruction unit was called without a tensor argument; cannot cache its inputs")
+    raise RuntimeError("a recorded module was called without a tensor argument; cannot cache its inputs")
 
 
 @dataclass
@@ -224,14 +236,14 @@ def record_unit(fp_model: nn.Module, fp_unit: nn.Module, qmodel: nn.Module | Non
 
     def fp_pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
         if data.fp_in is not None:
-            data.fp_in.add(args, kwargs, _batch_size(args, kwargs))
+            data.fp_in.add(args, kwargs, batch_size(args, kwargs))
 
     def fp_post(_m: nn.Module, _args: tuple, _kwargs: dict, out: Any) -> None:
         outs.append([t.detach().to("cpu", copy=True) for t in flat_tensors(out)])
         raise _Stop
 
     def q_pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        data.q_in.add(args, kwargs, _batch_size(args, kwargs))
+        data.q_in.add(args, kwargs, batch_size(args, kwargs))
         raise _Stop
 
     hooks = [fp_unit.register_forward_pre_hook(fp_pre, with_kwargs=True),

@@ -59,7 +59,7 @@ def _adapter_setting(recipe: Recipe, model: nn.Module) -> tuple[str, dict]:
     return "".join(f" {w}" for w in words if w), cols
 
 
-def results_row(cfg: Any, recipe: Recipe, metrics: tuple[str, ...], fp: dict[str, Any],
+def results_row(model_name: str, task_name: str, recipe: Recipe, metrics: tuple[str, ...], fp: dict[str, Any],
                 quant: dict[str, Any], model: nn.Module, compare: Any = None, **info: Any) -> dict:
     """One comparable row: scope, bits and protocol details travel with every number, and each delta
     carries its paired 95% bootstrap interval over the evaluation samples. `compare(fp, quant, metrics)`
@@ -69,7 +69,7 @@ def results_row(cfg: Any, recipe: Recipe, metrics: tuple[str, ...], fp: dict[str
     names = [n for n, _ in units(model)]
     extra_setting, adapter_cols = _adapter_setting(recipe, model)
     row: dict[str, Any] = {
-        "model": cfg.model.name, "task": cfg.task.name, "recipe": recipe.name, "method": recipe.method,
+        "model": model_name, "task": task_name, "recipe": recipe.name, "method": recipe.method,
         "scope": recipe.scope, "setting": recipe.describe() + extra_setting, **adapter_cols,
         "w_bits": _bits(recipe, Kind.WEIGHT), "a_bits": _bits(recipe, Kind.LINEAR_INPUT),
         "attn_bits": _bits(recipe, Kind.SOFTMAX_OUTPUT),
