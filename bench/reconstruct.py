@@ -63,8 +63,9 @@ def report(data: dict) -> list[str]:
              "row measured in one invocation (`python -m bench.run --only reconstruct`), one intra-op thread. "
              "Quantized top-1 % (delta [95% CI]). CPU scale: QDrop and I&S-ViT calibrate and reconstruct on 256 "
              "images of cifar10-small/train (the paper: 1024), mini-batches of 32 (the paper: 64; QDrop 32), 100 "
-             "iterations per unit and pass at W3A3/W4A4 and 20 at W6A6 (the paper: 1000/200; QDrop 20000), all "
-             "other hyper-parameters as published. Ablation rows are I&S-ViT with `quant.sulq=false` (uniform "
+             "iterations per unit and pass at W3A3/W4A4 and 20 at W6A6 (the paper: 1000/200; QDrop 20000); every "
+             "other setting as the method's protocol card in docs/methods.md, which names where it departs from "
+             "the published code. Ablation rows are I&S-ViT with `quant.sulq=false` (uniform "
              "attention probabilities) and/or `quant.sos=false` (post-LayerNorm inputs per tensor, stage 3 alone).",
              "", *bits_header(RECON_BITS, "method")]
     for m, (_, text) in RECON_METHODS.items():

@@ -195,9 +195,37 @@ def test_before_stage_three_weights_are_quantized_on_refitted_grids():
 def test_qdrop_recipe_and_pass():
     r = vitq.recipe("qdrop", w_bits=4, a_bits=4)
     assert r.describe() == "W4/A4 matmul"
+    weight = r.specs[vitq.Kind.WEIGHT]  # every published QDrop config: asymmetric per-channel weights
+    assert (weight.symmetric, weight.per_channel, weight.observer) == (False, True, "omse")
     (p,) = r.method_impl().reconstruct_passes(None)
     assert p.adaround and p.lsq and p.drop_prob == 0.5 and p.input_source == "mix" and p.mix_prob == 0.5
     assert (p.iters, p.batch_size, p.adaround_lr, p.lsq_lr, p.reg_weight, p.beta, p.warmup) == \
         (20000, 32, 1e-3, 4e-5, 0.01, (20.0, 2.0), 0.2)
     with pytest.raises(ValueError, match="keep_prob"):
         vitq.recipe("qdrop", keep_prob=0.0).method_impl().reconstruct_passes(None)
+
+
+def test_weight_clips_come_from_the_codes_nine_candidates():
+    """IaS-ViT's `quantizer.py` searches nine quantile clips for weights (0.97 ... 0.99999) and three for
+    activations (0.999, 0.9999, 0.99999). For Laplace-distributed weights at 3 bits the L2-best clip lies
+    near the 0.97 quantile (about 2.8 scale units), far inside the 0.999 quantile (about 6.2), so the nine
+    candidates reach a clip that the three cannot."""
+    from vitq.quant import Kind
+    from vitq.quant.observers import make_observer
+
+    specs = vitq.recipe("isvit").specs
+    nine = [0.97, 0.98, 0.99, 0.995, 0.9995, 0.9997, 0.9999, 0.99995, 0.99999]
+    assert specs[Kind.WEIGHT].observer_args["quantiles"] == nine
+    assert specs[Kind.LINEAR_INPUT].observer == "quantile" and not specs[Kind.LINEAR_INPUT].observer_args
+    torch.manual_seed(0)
+    w = torch.distributions.Laplace(0.0, 1.0).sample((2, 4000))
+    his = {}
+    for name, args in (("nine", specs[Kind.WEIGHT].observer_args), ("three", {})):
+        obs = make_observer("quantile", axis=0, channel_axis=0, **args)
+        obs.observe(w)
+        his[name] = obs.range(UniformQuantizer(bits=3, symmetric=False, axis=0))[1]
+    for c in range(2):  # each channel's clip is one of the nine quantiles, a low one
+        candidates = torch.quantile(w[c], torch.tensor(nine))
+        k = int((candidates - his["nine"][c]).abs().argmin())
+        assert abs(float(candidates[k] - his["nine"][c])) < 1e-4 and nine[k] <= 0.99, (k, his)
+        assert float(his["three"][c]) >= float(torch.quantile(w[c], 0.999)) - 1e-4

@@ -1,6 +1,6 @@
 """The `reconstruct` stage: the method's reconstruction passes, each unit optimized through `trainer.fit`.
 
-Each unit becomes a `UnitFit` (manual optimization: Adam and a cosine schedule over `iters` steps) fitted
+Each unit becomes a `UnitFit` (manual optimization: Adam and the objective's schedule over `iters` steps) fitted
 over an index dataset of `iters` step numbers; a step draws its mini-batch from the unit's cached records
 (one group of one input size) by (seed, step, rank). Under DDP every rank captures the same calibration
 records, draws a different mini-batch (possibly from another size group), and Lightning's DDP wrapper

@@ -138,6 +138,9 @@ class ISViTOptions:
     iters: Optional[int] = None  # per unit and pass; null: the paper's 1000 for W3/W4, 200 for W6 and above
     recon_batch_size: int = 64
     lr: float = 4e-5  # Adam, cosine decay to 0, no weight decay
+    # the reconstruction error summed over the tokens (the code's `lp_loss`, `.sum(1).mean()` on [B, N, C]),
+    # or over the channels (BRECQ's convention for feature maps)
+    loss_sum: str = "tokens"
 
 
 @register_method
@@ -162,7 +165,7 @@ class ISViT(Method):
         w = model.vitq.recipe.specs.get(Kind.WEIGHT)
         iters = o.iters if o.iters is not None else (200 if w is not None and w.bits >= 6 else 1000)
         stage3 = ReconstructOptions(iters=iters, batch_size=o.recon_batch_size, input_source="quant",
-                                    tune_weights=True, lr=o.lr)
+                                    tune_weights=True, lr=o.lr, loss_sum=o.loss_sum)
         if not o.sos:
             return [stage3]
         return [dataclasses.replace(stage3, input_source="float"), stage3]

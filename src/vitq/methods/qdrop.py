@@ -20,6 +20,7 @@ class QDropOptions:
     iters: int = 20000  # per unit
     recon_batch_size: int = 32
     adaround_lr: float = 1e-3  # rounding gates
+    adaround_schedule: str = "constant"  # the gates' lr: constant (QDrop's code) or cosine (decayed with LSQ)
     lsq_lr: float = 4e-5  # activation steps
     reg_weight: float = 0.01  # lambda of the rounding regularizer (beta 20 -> 2 after the warm-up)
     warmup: float = 0.2
@@ -37,5 +38,6 @@ class QDrop(Method):
             raise ValueError(f"quant.keep_prob={o.keep_prob} must be in (0, 1] (QDrop uses 0.5)")
         return [ReconstructOptions(iters=o.iters, batch_size=o.recon_batch_size, input_source="mix",
                                    mix_prob=o.keep_prob, adaround=True, adaround_lr=o.adaround_lr,
+                                   adaround_schedule=o.adaround_schedule,
                                    reg_weight=o.reg_weight, warmup=o.warmup, lsq=True, lsq_lr=o.lsq_lr,
                                    drop_prob=1.0 - o.keep_prob)]

@@ -18,6 +18,7 @@ it through Lightning (`vitq.engine.reconstruct`), which also averages gradients 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -35,7 +36,8 @@ INPUT_SOURCES = ("float", "quant", "mix")
 
 @dataclass
 class ReconstructOptions:
-    """One reconstruction pass. Learning rates are Adam's, each decayed to 0 by a cosine over `iters`."""
+    """One reconstruction pass. Learning rates are Adam's, decayed to 0 by a cosine over `iters`, except
+    the rounding gates', which stay constant (`adaround_schedule`)."""
 
     iters: int = 1000
     batch_size: int = 64  # samples per optimization step (per rank under DDP)
@@ -43,6 +45,9 @@ class ReconstructOptions:
     mix_prob: float = 0.5  # mix: probability of taking the quantized model's input element
     adaround: bool = False  # learn each weight's rounding (up or down) on its calibrated grid
     adaround_lr: float = 1e-3
+    # constant: Adam at adaround_lr throughout, as QDrop's and BRECQ's code (their rounding optimizer has
+    # no scheduler); cosine: decayed with the other groups
+    adaround_schedule: str = "constant"
     reg_weight: float = 0.01  # lambda of the rounding regularizer
     beta: tuple[float, float] = (20.0, 2.0)  # regularizer exponent, annealed from first to second
     warmup: float = 0.2  # fraction of iterations without the regularizer
@@ -52,6 +57,10 @@ class ReconstructOptions:
     tune_weights: bool = False  # train the float weights and biases of the unit's layers directly
     lr: float = 4e-5  # for tune_weights
     weight_decay: float = 0.0
+    # the squared error is summed over the channels (last axis; BRECQ's and QDrop's `lp_loss` on NCHW
+    # feature maps) or over the tokens (the axes between batch and channels: their `lp_loss`, `.sum(1)`,
+    # applied to [B, N, C] tokens, as I&S-ViT's code does), and averaged over the rest
+    loss_sum: str = "channels"
     seed: int = 0
     progress: bool = True  # a progress bar per unit (the plain loop; Lightning draws its own)
 
@@ -63,6 +72,10 @@ class ReconstructOptions:
         for name in ("mix_prob", "drop_prob", "warmup"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"reconstruction {name}={getattr(self, name)} must be in [0, 1]")
+        if self.loss_sum not in ("channels", "tokens"):
+            raise ValueError(f"reconstruction loss_sum={self.loss_sum!r}: choose channels or tokens")
+        if self.adaround_schedule not in ("constant", "cosine"):
+            raise ValueError(f"reconstruction adaround_schedule={self.adaround_schedule!r}: choose constant or cosine")
         if not (self.adaround or self.lsq or self.tune_weights):
             raise ValueError("reconstruction trains nothing: enable adaround, lsq or tune_weights")
         self.beta = tuple(float(b) for b in self.beta)
@@ -94,6 +107,15 @@ def _activation_points(unit: nn.Module) -> list[QuantPoint]:
             and p.configured and p.mode == "quant"]
 
 
+def squared_error(out: torch.Tensor, target: torch.Tensor, summed: str) -> torch.Tensor:
+    """`channels`: summed over the last axis; `tokens`: over the axes between the batch and the last (the
+    last itself for a [B, C] tensor); then averaged over the remaining axes."""
+    e = (out.float() - target.float()).pow(2)
+    if summed == "channels" or e.dim() <= 2:
+        return e.sum(-1).mean()
+    return e.sum(dim=tuple(range(1, e.dim() - 1))).mean()
+
+
 class UnitObjective(nn.Module):
     """The unit, the things trained in it, and the loss of one optimization step.
 
@@ -122,19 +144,21 @@ class UnitObjective(nn.Module):
                     point.quantizer = rounding
                     self.roundings.append((layer, rounding))
             if self.roundings:
-                self.groups.append({"params": [r.alpha for _, r in self.roundings], "lr": o.adaround_lr})
+                self.groups.append({"params": [r.alpha for _, r in self.roundings], "lr": o.adaround_lr,
+                                    "cosine": o.adaround_schedule == "cosine"})
         if o.tune_weights:
             params = [p for layer in _weight_layers(unit) for p in (layer.weight, layer.bias) if p is not None]
             for p in params:
                 p.requires_grad_(True)
             if params:
-                self.groups.append({"params": params, "lr": o.lr})
+                self.groups.append({"params": params, "lr": o.lr, "cosine": True})
         if o.lsq:
             for point in _activation_points(unit):
                 if type(point.quantizer) is UniformQuantizer and not point.quantizer.learnable:
                     self.lsq_grids.append(point.quantizer)
             if self.lsq_grids:
-                self.groups.append({"params": [make_learnable(g) for g in self.lsq_grids], "lr": o.lsq_lr})
+                self.groups.append({"params": [make_learnable(g) for g in self.lsq_grids], "lr": o.lsq_lr,
+                                    "cosine": True})
         if o.drop_prob > 0:
             for point in _activation_points(unit):
                 drop = DropQuantizer(point.quantizer, 1.0 - o.drop_prob)
@@ -147,8 +171,16 @@ class UnitObjective(nn.Module):
         return bool(self.groups)
 
     def optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-        opt = torch.optim.Adam(self.groups, weight_decay=self.options.weight_decay)
-        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.options.iters, eta_min=0.0)
+        """Adam over the groups; a cosine to 0 over `iters` on the groups marked `cosine`, the others constant."""
+        groups = [{k: v for k, v in g.items() if k != "cosine"} for g in self.groups]
+        opt = torch.optim.Adam(groups, weight_decay=self.options.weight_decay)
+        iters = self.options.iters
+
+        def cosine(step: int) -> float:
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, iters) / iters))
+
+        factors = [cosine if g["cosine"] else (lambda step: 1.0) for g in self.groups]
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factors)
 
     def sample(self, step: int, rank: int = 0) -> tuple[int, torch.Tensor]:
         """The group and the sample indices (within it) of one step: fixed by (seed, step, rank), so a
@@ -174,12 +206,12 @@ class UnitObjective(nn.Module):
 
     def error(self, index: torch.Tensor, device: torch.device, train: bool = True, group: int = 0) -> torch.Tensor:
         """Squared error of the unit's outputs against the float outputs on samples `index` of `group`,
-        summed over the channel (last) axis and averaged over everything else, summed over the unit's
-        output tensors."""
+        summed over the channels or the tokens (`loss_sum`) and averaged over everything else, summed over
+        the unit's output tensors."""
         args, kwargs = self.inputs(index, device, train, group)
         outs = flat_tensors(self.unit(*args, **kwargs))
         targets = [t.index_select(index).to(device, non_blocking=True) for t in self.data.fp_out[group]]
-        return sum((o.float() - t.float()).pow(2).sum(-1).mean() for o, t in zip(outs, targets))
+        return sum(squared_error(o, t, self.options.loss_sum) for o, t in zip(outs, targets))
 
     def regularizer(self, step: int) -> torch.Tensor | None:
         """The rounding regularizer with beta annealed after the warm-up (None during the warm-up)."""
