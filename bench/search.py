@@ -12,21 +12,28 @@ from bench.common import BITS, MODELS, OUT, accuracy_rows, bits_header, cell, lo
 ONLY = ("search",)
 # label -> overrides. RepQ-ViT stands for "the best uniform recipe": the strongest of vitq's uniform-input
 # recipes in the published ImageNet tables (docs/methods.md), not a choice made on these evaluation images.
-SEARCH_BASES = {"minmax": ["quant=minmax"], "omse": ["quant=omse"], "repq": ["quant=repq"]}
+# NoisyQuant's searches at CPU scale (docs/methods.md: its defaults score every token on 2000 amplitudes)
+NOISY_CPU = ["quant.noisy_samples=4096", "quant.noisy_candidates=200", "quant.noisy_clip_candidates=100"]
+SEARCH_BASES = {"minmax": ["quant=minmax"], "omse": ["quant=omse"], "repq": ["quant=repq"],
+                # NoisyQuant's own points and grids (Linear layers but the head) without its searches
+                "linear-sym": ["quant=noisyquant", "quant.noisy=false", "quant.noisy_clip=false"]}
 SEARCH = {  # label -> (overrides, the row it is compared with, text)
     "liu21": (["quant=liu21"], "minmax", "Liu et al., fixed width"),
     "liu21-mp": (["quant=liu21", "quant.mixed_precision=true"], "liu21", "Liu et al., mixed precision (same average)"),
-    "minmax+noisy": (["quant=minmax", "quant.noisy=true"], "minmax", "MinMax + NoisyQuant noise"),
-    "omse+noisy": (["quant=omse", "quant.noisy=true"], "omse", "OMSE + NoisyQuant noise"),
-    "repq+noisy": (["quant=repq", "quant.noisy=true"], "repq", "RepQ-ViT + NoisyQuant noise"),
-    "noisyquant": (["quant=noisyquant"], "minmax", "NoisyQuant (paper setting: symmetric, clip search + noise)"),
+    "minmax+noisy": (["quant=minmax", "quant.noisy=true", *NOISY_CPU], "minmax", "MinMax + NoisyQuant noise"),
+    "omse+noisy": (["quant=omse", "quant.noisy=true", *NOISY_CPU], "omse", "OMSE + NoisyQuant noise"),
+    "repq+noisy": (["quant=repq", "quant.noisy=true", *NOISY_CPU], "repq", "RepQ-ViT + NoisyQuant noise"),
+    "noisyquant": (["quant=noisyquant", *NOISY_CPU], "linear-sym",
+                   "NoisyQuant (the code's setting: Linear layers but the head, clip search + noise)"),
 }
 
 
 def search_recipes() -> dict[str, list[str]]:
-    """The Liu et al. / NoisyQuant rows and the rows they are compared with, at every bit width."""
+    """The Liu et al. / NoisyQuant rows and the rows they are compared with, at every bit width (scope
+    `matmul`, except the rows on NoisyQuant's own recipe, which keep its scope)."""
     rows = {**SEARCH_BASES, **{k: v[0] for k, v in SEARCH.items()}}
-    return {f"{k}-w{w}a{a}": [*o, f"quant.w_bits={w}", f"quant.a_bits={a}", "quant.scope=matmul"]
+    return {f"{k}-w{w}a{a}": [*o, f"quant.w_bits={w}", f"quant.a_bits={a}",
+                              *([] if "quant=noisyquant" in o else ["quant.scope=matmul"])]
             for k, o in rows.items() for w, a in BITS}
 
 

@@ -90,7 +90,7 @@ def test_methods_end_to_end_on_coco_mini(recipe, coco_mini_root, random_checkpoi
 METHODS = {
     "liu21": ["quant.mixed_precision=true", "quant.candidates=5", "quant.rounds=2", "quant.rank_pairs=16",
               "quant.search_samples=2"],
-    "noisyquant": [],
+    "noisyquant": ["quant.noisy_samples=1024", "quant.noisy_candidates=41", "quant.noisy_clip_candidates=50"],
 }
 
 

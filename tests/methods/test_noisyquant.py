@@ -11,7 +11,8 @@ import vitq
 from vitq.engine.config import quant_schema
 from vitq.methods import ADDONS, METHODS, build_method
 from vitq.methods.base import WithAddons
-from vitq.methods.noisyquant import NoisyGrid, add_noise, layer_output, noisy_layers, refold, search_amplitude
+from vitq.methods.noisyquant import (NoisyGrid, add_noise, base_noise, layer_output, noisy_layers,
+                                    quantized_weight_output, refold, search_amplitude, search_clip)
 from vitq.quant.modules import QuantLinear
 from vitq.quant.quantizers import UniformQuantizer
 
@@ -211,7 +212,7 @@ def test_noise_is_stored_and_reloaded_exactly(data, tmp_path, name, kw):
         assert torch.equal(back(x), q(x))
 
 
-def test_noise_is_seeded_and_uniform(data):
+def test_noise_is_seeded_and_follows_the_chosen_distribution(data):
     model, x = data
     a = calibrated(model, vitq.recipe("minmax", noisy=True, noisy_seed=3, **FAST), x)
     b = calibrated(model, vitq.recipe("minmax", noisy=True, noisy_seed=3, **FAST), x)
@@ -221,10 +222,84 @@ def test_noise_is_seeded_and_uniform(data):
     nc = [layer.input_quantizer.quantizer.noise for _, layer in noisy_layers(c)]
     assert all(torch.equal(p, r) for p, r in zip(na, nb))
     assert any(not torch.equal(p, r) for p, r in zip(na, nc))
-    # U(-n, n) per channel: bounded by its amplitude, and spread (a Gaussian would exceed a fixed bound)
-    big = max(na, key=lambda t: t.abs().max())
-    amp = big.abs().max()
-    assert amp > 0 and (big.abs() <= amp).all() and (big.abs() > 0.5 * amp).float().mean() > 0.3
+    # the code's base noise, randn * 2 - 1: mean -1, standard deviation 2 (20,000 draws: the sample mean's
+    # standard error is 0.014); the paper's U(-1, 1): within [-1, 1], mean 0, standard deviation 1/sqrt(3)
+    g = base_noise(20_000, 0, 0, "gaussian")
+    assert abs(float(g.mean()) + 1) < 0.05 and abs(float(g.std()) - 2) < 0.05 and float(g.min()) < -5
+    u = base_noise(20_000, 0, 0, "uniform")
+    assert float(u.min()) >= -1 and float(u.max()) <= 1
+    assert abs(float(u.mean())) < 0.02 and abs(float(u.std()) - 3 ** -0.5) < 0.01
+
+
+def _by_hand(layer, x, noise=None):
+    """q(W) q(x + n) + B - q(W) n from the definitions: 4-bit symmetric per-channel weights (amax / 7),
+    the input's symmetric signed grid at its scale s (codes -2^(b-1) .. 2^(b-1) - 1)."""
+    w = layer.weight.detach()
+    sw = w.abs().amax(1, keepdim=True) / 7
+    qw = (w / sw).round().clamp(-8, 7) * sw
+    grid = layer.input_quantizer.quantizer
+    s, half = float(grid.scale), 2 ** (grid.bits - 1)
+    n = torch.zeros(x.shape[-1]) if noise is None else noise
+    xq = ((x + n) / s).round().clamp(-half, half - 1) * s
+    return xq @ qw.t() + layer.bias.detach() - n @ qw.t()
+
+
+@pytest.mark.parametrize("outliers", [False, True])
+def test_clip_search_scales_the_step_by_each_factor_and_keeps_the_lowest_error(outliers):
+    """Candidate f sets the step to f * s exactly (f = 1 is the calibrated grid itself); the search keeps the
+    factor whose output MSE, computed here from the definitions, is lowest."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(1024, 64, generator=g) * 2 - 1
+    if outliers:
+        x[0, 0] = 40.0  # one huge value stretches the MinMax step: clipping it costs less than the coarse step
+    layer, _, _ = _layer(x, 4)
+    y = quantized_weight_output(layer, x)
+    s = layer.input_quantizer.quantizer.scale.clone()
+    factors = torch.linspace(0.2, 1.0, 5)
+    errors = []
+    for f in factors:
+        layer.input_quantizer.quantizer.set_params(s * f, torch.zeros(1))
+        errors.append(float((_by_hand(layer, x) - y).pow(2).mean()))
+    layer.input_quantizer.quantizer.set_params(s, torch.zeros(1))
+    search_clip(layer, x, y, count=5, floor=0.2)
+    best = factors[int(torch.tensor(errors).argmin())]
+    assert torch.equal(layer.input_quantizer.quantizer.scale, s * best)
+    assert (float(best) < 1.0) == outliers  # uniform data: the calibrated step itself, unchanged
+
+
+def test_searches_score_against_the_layer_with_quantized_weights_or_the_float_layer(data, monkeypatch):
+    from vitq.methods import noisyquant
+
+    model, x = data
+    seen = []
+
+    def spy(layer, xs, ys, *args):
+        seen.append((layer, xs, ys))
+        return 0.0
+
+    monkeypatch.setattr(noisyquant, "search_amplitude", spy)
+    for target in ("quantized_weights", "float"):
+        seen.clear()
+        calibrated(model, vitq.recipe("minmax", noisy=True, noisy_target=target, **FAST), x)
+        layer, xs, ys = seen[0]
+        w = layer.weight.detach() if target == "float" else layer.weight_quantizer(layer.weight).detach()
+        torch.testing.assert_close(ys, xs @ w.t() + layer.bias.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_noisyquant_recipe_quantizes_the_linear_layers_but_the_head():
+    """The code wraps every nn.Linear except `head` (fast_quant.py): no patch embedding, head or attention
+    matmul point, symmetric per-tensor inputs, symmetric per-channel weights."""
+    import timm
+
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1)
+    q = vitq.quantize(m, vitq.recipe("noisyquant"))
+    on = sorted(n for n, p in vitq.iter_points(q) if p.configured)
+    assert on == sorted(f"blocks.0.{layer}.{what}" for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+                        for what in ("input", "weight"))
+    o = vitq.recipe("noisyquant").method_impl().addons[0].options
+    assert (o.noisy_noise, o.noisy_target, o.noisy_candidates, o.noisy_range, o.noisy_clip_candidates,
+            o.noisy_clip_floor, o.noisy_samples) == ("gaussian", "quantized_weights", 2000, 1.999, 1000, 0.001, None)
 
 
 def test_repq_fold_maps_the_cached_inputs_to_the_new_layer_inputs(data):

@@ -85,7 +85,7 @@ def test_scope_full_quantizes_norm_inputs():
 
 
 def test_unknown_scope_lists_valid_scopes():
-    with pytest.raises(ValueError, match=r"unknown scope 'fulll'.*\['full', 'matmul'\]"):
+    with pytest.raises(ValueError, match=r"unknown scope 'fulll'.*\['full', 'linear', 'matmul'\]"):
         Recipe.from_config({**W4A8, "scope": "fulll"})
 
 
@@ -228,6 +228,14 @@ def test_check_patterns():
     r = Recipe.from_config({**W4A8, "overrides": [{"pattern": "head.*", "kind": "softmax_output", "bits": 8}]})
     with pytest.raises(ValueError, match=r"'head\.\*' \(kind softmax_output\) matches no quant point"):
         r.check_patterns(names, kinds)
+    # `optional: true` marks a pattern meant for some model families only (a classifier head): matching
+    # nothing is then fine, and it survives the round trip through the checkpoint's config
+    r = Recipe.from_config({**W4A8, "overrides": [{"pattern": "blocks.*.mlp.fc1.*", "enable": False,
+                                                   "optional": True}]})
+    r.check_patterns(names, kinds)
+    assert r.assign(names, kinds) and Recipe.from_config(r.to_config()).overrides == r.overrides
+    with pytest.raises(ValueError, match="optional must be true or false"):
+        Recipe.from_config({**W4A8, "overrides": [{"pattern": "head.*", "optional": "yes"}]})
 
 
 def test_describe():

@@ -4,24 +4,27 @@ An add-on: `quant.noisy=true` stacks it on any recipe whose linear inputs use a 
 omse, repq, liu21, ...); `quant=noisyquant` is the paper's setting (symmetric per-tensor activations,
 output-MSE clip search, then the noise). For each Linear whose input is quantized:
 
-- a noise vector N ~ U(-n, n), one value per input channel, is drawn once (seeded by `noisy_seed` and
-  the layer's position) as n * u with u ~ U(-1, 1), and kept in the checkpoint;
+- a noise vector N = k * u * step, one value per input channel, is drawn once (seeded by `noisy_seed` and
+  the layer's position) and kept in the checkpoint; u is the code's base noise `randn * 2 - 1` (Gaussian,
+  mean -1, standard deviation 2) or, with `noisy_noise=uniform`, the paper's U(-1, 1);
 - the input quantizer, whatever its grid, sees X + N (`NoisyGrid` wraps it);
 - the denoising bias is folded offline, B' = B - q(W) N, so the layer computes
   q(W) q(X + N) + B - q(W) N and inference costs one addition;
-- the amplitude n is searched per layer among `noisy_candidates` values in [0, noisy_range] x the input
-  step (n = 0, the plain quantizer, is a candidate, and wins ties), minimizing the output MSE against the
-  float layer on cached calibration tokens; with `noisy_clip` the input clip is searched first the same
-  way (without noise).
+- the amplitude k is searched per layer among `noisy_candidates` values in [0, noisy_range] (the code's
+  ii / 1000, ii < 2000; k = 0, the plain quantizer, is a candidate and wins ties), minimizing the output
+  MSE on the calibration tokens against q(W) x + B, the layer with quantized weights and float input (the
+  code's target; `noisy_target=float`: the float layer's W x + B); with `noisy_clip` the input clip is
+  searched first the same way, without noise: the step s * f for f in [noisy_clip_floor, 1]
+  (`noisy_clip_candidates` values; the code's absmax * ii / 1000, ii = 1000 .. 1), ties keeping the wider.
 
-The paper's noise is uniform. The authors' released code draws its base noise with `torch.randn`
-(Gaussian) where uniform was evidently intended; vitq draws uniform noise, as the paper states.
+The paper's noise is uniform; the authors' released code, whose published numbers these are, draws
+`randn * 2 - 1`. vitq follows the code by default (docs/methods.md, protocol card).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -37,13 +40,16 @@ _CHUNK_ELEMENTS = 2**24
 
 @dataclass
 class NoisyOptions:
-    noisy: bool = False  # NoisyQuant: fixed uniform noise before each linear input quantizer, bias folded
+    noisy: bool = False  # NoisyQuant: fixed noise before each linear input quantizer, bias folded
     noisy_seed: int = 0  # seed of the noise vectors (one per layer, drawn once)
-    noisy_candidates: int = 41  # amplitudes tried per layer, linear in [0, noisy_range] x the input step
-    noisy_range: float = 1.0  # largest amplitude tried, in input quantization steps
+    noisy_noise: str = "gaussian"  # base noise per channel: the code's randn * 2 - 1, or uniform U(-1, 1) (paper)
+    noisy_candidates: int = 2000  # amplitudes tried per layer, linear in [0, noisy_range] (the code: ii / 1000)
+    noisy_range: float = 1.999  # largest amplitude tried, a multiple of the base noise in input steps
+    noisy_target: str = "quantized_weights"  # the searches' target: q(W) x + B (the code) or float (W x + B)
     noisy_clip: bool = False  # also search the input clip (output MSE, before the noise)
-    noisy_clip_candidates: int = 50  # clip factors tried, linear in [0.3, 1] x the calibrated range
-    noisy_samples: int = 4096  # calibration tokens per layer scored by the searches
+    noisy_clip_candidates: int = 1000  # clip factors tried, linear in [noisy_clip_floor, 1] x the calibrated step
+    noisy_clip_floor: float = 0.001  # the smallest factor (the code: absmax / 1000)
+    noisy_samples: Optional[int] = None  # tokens per layer the searches score; null: every calibration token
 
 
 class NoisyGrid(nn.Module):
@@ -96,8 +102,14 @@ class NoisyQuant(Addon):
             raise ValueError("quant.noisy_candidates and quant.noisy_clip_candidates must be at least 2")
         if not o.noisy_range > 0:
             raise ValueError(f"quant.noisy_range={o.noisy_range} must be positive (amplitude in input steps)")
-        if o.noisy_samples < 1:
-            raise ValueError(f"quant.noisy_samples={o.noisy_samples} must be at least 1")
+        if not 0 < o.noisy_clip_floor <= 1:
+            raise ValueError(f"quant.noisy_clip_floor={o.noisy_clip_floor} must be in (0, 1] (a fraction of the range)")
+        if o.noisy_samples is not None and o.noisy_samples < 1:
+            raise ValueError(f"quant.noisy_samples={o.noisy_samples} must be at least 1 (or null: every token)")
+        if o.noisy_noise not in ("gaussian", "uniform"):
+            raise ValueError(f"quant.noisy_noise={o.noisy_noise!r}: choose gaussian (the code) or uniform (the paper)")
+        if o.noisy_target not in ("quantized_weights", "float"):
+            raise ValueError(f"quant.noisy_target={o.noisy_target!r}: choose quantized_weights (the code) or float")
 
     def specs(self, specs: dict[str, PointSpec], scope: str) -> dict[str, PointSpec]:
         spec = specs.get(Kind.LINEAR_INPUT)
@@ -111,19 +123,22 @@ class NoisyQuant(Addon):
         return specs
 
     def prepare(self, model: nn.Module) -> None:
-        capture.attach([m for _, m in noisy_layers(model)], 1 << 30, self.name, keep_output=True,
-                       max_tokens=self.options.noisy_samples)
+        capture.attach([m for _, m in noisy_layers(model)], 1 << 30, self.name,
+                       keep_output=self.options.noisy_target == "float", max_tokens=self.options.noisy_samples)
 
     def after_freeze(self, model: nn.Module) -> None:
         try:
             for index, (name, layer) in enumerate(noisy_layers(model)):
+                o = self.options
                 cap = capture.captured(layer, self.name, name)
-                x, y = tokens(cap.args[0], cap.output, self.options.noisy_samples, self.options.noisy_seed)
-                if self.options.noisy_clip:
-                    search_clip(layer, x, y, self.options.noisy_clip_candidates)
+                x = tokens(cap.args[0], o.noisy_samples, o.noisy_seed)
+                y = tokens(cap.output, o.noisy_samples, o.noisy_seed) if o.noisy_target == "float" \
+                    else quantized_weight_output(layer, x)
+                if o.noisy_clip:
+                    search_clip(layer, x, y, o.noisy_clip_candidates, o.noisy_clip_floor)
                 step = input_step(layer)
-                u = base_noise(layer.in_features, self.options.noisy_seed, index).to(step.device) * step
-                k = search_amplitude(layer, x, y, u, self.options.noisy_candidates, self.options.noisy_range)
+                u = base_noise(layer.in_features, o.noisy_seed, index, o.noisy_noise).to(step.device) * step
+                k = search_amplitude(layer, x, y, u, o.noisy_candidates, o.noisy_range)
                 add_noise(layer, k * u)
                 log.info("noisyquant %s: amplitude %.3g input steps", name, k)
         finally:
@@ -156,19 +171,30 @@ def noisy_layers(model: nn.Module) -> list[tuple[str, QuantLinear]]:
             if isinstance(m, QuantLinear) and m.input_quantizer.configured]
 
 
-def base_noise(channels: int, seed: int, index: int) -> torch.Tensor:
-    """u ~ U(-1, 1) per input channel, the same for the same seed and layer position."""
+def base_noise(channels: int, seed: int, index: int, kind: str = "gaussian") -> torch.Tensor:
+    """One value per input channel, the same for the same seed and layer position: the code's
+    `randn * 2 - 1` (gaussian) or U(-1, 1) (uniform, the paper's)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    if kind == "gaussian":
+        return torch.randn(channels, generator=g) * 2 - 1
     return torch.rand(channels, generator=g) * 2 - 1
 
 
-def tokens(x: torch.Tensor, y: torch.Tensor, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded sample of `count` (input, float output) token pairs of a linear layer."""
-    x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-    if x.shape[0] > count:
-        keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:count].to(x.device)
-        x, y = x[keep], y[keep]
-    return x, y
+def tokens(t: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
+    """A layer's recorded tokens as rows [T, C]: all of them, or a seeded sample of `count` (the same rows
+    for the same count and seed, so inputs and outputs sampled apart stay paired)."""
+    t = t.reshape(-1, t.shape[-1])
+    if count is not None and t.shape[0] > count:
+        keep = torch.randperm(t.shape[0], generator=torch.Generator().manual_seed(seed))[:count].to(t.device)
+        t = t[keep]
+    return t
+
+
+@torch.no_grad()
+def quantized_weight_output(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """q(W) x + B on float tokens: the code's search target (its weights are quantized before the search)."""
+    bias = 0.0 if layer.bias is None else layer.bias.detach()
+    return x @ _qweight(layer).t() + bias
 
 
 def _qweight(layer: QuantLinear) -> torch.Tensor:
@@ -208,14 +234,14 @@ def search_amplitude(layer: QuantLinear, x: torch.Tensor, y: torch.Tensor, u: to
 
 
 @torch.no_grad()
-def search_clip(layer: QuantLinear, x: torch.Tensor, y: torch.Tensor, count: int) -> None:
-    """Shrink the calibrated input range by the factor in [0.3, 1] with the lowest output MSE (no noise)."""
+def search_clip(layer: QuantLinear, x: torch.Tensor, y: torch.Tensor, count: int, floor: float = 0.001) -> None:
+    """Shrink the calibrated input step by the factor f in [floor, 1] (`count` values) with the lowest output
+    MSE (no noise): the grid's range scales by f about its zero point, whatever its signedness."""
     q = layer.input_quantizer.quantizer
     scale, zp = q.scale.detach().clone(), q.zero_point.detach().clone()
-    lo, hi = (q.qmin - zp) * scale, (q.qmax - zp) * scale
     best = (float("inf"), scale, zp)
-    for f in torch.linspace(0.3, 1.0, count).flip(0):  # from the full range down: ties keep the wider clip
-        q.set_range(lo * f, hi * f)
+    for f in torch.linspace(floor, 1.0, count).flip(0):  # from the full range down: ties keep the wider clip
+        q.set_params(scale * f, zp)
         err = float((layer_output(layer, x, None) - y).pow(2).mean())
         if err < best[0]:
             best = (err, q.scale.detach().clone(), q.zero_point.detach().clone())

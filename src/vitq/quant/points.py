@@ -32,6 +32,8 @@ class Kind:
 SCOPES: dict[str, frozenset[str]] = {
     # inputs and weights of every linear layer and both attention matmuls (PTQ4ViT, RepQ-ViT, I&S-ViT)
     "matmul": frozenset({Kind.WEIGHT, Kind.LINEAR_INPUT, Kind.MATMUL_INPUT, Kind.SOFTMAX_OUTPUT}),
+    # inputs and weights of the linear (and convolution) layers only (NoisyQuant's "Linear" setting)
+    "linear": frozenset({Kind.WEIGHT, Kind.LINEAR_INPUT}),
     # every tensor: also the residual sums / LayerNorm inputs, layer outputs and attention scores (FQ-ViT)
     "full": frozenset(Kind.ALL),
 }

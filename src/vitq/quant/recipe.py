@@ -71,6 +71,7 @@ class Override:
     pattern: str
     kind: str | None = None
     values: dict = field(default_factory=dict)
+    optional: bool = False  # may match nothing (a pattern for some model families only, e.g. a classifier head)
 
     def matches(self, name: str, kind: str) -> bool:
         return fnmatchcase(name, self.pattern) and (self.kind is None or self.kind == kind)
@@ -130,11 +131,14 @@ class Recipe:
             if "pattern" not in entry:
                 raise ValueError(f"quant.overrides[{i}] needs a 'pattern' (a glob on point names, e.g. 'head.*')")
             kind = entry.pop("kind", None)
+            optional = entry.pop("optional", False)
+            if not isinstance(optional, bool):
+                raise ValueError(f"quant.overrides[{i}]: optional must be true or false, got {optional!r}")
             if kind is not None and kind not in Kind.ALL:
                 raise ValueError(f"quant.overrides[{i}]: unknown kind {kind!r}; known kinds: {Kind.ALL}")
             pattern = entry.pop("pattern")
             _spec(entry, f"quant.overrides[{i}] ({pattern})")  # validate keys and bits now
-            overrides.append(Override(pattern, kind, entry))
+            overrides.append(Override(pattern, kind, entry, optional))
         adapter_options = {k: cfg.get(k, default) for k, default in adapter_option_fields().items()}
         return cls(name=str(cfg.get("name", "custom")), scope=scope, specs=specs, overrides=overrides,
                    method=method, options=impl.option_dict(), adapter_options=adapter_options)
@@ -147,8 +151,8 @@ class Recipe:
             **self.options,
             **self.adapter_options,
             **{k: dataclasses.asdict(s) for k, s in self.specs.items()},
-            "overrides": [{"pattern": o.pattern, **({"kind": o.kind} if o.kind else {}), **o.values}
-                          for o in self.overrides],
+            "overrides": [{"pattern": o.pattern, **({"kind": o.kind} if o.kind else {}),
+                           **({"optional": True} if o.optional else {}), **o.values} for o in self.overrides],
         }
 
     def resolve(self, name: str, kind: str) -> PointSpec | None:
@@ -184,7 +188,7 @@ class Recipe:
             specs.append(spec)
             used.update(applied)
         for i, o in enumerate(self.overrides):
-            if i not in used:
+            if i not in used and not o.optional:
                 matched = sorted({k for n, k in zip(names, kinds) if o.matches(n, k)})
                 raise ValueError(
                     f"recipe override pattern {o.pattern!r} matches only points outside scope={self.scope} "
@@ -195,7 +199,7 @@ class Recipe:
     def check_patterns(self, names: list[str], kinds: list[str]) -> None:
         """A pattern that matches no point is almost always a typo: say so."""
         for o in self.overrides:
-            if not any(o.matches(n, k) for n, k in zip(names, kinds)):
+            if not o.optional and not any(o.matches(n, k) for n, k in zip(names, kinds)):
                 sample = ", ".join(names[:4])
                 raise ValueError(
                     f"recipe override pattern {o.pattern!r}"
