@@ -48,7 +48,8 @@ def quantize(model: nn.Module, recipe: Recipe | Mapping[str, Any] | str, inplace
     """
     if is_calibrated(model):
         raise ValueError(
-            f"this model is already quantized and calibrated (recipe {quant_state(model).recipe.name!r}); quantizing it "
+            f"this model is already quantized and calibrated (recipe {quant_state(model).recipe.name!r}); "
+            "quantizing it "
             "again would discard that calibration. Quantize a copy of the float model instead "
             "(vitq.quantize(copy.deepcopy(float_model), recipe)), or call vitq.calibrate(model, loop) to "
             "recalibrate with the same recipe")
@@ -82,29 +83,43 @@ def place(model: nn.Module, recipe: Recipe, inplace: bool = True) -> nn.Module:
 def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: bool = True) -> nn.Module:
     """Observe activations while `forward_loop(model)` pushes calibration data through, then freeze.
 
-    Activation observers see float activations (every point passes through while observing). Under
-    torch.distributed, observer states are merged across ranks first, so all ranks end identical.
+    What the activation points see is the recipe's `calib_flow`: `float` (every point passes float values
+    while observing; under torch.distributed each process observes its shard and the observer states are
+    merged, so all ranks end identical), or `quantized` / `quantized_activations` (each point fits its
+    grid to everything it has seen so far and passes quantized values on, so downstream points see
+    quantized inputs: the published codes that calibrate in one forward with quantization on; weights are
+    quantized meanwhile, or kept float with `quantized_activations`). With one calibration batch that is
+    exactly their one forward; with several, each point's grid is refitted per batch on all it has seen.
+    Under torch.distributed a quantized flow needs every process to feed the whole calibration set (the
+    engine does): nothing is merged, and the final check compares the ranks.
     The recipe's method hooks run after observing and after freezing (searches, reparameterization).
     """
     state = quant_state(model)
     method = state.recipe.method_impl()
-    points = [(n, p) for n, p in iter_points(model) if p.configured]
-    if not points:
+    flow = state.recipe.calib_flow
+    configured = [(n, p) for n, p in iter_points(model) if p.configured]
+    if not configured:
         raise ValueError("nothing to calibrate: the recipe enables no quant point (is it fp32?)")
     set_mode(model, "off")  # observers see float activations, also when recalibrating
     for m in model.modules():
         if getattr(m, "integer", False):
             m.integer = False
-    points = [(n, p) for n, p in points if p.observer is not None]  # fixed grids need no data
+    points = [(n, p) for n, p in configured if p.observer is not None]  # fixed grids need no data
     for _, p in points:
         p.observer.reset()
-        p.set_mode("observe" if p.kind != Kind.WEIGHT else "off")
     was_training = model.training
     model.eval()
     try:
         for module in model.modules():  # weights first: a broken weight is named before it spoils activations
             if isinstance(module, QuantWeight) and module.weight_quantizer.configured:
                 module.weight_quantizer.observe(module.weight)
+                if flow == "quantized":  # the forward sees quantized weights
+                    module.weight_quantizer.freeze()
+                    module.weight_quantizer.set_mode("quant")
+        for _, p in configured:
+            if p.kind != Kind.WEIGHT:
+                fixed = "off" if flow == "float" else "quant"
+                p.set_mode(fixed if p.observer is None else ("observe" if flow == "float" else "calibrate"))
         with torch.no_grad():
             forward_loop(model)
         method.after_observe(model)
@@ -112,7 +127,7 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
             if p.observer.empty:
                 raise RuntimeError(f"quant point {name}: saw no data during calibration; check that the "
                                    "calibration loop runs the model forward, or disable the point")
-            if sync and p.kind != Kind.WEIGHT:
+            if sync and p.kind != Kind.WEIGHT and flow == "float":
                 p.observer.sync_()
             p.freeze()
         set_mode(model, "quant")

@@ -5,7 +5,8 @@ MNIST ViT (one block) on two ranks through `vitq.calibrate` with the engine's sh
 uneven: 3 and 2 batches, the last one short). Each rank's whole model state (quantizer parameters and,
 after RepQ's fold, the weights) must equal the single-process result bit for bit: both use one thread,
 and merging is exact by design (per-batch statistics folded in global batch order, token reservoirs keyed
-by global batch). The end-to-end train.py runs are in test_ddp.py.
+by global batch). RepQ-ViT's default quantized calibration flow feeds each rank every batch instead (as the
+engine does), and must give the same state too. The end-to-end train.py runs are in test_ddp.py.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ RECIPES = {  # name -> (recipe, overrides): every calibrator, and both methods
     "quantile": ("minmax", {"observer": "quantile", "activation": {"observer_args": {"max_tokens": 200}}}),
     "fqvit": ("fqvit", {}),
     "fqvit_ema": ("fqvit", {"observer": "ema"}),  # PTF around an order-dependent layer calibrator
-    "repq": ("repq", {}),
+    "repq": ("repq", {}),  # calib_flow: quantized (every rank feeds the whole set)
+    "repq_float": ("repq", {"calib_flow": "float"}),
 }
 
 
@@ -49,15 +51,18 @@ def _setup(cfgs: tuple[dict, dict]):
     return task, model, task.calib_loader(CALIB, BATCH, 0), task.test_loader()
 
 
-def _calibrate_all(task, model, loader) -> dict[str, dict[str, torch.Tensor]]:  # noqa: ANN001
-    """Every recipe's calibrated state dict, calibrating over `loader` (sharded when distributed)."""
+def _calibrate_all(task, model, loader, whole) -> dict[str, dict[str, torch.Tensor]]:  # noqa: ANN001
+    """Every recipe's calibrated state dict, calibrating over `loader` (sharded when distributed), or over
+    `whole` (every batch, on every rank) for a recipe whose calibration flow is quantized."""
     out = {}
     for key, (name, overrides) in RECIPES.items():
-        qmodel = vitq.quantize(copy.deepcopy(model), vitq.recipe(name, **overrides))
+        recipe = vitq.recipe(name, **overrides)
+        qmodel = vitq.quantize(copy.deepcopy(model), recipe)
         module = task.calibration_module(qmodel)
+        batches = loader if recipe.calib_flow == "float" else whole
 
-        def loop(m: torch.nn.Module, module=module) -> None:  # noqa: ANN001
-            for i, batch in enumerate(loader):
+        def loop(m: torch.nn.Module, module=module, batches=batches) -> None:  # noqa: ANN001
+            for i, batch in enumerate(batches):
                 module.validation_step(batch, i)
 
         vitq.calibrate(qmodel, loop)
@@ -76,7 +81,7 @@ def _worker(rank: int, world: int, port: int, cfgs: tuple[dict, dict], out_dir: 
                             timeout=datetime.timedelta(seconds=120))
     try:
         task, model, calib, test = _setup(cfgs)
-        states = _calibrate_all(task, model, sharded(calib, world, "calibration"))
+        states = _calibrate_all(task, model, sharded(calib, world, "calibration"), calib)
         test = sharded(test, world, "evaluation")
         predictions = gather_batches(_predictions(model, test))
         try:  # the rank check itself: a difference on one rank fails every rank, naming the tensor
@@ -97,7 +102,7 @@ def test_two_process_calibration_equals_one_process(tmp_path, free_port, one_thr
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     task, model, calib, test = _setup(cfgs)
-    single = _calibrate_all(task, model, calib)
+    single = _calibrate_all(task, model, calib, calib)
     for key, want in single.items():
         scales = [k for k in want if k.endswith(("scale", "alpha"))]
         assert scales, key

@@ -308,7 +308,8 @@ def test_repq_fold_maps_the_cached_inputs_to_the_new_layer_inputs(data):
     from vitq.methods import capture
 
     model, x = data
-    q = vitq.quantize(copy.deepcopy(model), vitq.recipe("repq", w_bits=6, a_bits=6))
+    # float flow: the cached inputs are the float model's, compared below with the folded layer's float inputs
+    q = vitq.quantize(copy.deepcopy(model), vitq.recipe("repq", w_bits=6, a_bits=6, calib_flow="float"))
     layer = q.get_submodule("blocks.0.attn.qkv")
     capture.attach([layer], 16, "test")
     vitq.calibrate(q, lambda m: m(x[:16]))

@@ -145,7 +145,7 @@ def test_set_mode_off_and_back(calibrated, float_model, data):
     finally:
         set_mode(calibrated, "quant")
     assert torch.equal(_run(calibrated, x), y_q)
-    with pytest.raises(ValueError, match="off, observe or quant"):
+    with pytest.raises(ValueError, match="off, observe, calibrate, quant"):
         calibrated.head.input_quantizer.set_mode("on")
 
 

@@ -82,6 +82,7 @@ class FinetuneConf:
 class QuantConf:
     name: str = "???"
     scope: str = "matmul"
+    calib_flow: str = "float"  # float | quantized | quantized_activations (docs/methods.md)
     w_bits: int = 8
     a_bits: int = 8
     attn_bits: int = 8

@@ -63,16 +63,20 @@ def float_stage(ctx: RunContext) -> None:
 
 @register_stage("calibrate")
 def calibrate_stage(ctx: RunContext) -> None:
-    """Observe calibration batches through `Trainer.validate` (sharded under DDP, merged after), then let
-    the method's hooks search, reparameterize and switch kernels."""
+    """Observe calibration batches through `Trainer.validate`, then let the method's hooks search,
+    reparameterize and switch kernels. Under DDP a float calibration flow shards the batches (merged
+    after); a quantized flow feeds every process the whole set (`vitq.calibrate`)."""
     ctx.qmodel = vitq.quantize(copy.deepcopy(ctx.fp_model), ctx.recipe)
     ctx.info["calib_samples"] = ctx.run.calib.num_samples
     if not any(p.configured for _, p in vitq.iter_points(ctx.qmodel)):
         return
     module = ctx.task.calibration_module(ctx.qmodel)
     start = time.perf_counter()
-    trainer = ctx.make_trainer()
-    loader = sharded(ctx.calib_loader, processes(trainer), "the calibration loader")
+    if ctx.recipe.calib_flow == "float":
+        trainer = ctx.make_trainer()
+        loader = sharded(ctx.calib_loader, processes(trainer), "the calibration loader")
+    else:  # every process sees every batch, in order: its points fit what the quantized upstream gives
+        trainer, loader = ctx.make_trainer(use_distributed_sampler=False), ctx.calib_loader
     vitq.calibrate(ctx.qmodel, lambda m: trainer.validate(module, dataloaders=loader, verbose=False))
     ctx.timings["calibrate"] = time.perf_counter() - start
 

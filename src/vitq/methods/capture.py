@@ -94,7 +94,7 @@ class Capture:
 
 
 def _observing(module: nn.Module) -> bool:
-    return any(isinstance(p, QuantPoint) and p.mode == "observe" for p in module.modules())
+    return any(isinstance(p, QuantPoint) and p.mode in ("observe", "calibrate") for p in module.modules())
 
 
 def attach(modules: Iterable[nn.Module], max_rows: int, owner: str, keep_output: bool = False,

@@ -29,6 +29,12 @@ class Kind:
     ALL = (WEIGHT, LINEAR_INPUT, MATMUL_INPUT, SOFTMAX_OUTPUT, NORM_INPUT, LINEAR_OUTPUT, SOFTMAX_INPUT)
 
 
+MODES = ("off", "observe", "calibrate", "quant")
+# how calibration data reaches the points: float (every point passes float values while observing) or
+# quantized (each point passes its quantized values on, fitted to what it has seen so far: the codes that
+# calibrate in one forward with quantization on); quantized_activations keeps the weights float meanwhile
+CALIB_FLOWS = ("float", "quantized", "quantized_activations")
+
 SCOPES: dict[str, frozenset[str]] = {
     # inputs and weights of every linear layer and both attention matmuls (PTQ4ViT, RepQ-ViT, I&S-ViT)
     "matmul": frozenset({Kind.WEIGHT, Kind.LINEAR_INPUT, Kind.MATMUL_INPUT, Kind.SOFTMAX_OUTPUT}),
@@ -122,10 +128,13 @@ class QuantPoint(nn.Module):
         self.observer = observer_for(self.quantizer, spec, axis, self.channel_axis)
 
     def set_mode(self, mode: str) -> None:
-        if mode not in ("off", "observe", "quant"):
-            raise ValueError(f"mode must be off, observe or quant, got {mode!r}")
+        """off: pass float values; observe: pass float values and feed the observer; calibrate: feed the
+        observer, fit the grid to everything observed so far and pass the quantized values (calibration
+        with quantized upstream points); quant: quantize."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.mode = mode if self.configured else "off"
-        if self.mode == "observe":
+        if self.mode in ("observe", "calibrate"):
             self.batches_seen = 0
 
     @torch.no_grad()
@@ -164,9 +173,11 @@ class QuantPoint(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "quant":
             return self.quantizer(x)
-        if self.mode == "observe" and self.observer is not None and x.numel() > 0:  # empty: nothing to see
+        if self.mode in ("observe", "calibrate") and self.observer is not None and x.numel() > 0:  # empty: nothing
             self.observe(x)
-        return x
+            if self.mode == "calibrate":
+                self.freeze()
+        return self.quantizer(x) if self.mode == "calibrate" else x
 
 
 class QuantAct(QuantPoint):

@@ -17,7 +17,7 @@ from fnmatch import fnmatchcase
 from typing import Any, Callable, Mapping
 
 from ..registry import Registry
-from .points import SCOPES, Kind, PointSpec
+from .points import CALIB_FLOWS, SCOPES, Kind, PointSpec
 from .quantizers import get_grid
 
 _SPEC_FIELDS = {f.name for f in dataclasses.fields(PointSpec)}
@@ -33,7 +33,7 @@ _BITS_KEYS = {"weight": "quant.w_bits", "activation": "quant.a_bits", "softmax_o
 # and vitq.recipes, which reads the recipe YAML files, "run keys" (() -> the keys of those files that the
 # run reads, not the recipe: w_bits, calib, ...).
 BINDINGS: Registry[Callable[..., Any]] = Registry("recipe binding", "import vitq: vitq.pipeline registers them")
-_RECIPE_KEYS = frozenset({"name", "scope", "method", "overrides", *_SECTIONS})
+_RECIPE_KEYS = frozenset({"name", "scope", "calib_flow", "method", "overrides", *_SECTIONS})
 
 
 def _spec(values: Mapping[str, Any], where: str, base: PointSpec | None = None) -> PointSpec:
@@ -86,10 +86,13 @@ class Recipe:
     method: str = "ptq"  # a registered method (vitq.methods): its hooks run around calibration
     options: dict = field(default_factory=dict)  # the method's switches
     adapter_options: dict = field(default_factory=dict)  # the model adapters' switches (e.g. detector_scope)
+    calib_flow: str = "float"  # what the points see while calibrating (`CALIB_FLOWS`)
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
             raise ValueError(f"unknown scope {self.scope!r}: choose one of {sorted(SCOPES)}")
+        if self.calib_flow not in CALIB_FLOWS:
+            raise ValueError(f"unknown calib_flow {self.calib_flow!r}: choose one of {', '.join(CALIB_FLOWS)}")
         self.method_impl()  # an unknown method or option fails here
         BINDINGS.get("check adapter options")(self.adapter_options)  # e.g. an unknown detector_scope fails here
 
@@ -141,12 +144,14 @@ class Recipe:
             overrides.append(Override(pattern, kind, entry, optional))
         adapter_options = {k: cfg.get(k, default) for k, default in adapter_option_fields().items()}
         return cls(name=str(cfg.get("name", "custom")), scope=scope, specs=specs, overrides=overrides,
-                   method=method, options=impl.option_dict(), adapter_options=adapter_options)
+                   method=method, options=impl.option_dict(), adapter_options=adapter_options,
+                   calib_flow=str(cfg.get("calib_flow") or "float"))
 
     def to_config(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "scope": self.scope,
+            "calib_flow": self.calib_flow,
             "method": self.method,
             **self.options,
             **self.adapter_options,
