@@ -92,7 +92,8 @@ def test_same_point_names_and_kinds_as_timm_swin(recipe, one_thread):
     mm = vitq.quantize(mmdet_swin(), recipe)
     a, b = block_points(timm_model), block_points(mm)
     assert a["block"] == b["block"] and a["downsample"] == b["downsample"] and a["patch_embed"] == b["patch_embed"]
-    assert sum(a["block"].values()) > 0 and ("attn.matmul_qk.a", Kind.MATMUL_INPUT) in b["block"]
+    qkv = ("attn.qkv.output", Kind.LINEAR_OUTPUT) if recipe == "fqvit" else ("attn.matmul_qk.a", Kind.MATMUL_INPUT)
+    assert sum(a["block"].values()) > 0 and qkv in b["block"]  # FQ-ViT: q, k, v at the qkv output
     assert ("attn.softmax.output", Kind.SOFTMAX_OUTPUT) in b["block"]
 
 

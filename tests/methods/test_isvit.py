@@ -48,12 +48,12 @@ def test_sulq_codes_by_hand():
     # y = -log2(x + 0.5) spans [-log2 1.5, 1]; step = (1 + log2 1.5) / 7
     lo, step = -torch.log2(torch.tensor(1.5)), (1 + torch.log2(torch.tensor(1.5))) / 7
     assert torch.allclose(grid.lo, lo.reshape(1)) and torch.allclose(grid.step, step.reshape(1))
+    # worked by hand: lo = -0.584963, step = 0.226423. x = 0: y = 1, (1 + 0.584963) / step = 7 -> code 7,
+    # lo + 7 step = 1, 2^round(-1) - 0.5 = 0. x = 0.25: y = 0.415037, 1.0 / step = 4.42 -> code 4,
+    # lo + 4 step = 0.320729, 2^round(-0.32) - 0.5 = 0.5. x = 1: y = lo -> code 0, 2^round(0.584963) - 0.5 = 1.5.
     x = torch.tensor([0.0, 0.25, 1.0])
-    y = -torch.log2(x + 0.5)
-    expected_codes = torch.round((y - lo) / step)
-    assert torch.equal(grid.to_codes(x), expected_codes)
-    expected = torch.exp2(torch.round(-(lo + expected_codes * step))) - 0.5
-    assert torch.allclose(grid(x), expected)
+    assert grid.to_codes(x).tolist() == [7.0, 4.0, 0.0]
+    assert grid(x).tolist() == [0.0, 0.5, 1.5]
 
 
 def test_sulq_straight_through_gradient():
@@ -182,14 +182,23 @@ def test_before_stage_three_weights_are_quantized_on_refitted_grids():
     fp, q, x = _calibrated(vitq.recipe("isvit", w_bits=4, a_bits=4))
     method = q.vitq.recipe.method_impl()
     method.before_pass(q, 0)
+    untuned = q.blocks[0].mlp.fc2.weight_quantizer.quantizer.scale.clone()
     with torch.no_grad():
         q.blocks[0].mlp.fc2.weight.mul_(3.0)  # as if stage 1 had moved the weights
     method.before_pass(q, 1)
     fc2 = q.blocks[0].mlp.fc2
     assert fc2.weight_quantizer.mode == "quant"
-    codes = fc2.weight_quantizer.quantizer.to_codes(fc2.weight.detach())
-    q_ = fc2.weight_quantizer.quantizer
-    assert (codes == q_.qmin).any() and (codes == q_.qmax).any()  # the grid spans the tuned weight
+    # the grid is what a fresh calibration of the tuned weight gives (the weight search, nine clips), 3x
+    # the steps the untuned weight had
+    from vitq.quant.observers import make_observer
+
+    spec = q.vitq.recipe.specs[vitq.Kind.WEIGHT]
+    obs = make_observer(spec.observer, axis=0, channel_axis=0, **spec.observer_args)
+    obs.observe(fc2.weight.detach())
+    fresh = UniformQuantizer(4, symmetric=False, axis=0)
+    fresh.set_range(*obs.range(fresh))
+    assert torch.equal(fc2.weight_quantizer.quantizer.scale, fresh.scale)
+    assert not torch.equal(fresh.scale, untuned)  # so the grid of the untuned weight would not pass
 
 
 def test_qdrop_recipe_and_pass():

@@ -159,11 +159,19 @@ def test_fold_is_float_equivalent_and_refits_weights():
     with torch.no_grad():
         assert torch.allclose(q(x), model(x), atol=1e-5, rtol=1e-4)
     vitq.set_mode(q, "quant")
-    qkv = q.blocks[0].attn.qkv
-    w = qkv.weight_quantizer
-    # the weight quantizer was fitted to the scaled weight: its codes cover the new rows
-    codes = w.quantizer.to_codes(qkv.weight.detach())
-    assert codes.min() == w.quantizer.qmin or codes.max() == w.quantizer.qmax
+    # every consumer's weight grid is the one a fresh calibration of its folded weight gives (RepQ-ViT's
+    # `weight_quantizer.inited = False` before the re-calibration forward), not the pre-fold grid
+    for pair in norm_pairs(q):
+        layer, before = q.get_submodule(pair.consumer_name), model.get_submodule(pair.consumer_name)
+        fresh = {}
+        for name, weight in (("folded", layer.weight), ("original", before.weight)):
+            obs = QuantileObserver(axis=0, channel_axis=0)
+            obs.observe(weight.detach())
+            grid = UniformQuantizer(4, symmetric=False, axis=0)
+            grid.set_range(*obs.range(grid))
+            fresh[name] = grid.scale
+        assert torch.equal(layer.weight_quantizer.quantizer.scale, fresh["folded"]), pair.consumer_name
+        assert not torch.equal(fresh["folded"], fresh["original"]), pair.consumer_name  # the fold changed them
 
 
 @pytest.mark.parametrize("reparameterize", [True, False], ids=["folded", "per-channel"])

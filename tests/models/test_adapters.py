@@ -22,19 +22,20 @@ MODELS = ["deit_tiny_patch16_224", "vit_small_patch16_224", "swin_tiny_patch4_wi
 PINNED = {
     # 12 blocks x (qkv, proj, fc1, fc2) + patch_embed.proj + head = 50 weights / linear inputs;
     # 12 x (q, k, v) matmul operands = 36; 12 softmax outputs; 12 x (norm1, norm2) + final norm = 25;
-    # outputs of every linear layer except qkv (whose output is the operands q, k, v) = 38
+    # outputs of every linear layer except qkv (whose output is the operands q, k, v) and fc1 (quantized
+    # after GELU, as fc2's input, FQ-ViT's Mlp) = 50 - 24 = 26
     "deit_tiny_patch16_224": {"weight": 50, "linear_input": 50, "matmul_input": 36, "softmax_output": 12,
-                              "norm_input": 25, "linear_output": 38, "softmax_input": 12},
+                              "norm_input": 25, "linear_output": 26, "softmax_input": 12},
     "vit_small_patch16_224": {"weight": 50, "linear_input": 50, "matmul_input": 36, "softmax_output": 12,
-                              "norm_input": 25, "linear_output": 38, "softmax_input": 12},
+                              "norm_input": 25, "linear_output": 26, "softmax_input": 12},
     # + head_dist
     "deit_tiny_distilled_patch16_224": {"weight": 51, "linear_input": 51, "matmul_input": 36,
                                         "softmax_output": 12, "norm_input": 25,
-                                        "linear_output": 39, "softmax_input": 12},
+                                        "linear_output": 27, "softmax_input": 12},
     # depths 2+2+6+2 = 12 blocks: 48 block linears + 3 PatchMerging reductions + patch_embed.proj + head.fc = 53;
     # 24 block norms + 3 PatchMerging norms + patch_embed.norm + final norm = 29
     "swin_tiny_patch4_window7_224": {"weight": 53, "linear_input": 53, "matmul_input": 36, "softmax_output": 12,
-                                     "norm_input": 29, "linear_output": 41, "softmax_input": 12},
+                                     "norm_input": 29, "linear_output": 29, "softmax_input": 12},
 }
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,7 +103,7 @@ def test_coverage_from_structure(case):
         Kind.MATMUL_INPUT: 3 * s["attention"],  # q and k of q.k^T, v of attn.v
         Kind.SOFTMAX_OUTPUT: s["attention"],
         Kind.NORM_INPUT: s["norm"],
-        Kind.LINEAR_OUTPUT: s["linear"] - s["attention"],  # every layer but qkv (quantized as q, k, v)
+        Kind.LINEAR_OUTPUT: s["linear"] - 2 * s["attention"],  # every layer but qkv (as q, k, v) and fc1
         Kind.SOFTMAX_INPUT: s["attention"],
     }
     assert _counts(case) == expected
@@ -120,7 +121,7 @@ def test_swin_structure_by_stage():
     norms = 2 * blocks + merges + 1 + 1  # norm1/norm2, merge norms, patch_embed.norm, final norm
     assert PINNED[case_name] == {"weight": linears, "linear_input": linears, "matmul_input": 3 * blocks,
                                  "softmax_output": blocks, "norm_input": norms,
-                                 "linear_output": linears - blocks, "softmax_input": blocks}
+                                 "linear_output": linears - 2 * blocks, "softmax_input": blocks}
 
 
 def test_point_names(case):

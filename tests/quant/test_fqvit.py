@@ -544,6 +544,7 @@ FQVIT = {
     "norm_input": {"max_factor": 3},
     "ptf": True,
     "lis": True,
+    "attention_points": "qkv_output",
 }
 VIT = dict(model_name="vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10,
            depth=2)

@@ -75,8 +75,9 @@ def quant_schema(method: str) -> type:
     extra = [(f.name, hints[f.name], field(default=f.default)) for f in dataclasses.fields(impl.Options)]
     from ..models import ADAPTERS  # the model adapters' switches are quant keys too (e.g. detector_scope)
 
-    extra += [(f.name, typing.get_type_hints(a.Options)[f.name], field(default=f.default))
-              for a in ADAPTERS.values() if a.Options is not None for f in dataclasses.fields(a.Options)]
+    adapter_fields = {f.name: (f.name, typing.get_type_hints(a.Options)[f.name], field(default=f.default))
+                      for a in ADAPTERS.values() if a.Options is not None for f in dataclasses.fields(a.Options)}
+    extra += list(adapter_fields.values())  # adapters may share a switch (the attention layout)
     return dataclasses.make_dataclass(f"QuantConf_{impl.name}", extra, bases=(QuantConf,)) if extra else QuantConf
 
 

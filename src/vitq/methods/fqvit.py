@@ -21,6 +21,9 @@ class FQViTOptions:
     ptf: bool = True  # Power-of-Two Factor quantizer at LayerNorm inputs (scope full)
     lis: bool = True  # log2 attention probabilities, attn_bits wide (Log-Int-Softmax)
     integer: bool = False  # LayerNorm and softmax through the integer kernels (needs ptf and lis)
+    # PTF's layer-wise range: running min/max whatever the calibrator, as the code's PtfObserver (config.py
+    # sets OBSERVER_A_LN = 'ptf' when ptf is on); calibrator: the range of quant.observer
+    ptf_range: str = "minmax"
 
 
 @register_method
@@ -34,8 +37,13 @@ class FQViT(Method):
             raise ValueError("quant.integer=true needs the integer-ready FQ-ViT setting: quant.scope=full, "
                              "quant.ptf=true and quant.lis=true (e.g. quant=fqvit quant.integer=true)")
         specs = dict(specs)
+        if o.ptf_range not in ("minmax", "calibrator"):
+            raise ValueError(f"quant.ptf_range={o.ptf_range!r}: choose minmax (FQ-ViT's code) or calibrator")
         if o.ptf and Kind.NORM_INPUT in specs:
-            specs[Kind.NORM_INPUT] = dataclasses.replace(specs[Kind.NORM_INPUT], quantizer="ptf")
+            ptf = dataclasses.replace(specs[Kind.NORM_INPUT], quantizer="ptf")
+            if o.ptf_range == "minmax" and ptf.observer != "minmax":
+                ptf = dataclasses.replace(ptf, observer="minmax", observer_args={})
+            specs[Kind.NORM_INPUT] = ptf
         if o.lis and Kind.SOFTMAX_OUTPUT in specs:
             specs[Kind.SOFTMAX_OUTPUT] = dataclasses.replace(specs[Kind.SOFTMAX_OUTPUT], quantizer="log2")
         return specs

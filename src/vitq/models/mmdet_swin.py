@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ..quant.modules import QuantConv2d, QuantLinear, QuantMatMul, QuantSoftmax, Twin
-from .registry import Adapter, register_adapter
+from .registry import (Adapter, AttentionOptions, place_qkv_points, quantize_after_activation,
+                       register_adapter)
 
 DETECTOR_SCOPES = ("backbone", "backbone+neck", "all")
 
@@ -40,8 +41,8 @@ class _QuantWindowMSAMixin(Twin):
         self.softmax = QuantSoftmax(dim=-1)  # replaces the float nn.Softmax (no parameters)
         self.matmul_av = QuantMatMul(a_kind=None)  # the probabilities are quantized at softmax.output
 
-    def after_rewrite(self) -> None:
-        self.qkv.output_quantizer = None  # quantized as the matmul operands q, k, v
+    def after_rewrite(self, options: Mapping[str, Any]) -> None:
+        place_qkv_points(self, options)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, N, C = x.shape
@@ -62,6 +63,9 @@ class _QuantWindowMSAMixin(Twin):
 
 class _QuantSwinBlockMixin(Twin):
     """mmdet SwinBlock whose residual stream is quantized where it enters each LayerNorm."""
+
+    def after_rewrite(self, options: Mapping[str, Any]) -> None:
+        quantize_after_activation(self.ffn.layers[0][0])  # FFN: Sequential(Linear, GELU, Dropout), Linear
 
     def forward(self, x: torch.Tensor, hw_shape: tuple[int, int]) -> torch.Tensor:
         x = self.norm1.input_quantizer(x)
@@ -113,6 +117,7 @@ class MMDetSwinAdapter(_MMDetAdapter):
     become twins (PatchMerging's LayerNorm feeds its reduction Linear, as in timm)."""
 
     family = "mmdet_swin"
+    Options = AttentionOptions
     root_class = ("mmdet.models.backbones.swin", "SwinTransformer")
 
     def units(self, root: nn.Module) -> list[str]:

@@ -14,6 +14,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from torch import nn
 
 from ..quant.modules import QuantConv2d, QuantLayerNorm, QuantLinear
+from ..quant.points import SCOPES, Kind
 from ..registry import Registry
 
 BASE_TWINS: dict[type[nn.Module], type] = {
@@ -35,6 +36,31 @@ class NormPair:
     norm: nn.Module
     consumer_name: str
     consumer: nn.Module
+
+
+ATTENTION_POINTS = ("operands", "qkv_output")
+
+
+@dataclass
+class AttentionOptions:
+    """Where q, k and v are quantized: as the operands of the two attention matmuls (q and k of q k^T, v of
+    P v: PTQ4ViT, RepQ-ViT, I&S-ViT), or once, as the qkv layer's output (FQ-ViT's one per-tensor `qact1`)."""
+
+    attention_points: str = "operands"
+
+    def __post_init__(self) -> None:
+        if self.attention_points not in ATTENTION_POINTS:
+            raise ValueError(f"quant.attention_points={self.attention_points!r} is unknown: choose one of "
+                             f"{', '.join(ATTENTION_POINTS)}")
+
+
+def place_qkv_points(attn: nn.Module, options: Mapping[str, Any]) -> None:
+    """Keep one of the two layouts `AttentionOptions` names on an attention twin (qkv, matmul_qk, matmul_av),
+    so every tensor is quantized once."""
+    if options.get("attention_points", "operands") == "qkv_output":
+        attn.matmul_qk.a_quantizer = attn.matmul_qk.b_quantizer = attn.matmul_av.b_quantizer = None
+    else:
+        attn.qkv.output_quantizer = None
 
 
 class Adapter:
@@ -118,9 +144,14 @@ def adapter_option_fields() -> dict[str, Any]:
     return {f.name: f.default for a in ADAPTERS.values() if a.Options is not None for f in dataclasses.fields(a.Options)}
 
 
-def check_adapter_options(options: Mapping[str, Any]) -> None:
+def check_adapter_options(options: Mapping[str, Any], scope: str = "full") -> None:
     """Build each adapter's Options from `options`, so a bad value fails when the recipe is read."""
     import dataclasses
+
+    if options.get("attention_points") == "qkv_output" and Kind.LINEAR_OUTPUT not in SCOPES[scope]:
+        raise ValueError(f"quant.attention_points=qkv_output quantizes q, k and v at the qkv layer's output, a "
+                         f"linear_output point that scope={scope} leaves float, so they would not be quantized at all: "
+                         "use quant.scope=full, or quant.attention_points=operands")
 
     for a in ADAPTERS.values():
         if a.Options is not None:
@@ -141,10 +172,17 @@ def rewrite(model: nn.Module, options: Mapping[str, Any] | None = None) -> list[
         for module in root.modules():  # twins that wire themselves to their (now converted) children
             hook = getattr(module, "after_rewrite", None)
             if callable(hook):
-                hook()
+                hook(options)
         for norm_name, consumer_name in adapter.norm_pairs(root):
             root.get_submodule(norm_name).feeds(root.get_submodule(consumer_name).input_quantizer)
     return [adapter.family for _, _, adapter in roots]
+
+
+def quantize_after_activation(fc1: nn.Module | None) -> None:
+    """An MLP's first layer has no output point: its output is quantized after the activation, as the next
+    layer's input (FQ-ViT's `Mlp.forward`: fc1 -> GELU -> qact), so a tensor is never quantized twice."""
+    if isinstance(fc1, QuantLinear):
+        fc1.output_quantizer = None
 
 
 def norm_pairs(model: nn.Module) -> Iterator[NormPair]:

@@ -1,11 +1,14 @@
 """Adapter for timm SwinTransformer: window attention with relative position bias and shift masks."""
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, WindowAttention
 
 from ..quant.modules import QuantMatMul, QuantSoftmax, Twin
-from .registry import Adapter, register_adapter
+from .registry import (Adapter, AttentionOptions, place_qkv_points, quantize_after_activation,
+                       register_adapter)
 
 
 class QuantWindowAttention(Twin, WindowAttention):
@@ -17,8 +20,8 @@ class QuantWindowAttention(Twin, WindowAttention):
         self.softmax = QuantSoftmax(dim=-1)  # replaces the float nn.Softmax
         self.matmul_av = QuantMatMul(a_kind=None)
 
-    def after_rewrite(self) -> None:
-        self.qkv.output_quantizer = None  # quantized as the matmul operands q, k, v
+    def after_rewrite(self, options: Mapping[str, Any]) -> None:
+        place_qkv_points(self, options)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B_, N, _ = x.shape
@@ -39,6 +42,9 @@ class QuantWindowAttention(Twin, WindowAttention):
 class QuantSwinBlock(Twin, SwinTransformerBlock):
     """Swin block whose residual stream is quantized where it enters each LayerNorm."""
 
+    def after_rewrite(self, options: Mapping[str, Any]) -> None:
+        quantize_after_activation(getattr(self.mlp, "fc1", None))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         x = self.norm1.input_quantizer(x)
@@ -54,6 +60,7 @@ class QuantPatchMerging(Twin, PatchMerging):
 
 class SwinAdapter(Adapter):
     family = "swin"
+    Options = AttentionOptions
     roots = (SwinTransformer,)
     twins = {WindowAttention: QuantWindowAttention, PatchMerging: QuantPatchMerging,
              SwinTransformerBlock: QuantSwinBlock}

@@ -1,12 +1,15 @@
 """Adapter for timm VisionTransformer (ViT, DeiT, DeiT with distillation token)."""
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 from timm.layers import Attention, LayerNorm as TimmLayerNorm
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..quant.modules import QuantLayerNorm, QuantMatMul, QuantSoftmax, Twin
-from .registry import Adapter, register_adapter
+from .registry import (Adapter, AttentionOptions, place_qkv_points, quantize_after_activation,
+                       register_adapter)
 
 
 def additive_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -28,8 +31,8 @@ class QuantAttention(Twin, Attention):
         self.softmax = QuantSoftmax(dim=-1)
         self.matmul_av = QuantMatMul(a_kind=None)  # the probabilities are quantized by softmax.output
 
-    def after_rewrite(self) -> None:
-        self.qkv.output_quantizer = None
+    def after_rewrite(self, options: Mapping[str, Any]) -> None:
+        place_qkv_points(self, options)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
         if is_causal:
@@ -52,6 +55,9 @@ class QuantBlock(Twin, Block):
     """Pre-norm block whose residual stream is quantized where it enters each LayerNorm (FQ-ViT's
     residual sums); with norm_input points off it computes exactly the float block."""
 
+    def after_rewrite(self, options: Mapping[str, Any]) -> None:
+        quantize_after_activation(getattr(self.mlp, "fc1", None))
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
         x = self.norm1.input_quantizer(x)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1.normalize(x), attn_mask=attn_mask,
@@ -62,6 +68,7 @@ class QuantBlock(Twin, Block):
 
 class ViTAdapter(Adapter):
     family = "vit"
+    Options = AttentionOptions
     roots = (VisionTransformer,)
     twins = {Attention: QuantAttention, Block: QuantBlock, TimmLayerNorm: QuantLayerNorm}
 

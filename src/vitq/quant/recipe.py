@@ -29,7 +29,7 @@ _BITS_KEYS = {"weight": "quant.w_bits", "activation": "quant.a_bits", "softmax_o
 # A recipe names a method and carries its switches and the model adapters' switches, and building one
 # checks them; methods and adapters live on the floors above, so the binding layer (vitq.pipeline, which
 # `import vitq` imports) fills these entries: "method class" (name -> class), "method" (name, options ->
-# method), "adapter options" (() -> field defaults), "check adapter options" (options -> None or raise);
+# method), "adapter options" (() -> field defaults), "check adapter options" ((options, scope) -> None or raise);
 # and vitq.recipes, which reads the recipe YAML files, "run keys" (() -> the keys of those files that the
 # run reads, not the recipe: w_bits, calib, ...).
 BINDINGS: Registry[Callable[..., Any]] = Registry("recipe binding", "import vitq: vitq.pipeline registers them")
@@ -94,7 +94,7 @@ class Recipe:
         if self.calib_flow not in CALIB_FLOWS:
             raise ValueError(f"unknown calib_flow {self.calib_flow!r}: choose one of {', '.join(CALIB_FLOWS)}")
         self.method_impl()  # an unknown method or option fails here
-        BINDINGS.get("check adapter options")(self.adapter_options)  # e.g. an unknown detector_scope fails here
+        BINDINGS.get("check adapter options")(self.adapter_options, self.scope)  # e.g. an unknown detector_scope
 
     def method_impl(self):  # noqa: ANN201
         """The method object (hooks) this recipe names."""
