@@ -207,3 +207,58 @@ def test_a_deep_copy_records_its_own_inputs_and_a_second_calibration_says_what_t
         assert torch.equal(q(x), twin(x))
     with pytest.raises(RuntimeError, match="no cached calibration inputs; calibrate a model freshly made"):
         vitq.calibrate(q, lambda mm: mm(x[:16]))  # the cached inputs were dropped after the search
+
+
+def test_sensitivity_and_error_follow_the_papers_sums_by_hand():
+    """Omega_i = sum_j sigma_j(Y_i) ||Y^_i - Y_i||^2. Identity attention maps (4 x 4, 3 heads, 2 samples):
+    each head's nuclear norm is 4, the block-diagonal map of all heads 12 (`mean`: 4). An output error of
+    0.5 in each of 6 elements per sample: ||.||^2 = 1.5 per sample (`mean`: 0.25 per element)."""
+    from vitq.methods.mixed_precision import nuclear_norm, output_error
+
+    maps = torch.eye(4).expand(2, 3, 4, 4)
+    assert nuclear_norm(maps, "sum") == pytest.approx(12.0) and nuclear_norm(maps, "mean") == pytest.approx(4.0)
+    y = torch.diag(torch.tensor([3.0, 1.0])).expand(5, 2, 2)  # an MLP output: singular values 3 and 1
+    assert nuclear_norm(y, "sum") == pytest.approx(4.0)
+    out, target = torch.full((2, 3, 2), 0.5), torch.zeros(2, 3, 2)
+    assert output_error(out, target, "sum") == pytest.approx(1.5)
+    assert output_error(out, target, "mean") == pytest.approx(0.25)
+    assert vitq.recipe("liu21").method_impl().options.mp_reduction == "sum"
+
+
+def test_mixed_precision_gives_the_sensitive_module_more_bits(data):
+    """One MLP made far more sensitive (its output weights scaled up 50x, so the same relative rounding
+    error is 2500x larger in squared norm): the size budget moves bits to it, so the widths are not all one."""
+    model, x = data
+    heavy = copy.deepcopy(model)
+    with torch.no_grad():
+        heavy.blocks[1].mlp.fc2.weight.mul_(50.0)
+    q = calibrated(heavy, vitq.recipe("liu21", mixed_precision=True, **FAST), x)
+    bits = q.vitq.recipe.method_impl().describe_model(q)["bit_map"]
+    assert bits["blocks.1.mlp"] == max(bits.values()) > min(bits.values()), bits
+
+
+@pytest.mark.parametrize("ranking", [True, False])
+def test_ranking_loss_is_scored_at_the_attention_scores_only(data, monkeypatch, ranking):
+    model, x = data
+    seen: dict[bool, int] = {True: 0, False: 0}
+    original = Liu21.score
+
+    def spy(self, out, target):
+        seen[target.pairs is not None] += 1
+        return original(self, out, target)
+
+    monkeypatch.setattr(Liu21, "score", spy)
+    calibrated(model, vitq.recipe("liu21", ranking=ranking, **FAST), x)
+    # with ranking: the q.k^T searches (2 blocks, both operands, every round) carry key pairs, nothing else
+    assert (seen[True] > 0) == ranking and seen[False] > 0
+
+
+def test_attention_probabilities_use_the_papers_signed_grid(data):
+    """Eq. 1 of the paper, Clip(Round(Y / step), -2^(b-1), 2^(b-1) - 1), for every operand (PTQ4ViT's
+    BasePTQ re-implementation does the same for the softmax output); `signed: false` is the switch."""
+    model, x = data
+    q = calibrated(model, vitq.recipe("liu21", **FAST), x)
+    grid = q.blocks[0].attn.softmax.output_quantizer.quantizer
+    assert (grid.qmin, grid.qmax) == (-32, 31)  # 6 bits
+    unsigned = vitq.recipe("liu21", softmax_output={"signed": False}).specs[Kind.SOFTMAX_OUTPUT]
+    assert unsigned.signed is False and unsigned.bits == 6

@@ -35,8 +35,8 @@ from ..quant.quantizers import MAX_BITS, MIN_BITS
 from ..quant.recipe import Override
 from . import capture
 from .base import Method, register_method
-from .mixed_precision import (average_bits, bit_map, block_groups, mp_candidates, pareto_choice, print_bit_map,
-                              restore, sensitivity, snapshot, snapshot_bits)
+from .mixed_precision import (average_bits, bit_map, block_groups, mp_candidates, output_error, pareto_choice,
+                              print_bit_map, restore, sensitivity, snapshot, snapshot_bits)
 
 log = logging.getLogger(__name__)
 _CHUNK_ELEMENTS = 2**24  # candidate outputs scored at once (64 MB of float32)
@@ -53,6 +53,9 @@ class Liu21Options:
     bias_correction: bool = True  # fold the mean output error into the layer bias after each round
     search_samples: int = 32  # cached calibration samples (rows of each layer input) the search scores on
     mixed_precision: bool = False  # one width per MSA / MLP module, target-2 .. target+2, under the size budget
+    # the mixed-precision objective: sum (the paper's ||Y^ - Y||^2 per sample, heads' nuclear norms summed)
+    # or mean (per element, heads averaged: the former, which reweights modules by their output size)
+    mp_reduction: str = "sum"
 
 
 @dataclass
@@ -86,6 +89,8 @@ class Liu21(Method):
             raise ValueError("quant.search_samples and quant.rank_pairs must be at least 1")
         if o.gamma < 0 or o.theta < 0:
             raise ValueError(f"quant.gamma={o.gamma} and quant.theta={o.theta} must be non-negative")
+        if o.mp_reduction not in ("sum", "mean"):
+            raise ValueError(f"quant.mp_reduction={o.mp_reduction!r}: choose sum (the paper) or mean")
 
     # ---- hooks ------------------------------------------------------------------------------------
     def specs(self, specs: dict[str, PointSpec], scope: str) -> dict[str, PointSpec]:
@@ -214,7 +219,7 @@ class Liu21(Method):
         sizes: list[int] = []
         for gname, group, kind in groups:
             cap = capture.captured(group, self.name, gname)
-            sens = sensitivity(group, kind, cap, self.name)
+            sens = sensitivity(group, kind, cap, self.name, self.options.mp_reduction)
             results = {}
             for bits in mp_candidates(target):
                 snapshot_bits(group, bits)
@@ -222,7 +227,7 @@ class Liu21(Method):
                     for product in products(name, module, model, self.options):
                         self.search(product)
                 out = group(*cap.call_args, **cap.kwargs)
-                err = float((out.float() - cap.output).pow(2).mean())
+                err = output_error(out, cap.output, self.options.mp_reduction)
                 results[bits] = (sens * err, snapshot(group))
             options.append(results)
             sizes.append(sum(m.weight.numel() for m in group.modules() if isinstance(m, QuantWeight)))

@@ -38,15 +38,30 @@ def block_groups(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
                 yield f"{uname}.{cname}", child, "mlp"
 
 
-def sensitivity(group: nn.Module, kind: str, cap: capture.Capture, owner: str) -> float:
-    """Nuclear norm (sum of singular values) of the attention map (MSA) or of the output (MLP), averaged
-    over the cached samples (and heads)."""
+def sensitivity(group: nn.Module, kind: str, cap: capture.Capture, owner: str, reduction: str = "sum") -> float:
+    """The paper's sensitivity of a module: the nuclear norm of its attention map (MSA) or of its output
+    (MLP), per cached sample (`nuclear_norm`)."""
     if kind == "msa":
         av = next(m for m in group.modules() if isinstance(m, QuantMatMul) and m.a_quantizer is None)
-        maps = capture.captured(av, owner, "attention map").args[0]
-        return float(torch.linalg.matrix_norm(maps.double(), ord="nuc").mean())
+        return nuclear_norm(capture.captured(av, owner, "attention map").args[0], reduction)
     out = cap.output
-    return float(torch.linalg.matrix_norm(out.reshape(out.shape[0], -1, out.shape[-1]).double(), ord="nuc").mean())
+    return nuclear_norm(out.reshape(out.shape[0], -1, out.shape[-1]), reduction)
+
+
+def nuclear_norm(maps: torch.Tensor, reduction: str = "sum") -> float:
+    """Sum of singular values of each sample's map, averaged over samples. Maps [S, heads, N, N]: `sum`
+    adds the heads' norms (the nuclear norm of the block-diagonal map of all heads), `mean` averages them."""
+    norms = torch.linalg.matrix_norm(maps.double(), ord="nuc")  # [S] or [S, heads]
+    if norms.dim() > 1 and reduction == "sum":
+        norms = norms.sum(dim=tuple(range(1, norms.dim())))
+    return float(norms.mean())
+
+
+def output_error(out: torch.Tensor, target: torch.Tensor, reduction: str = "sum") -> float:
+    """||Y^ - Y||^2 per sample, averaged over samples (`sum`, the paper's squared norm), or the mean over
+    every element (`mean`)."""
+    e = (out.double() - target.double()).pow(2)
+    return float(e.reshape(e.shape[0], -1).sum(1).mean()) if reduction == "sum" else float(e.mean())
 
 
 def _points(group: nn.Module) -> Iterator[QuantPoint]:
