@@ -41,7 +41,9 @@ def header(argv: list[str]) -> list[str]:
         "OMSE, quantile and PTF searches were keyed by global batch index (the change that makes multi-process\n"
         "calibration exact). Those searches now see a different random token sample, so rows of recipes that use\n"
         "them (omse, quantile, fqvit's PTF, repq, isvit) may move within sampling noise until `make bench` is run\n"
-        "again on one commit.", "",
+        "again on one commit. Rows of fqvit, repq, isvit, qdrop, noisyquant and liu21 (and the DeiT-S fidelity rows)\n"
+        "were measured before those methods' defaults followed their published code (the protocol cards in\n"
+        "docs/methods.md, CHANGELOG.md): they show the former defaults until their sections run again.", "",
         "Every delta is quantized minus float top-1 in points, with its paired 95% bootstrap interval over the "
         "evaluation images (1000 resamples, seed 0) in brackets: an interval that contains 0 is not a measurable "
         "drop. No setting here was chosen by looking at evaluation images.", "",

@@ -199,6 +199,8 @@ def test_repq_recipe_matches_the_paper_protocol():
     assert (r.specs["weight"].bits, r.specs["linear_input"].bits, r.specs["softmax_output"].bits) == (4, 4, 4)
     assert r.specs["weight"].observer == "quantile" and r.specs["weight"].per_channel
     assert r.specs["softmax_output"].quantizer == "log_sqrt2"
+    assert r.calib_flow == "quantized"  # one forward with quantization on (test_quant.py:91-93)
+    assert not r.specs["weight"].zero_in_range and not r.specs["linear_input"].zero_in_range  # [min, max] as is
     q, _ = _calibrated(VIT, r)
     points = dict(iter_points(q))
     assert points["patch_embed.proj.input"].quantizer.bits == 8  # the image input stays 8-bit

@@ -339,3 +339,24 @@ def test_half_precision_input_keeps_dtype():
 def test_extra_repr_names_grid():
     assert "bits=4, signed, symmetric, per-channel(axis=0)" in repr(UniformQuantizer(4, True, axis=0))
     assert "unsigned, asymmetric, per-tensor" in repr(UniformQuantizer(8))
+
+
+def test_range_away_from_zero_kept_as_calibrated_by_hand():
+    """RepQ-ViT's quantizer: step = (max - min) / (2^b - 1), zero point round(-min / step), neither widened
+    to hold 0 nor clamped. [5, 10] at 8 bits: step 5/255, zero point -255; 7.35 / step = 374.85 -> code
+    375 - 255 = 120 -> 375 * 5/255 = 7.352941. The widened grid [0, 10] (step 10/255) gives 187 ->
+    7.333333. Gradient as the fused kernels: 1 in range, 0 where clipped (12 lies above 10)."""
+    kept = UniformQuantizer(8, symmetric=False, zero_in_range=False)
+    kept.set_range(torch.tensor(5.0), torch.tensor(10.0))
+    assert float(kept.scale) == pytest.approx(5 / 255) and float(kept.zero_point) == -255.0
+    x = torch.tensor([7.35, 12.0], requires_grad=True)
+    y = kept(x)
+    assert y.tolist() == pytest.approx([375 * 5 / 255, 10.0], abs=1e-6)
+    y.sum().backward()
+    assert x.grad.tolist() == [1.0, 0.0]
+    with torch.no_grad():  # the inference path computes the same
+        assert kept(x.detach()).tolist() == pytest.approx(y.tolist(), abs=1e-6)
+    widened = UniformQuantizer(8, symmetric=False)
+    widened.set_range(torch.tensor(5.0), torch.tensor(10.0))
+    assert float(widened.zero_point) == 0.0 and float(widened(torch.tensor(7.35))) == pytest.approx(187 * 10 / 255)
+    assert UniformQuantizer(8, symmetric=True, zero_in_range=False).zero_in_range  # symmetric grids hold 0

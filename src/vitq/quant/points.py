@@ -60,10 +60,13 @@ class PointSpec:
     enable: bool = True
     quantizer: str = "uniform"  # a registered grid: uniform | ptf | log2 | log_sqrt2 (see GRIDS)
     max_factor: int = 3  # PTF: channel factors 2^0 .. 2^K
+    # the range always holds 0 (widened if need be, zero point within the codes), or, false, the calibrated
+    # [min, max] as it is, the zero point wherever it falls (RepQ-ViT's and I&S-ViT's quantizers)
+    zero_in_range: bool = True
 
     def __post_init__(self) -> None:
         check_bits(self.bits, "quant point")
-        for name in ("symmetric", "per_channel", "learnable", "enable", "signed"):
+        for name in ("symmetric", "per_channel", "learnable", "enable", "signed", "zero_in_range"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "signed" and value is None):
                 raise ValueError(f"{name} must be true or false, got {value!r}")

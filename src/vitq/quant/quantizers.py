@@ -92,10 +92,12 @@ class UniformQuantizer(Grid):
         signed: bool | None = None,
         axis: int | None = None,
         learnable: bool = False,
+        zero_in_range: bool = True,
     ) -> None:
         super().__init__()
         self.bits = check_bits(bits)
         self.symmetric = symmetric
+        self.zero_in_range = zero_in_range or symmetric  # a symmetric grid is centred on 0
         self.signed = symmetric if signed is None else signed
         self.axis = axis
         self.learnable = learnable
@@ -122,10 +124,12 @@ class UniformQuantizer(Grid):
 
     @classmethod
     def from_spec(cls, spec, axis: int | None, channel_axis: int) -> "UniformQuantizer":  # noqa: ANN001
-        return cls(spec.bits, spec.symmetric, spec.signed, axis, spec.learnable)
+        return cls(spec.bits, spec.symmetric, spec.signed, axis, spec.learnable,
+                   getattr(spec, "zero_in_range", True))
 
     def probe(self) -> "UniformQuantizer":
-        return UniformQuantizer(self.bits, self.symmetric, self.signed, axis=0 if self.per_channel else None)
+        return UniformQuantizer(self.bits, self.symmetric, self.signed, axis=0 if self.per_channel else None,
+                                zero_in_range=self.zero_in_range)
 
     def export_params(self) -> dict:
         return {"grid": "uniform", "scale": self.scale.detach().clone(), "zero_point": self.zero_point.detach().clone(),
@@ -136,7 +140,8 @@ class UniformQuantizer(Grid):
         """Set scale and zero point so that [lo, hi] (scalars or per-channel vectors) maps onto the grid."""
         lo = torch.as_tensor(lo, dtype=torch.float32).reshape(-1)
         hi = torch.as_tensor(hi, dtype=torch.float32).reshape(-1)
-        lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
+        if self.zero_in_range:
+            lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
         if self.symmetric:
             if self.signed:
                 scale = torch.maximum(-lo, hi) / self.qmax
@@ -146,7 +151,9 @@ class UniformQuantizer(Grid):
         else:
             scale = (hi - lo) / (self.qmax - self.qmin)
             scale = scale.clamp_min(EPS)
-            zero_point = (self.qmin - torch.round(lo / scale)).clamp(self.qmin, self.qmax)
+            zero_point = self.qmin - torch.round(lo / scale)
+            if self.zero_in_range:
+                zero_point = zero_point.clamp(self.qmin, self.qmax)
         self.set_params(scale.clamp_min(EPS), zero_point)
 
     @torch.no_grad()
@@ -189,7 +196,8 @@ class UniformQuantizer(Grid):
             self.register_buffer("scale", scale)
             self.learnable = False
         if isinstance(self.zero_point, nn.Parameter):
-            zp = self.zero_point.detach().round().clamp(self.qmin, self.qmax)
+            zp = self.zero_point.detach().round()
+            zp = zp.clamp(self.qmin, self.qmax) if self.zero_in_range else zp
             del self.zero_point
             self.register_buffer("zero_point", zp)
 
@@ -226,6 +234,8 @@ class UniformQuantizer(Grid):
             return self.forward(x.float()).to(x.dtype)
         if not (torch.is_grad_enabled() and x.requires_grad):
             return self._forward_inference(x)
+        if not self.zero_in_range:  # the fused kernels need the zero point among the codes
+            return self._forward_ste(x)
         zp = self.zero_point.to(torch.int32)
         if self.per_channel and self.scale.numel() > 1:
             return torch.fake_quantize_per_channel_affine(
@@ -240,6 +250,15 @@ class UniformQuantizer(Grid):
         y = x * (1.0 / scale)
         return y.round_().add_(zp).clamp_(self.qmin, self.qmax).sub_(zp).mul_(scale)
 
+    def _forward_ste(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused kernels' arithmetic and gradient (1 where the code is in range, 0 where clipped) for a
+        zero point outside the codes."""
+        scale, zp = self._shape(self.scale, x), self._shape(self.zero_point, x)
+        codes = torch.round(x * (1.0 / scale)) + zp
+        inside = (codes >= self.qmin) & (codes <= self.qmax)
+        y = (codes.clamp(self.qmin, self.qmax) - zp) * scale
+        return torch.where(inside, x + (y - x).detach(), y.detach())
+
     def _forward_lsq(self, x: torch.Tensor) -> torch.Tensor:
         """LSQ: gradient flows to the scale through the rounding residual (Esser et al., 2020)."""
         scale = self._shape(self.scale, x)
@@ -248,7 +267,8 @@ class UniformQuantizer(Grid):
         grad_scale = 1.0 / (n * self.qmax) ** 0.5 if self.qmax > 0 else 1.0
         scale = (scale - scale * grad_scale).detach() + scale * grad_scale
         if isinstance(self.zero_point, nn.Parameter):  # LSQ+: a learned offset, kept on the integer grid
-            zp = round_ste((zp - zp * grad_scale).detach() + zp * grad_scale).clamp(self.qmin, self.qmax)
+            zp = round_ste((zp - zp * grad_scale).detach() + zp * grad_scale)
+            zp = zp.clamp(self.qmin, self.qmax) if self.zero_in_range else zp
         # the clip decision is taken on the rounded code (as the fused kernels do), so in-range values
         # on the grid ends keep their straight-through gradient; clipped ones pass none to x
         r = round_ste(x / scale + zp)
