@@ -15,8 +15,10 @@ FQVIT = {  # label -> (overrides, text)
     "fqvit-ptf-lis-884-ema": (["quant=fqvit", "quant.observer=ema"], "EMA + PTF + LIS 8/8/4"),
     "fqvit-ptf-lis-884-percentile": (["quant=fqvit", "quant.observer=percentile"], "Percentile + PTF + LIS 8/8/4"),
     "fqvit-ptf-lis-884-omse": (["quant=fqvit", "quant.observer=omse"], "OMSE + PTF + LIS 8/8/4"),
-    "fqvit-ptf-lis-884-minmax-integer": (["quant=fqvit", "quant.integer=true"],
-                                         "MinMax + PTF + LIS 8/8/4, integer LayerNorm/softmax"),
+    "fqvit-ptf-lis-884-minmax-integer": (["quant=fqvit", "quant.integer=exact"],
+                                         "MinMax + PTF + LIS 8/8/4, vitq's exact integer LayerNorm/softmax"),
+    "fqvit-ptf-lis-884-minmax-float-ln": (["quant=fqvit", "quant.integer=false"],
+                                          "MinMax + PTF + LIS 8/8/4, float LayerNorm/softmax (former default)"),
 }
 
 

@@ -178,8 +178,9 @@ def load_quantized(model: nn.Module, path: str | os.PathLike | Mapping[str, Any]
     model.load_state_dict(state, strict=True)
     set_mode(model, "quant")
     modules = dict(model.named_modules())
-    for name in ckpt.get("integer", []):  # modules that ran the integer kernels when saved
-        modules[name].integer = modules[name].can_run_integer()
+    saved = ckpt.get("integer", [])  # modules that ran the integer kernels when saved, and how
+    for name, arithmetic in (saved.items() if isinstance(saved, dict) else ((n, "exact") for n in saved)):
+        modules[name].integer = arithmetic if modules[name].can_run_integer() else False
     recipe.method_impl().after_load(model)
     model.vitq.calibrated = True
     model.vitq.float_state = ckpt.get("float_state_dict")

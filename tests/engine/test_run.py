@@ -162,7 +162,7 @@ def test_fqvit_integer_run(first_run, fqvit_run):
     _, _, row = first_run
     out, got = fqvit_run
     assert got["scope"] == "full" and got["attn_bits"] == 4
-    assert got["setting"] == "W8/A8/Attn4-log2 full +ptf integer"
+    assert got["setting"] == "W8/A8/Attn4-log2 full +ptf integer:exact"
     assert got["fp_top1"] == row["fp_top1"]  # same cached float model and metrics
     # measured: quant top-1 27/256 = 10.55%, delta -4.69 (12 images) on the barely trained float model
     assert got["quant_top1"] == pytest.approx(10.546875, abs=2 * IMAGE)

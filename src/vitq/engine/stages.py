@@ -123,7 +123,9 @@ def test_stage(ctx: RunContext) -> None:
     """Float and quantized metrics side by side, each delta with its paired 95% interval."""
     fp = float_outcomes(ctx)
     quant = evaluate(ctx, ctx.qmodel, "quant")
-    integer = any(getattr(m, "integer", False) for m in ctx.qmodel.modules())
+    kinds = sorted({"exact" if m.integer is True else m.integer for m in ctx.qmodel.modules()
+                    if getattr(m, "integer", False)})
+    integer = ",".join(kinds) or False  # the integer arithmetic the LayerNorms / softmaxes ran
     metrics = ctx.task.metrics
     float_layers = vitq.float_layers(ctx.qmodel)
     ctx.info["float_layers"] = len(float_layers)
@@ -133,7 +135,7 @@ def test_stage(ctx: RunContext) -> None:
                       compare=ctx.task.compare, **ctx.info, integer=integer,
                       calib_seconds=round(ctx.timings.get("calibrate", 0.0), 2), float_source=ctx.float_source, primary=ctx.task.primary)
     if integer:
-        row["setting"] += " integer"
+        row["setting"] += f" integer:{integer}"
     if ctx.finetuned:
         row["setting"] += f" +finetune {ctx.info.get('finetune_epochs')} ep"
     ctx.row = row

@@ -2,8 +2,10 @@
 integer-only LayerNorm / softmax kernels.
 
 Switches (`quant.<name>`): `ptf` puts the PTF grid at every `norm_input` point, `lis` the log2 grid at
-every `softmax_output` point, `integer` runs those LayerNorms and softmaxes through the integer kernels
-once calibrated (checked right then: a grid the kernels cannot represent fails with the fix).
+every `softmax_output` point, `integer` runs those LayerNorms and softmaxes through integer arithmetic
+once calibrated: `fqvit` (the default) is the code's (`QIntLayerNorm` mode 'int' wherever PTF is on,
+`int_softmax` wherever LIS is), `exact` vitq's int64 kernels (checked right then: a grid they cannot
+represent fails with the fix), `false` the float LayerNorm and softmax on quantized inputs.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import dataclasses
 
 from torch import nn
 
-from ..quant.ops import set_integer
+from ..quant.ops import INTEGER_ARITHMETIC, set_integer
 from ..quant.points import Kind, PointSpec
 from .base import Method, register_method
 
@@ -20,7 +22,9 @@ from .base import Method, register_method
 class FQViTOptions:
     ptf: bool = True  # Power-of-Two Factor quantizer at LayerNorm inputs (scope full)
     lis: bool = True  # log2 attention probabilities, attn_bits wide (Log-Int-Softmax)
-    integer: bool = False  # LayerNorm and softmax through the integer kernels (needs ptf and lis)
+    # LayerNorm and softmax arithmetic once calibrated: fqvit (the code's) | exact (int64; needs ptf and lis,
+    # true is its former spelling) | false (float on quantized inputs)
+    integer: bool | str = "fqvit"
     # PTF's layer-wise range: running min/max whatever the calibrator, as the code's PtfObserver (config.py
     # sets OBSERVER_A_LN = 'ptf' when ptf is on); calibrator: the range of quant.observer
     ptf_range: str = "minmax"
@@ -33,9 +37,12 @@ class FQViT(Method):
 
     def specs(self, specs: dict[str, PointSpec], scope: str) -> dict[str, PointSpec]:
         o = self.options
-        if o.integer and not (scope == "full" and o.ptf and o.lis):
-            raise ValueError("quant.integer=true needs the integer-ready FQ-ViT setting: quant.scope=full, "
-                             "quant.ptf=true and quant.lis=true (e.g. quant=fqvit quant.integer=true)")
+        if o.integer is not False and self.arithmetic() not in INTEGER_ARITHMETIC:
+            raise ValueError(f"quant.integer={o.integer!r}: choose fqvit (FQ-ViT's code), exact (vitq's int64 "
+                             "kernels) or false (float LayerNorm and softmax)")
+        if self.arithmetic() == "exact" and not (scope == "full" and o.ptf and o.lis):
+            raise ValueError("quant.integer=exact needs the integer-ready FQ-ViT setting: quant.scope=full, "
+                             "quant.ptf=true and quant.lis=true (e.g. quant=fqvit quant.integer=exact)")
         specs = dict(specs)
         if o.ptf_range not in ("minmax", "calibrator"):
             raise ValueError(f"quant.ptf_range={o.ptf_range!r}: choose minmax (FQ-ViT's code) or calibrator")
@@ -48,6 +55,12 @@ class FQViT(Method):
             specs[Kind.SOFTMAX_OUTPUT] = dataclasses.replace(specs[Kind.SOFTMAX_OUTPUT], quantizer="log2")
         return specs
 
+    def arithmetic(self) -> str | None:
+        """The integer arithmetic the options ask for (None: float LayerNorm and softmax)."""
+        integer = self.options.integer
+        return None if integer is False else "exact" if integer is True else integer
+
     def after_freeze(self, model: nn.Module) -> None:
-        if self.options.integer:
-            set_integer(model)  # checks every kernel's grid now, not at the first evaluation batch
+        arithmetic = self.arithmetic()
+        if arithmetic is not None:  # checks every kernel's grid now, not at the first evaluation batch
+            set_integer(model, arithmetic=arithmetic, strict=arithmetic == "exact")

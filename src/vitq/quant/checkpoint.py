@@ -26,7 +26,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, meta: Mapping[str,
     state = quant_state(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    integer = [n for n, m in model.named_modules() if getattr(m, "integer", False)]
+    integer = {n: ("exact" if m.integer is True else m.integer)  # True: the int64 kernels
+               for n, m in model.named_modules() if getattr(m, "integer", False)}
     with written_atomically(path) as tmp:
         ckpt = {"format": CHECKPOINT_FORMAT, "recipe": state.recipe.to_config(), "integer": integer,
                 "state_dict": model.state_dict(), "meta": dict(meta or {})}

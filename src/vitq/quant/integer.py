@@ -145,7 +145,7 @@ def ln_std_bits(channels: int, x_max: int, g_max: int) -> int:
         raise OverflowError(
             f"integer LayerNorm over {channels} channels with |x| up to {x_max} (PTF codes << alpha) and "
             f"|gamma / s_out| up to {g_max / (1 << LN_FRACTION_BITS):.3g} exceeds int64; use fewer bits or a "
-            f"smaller PTF max_factor, or keep quant.integer=false")
+            f"smaller PTF max_factor, quant.integer=fqvit (FQ-ViT's arithmetic) or quant.integer=false")
     return bits
 
 

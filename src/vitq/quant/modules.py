@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import integer_fqvit
 from .integer import (exp_constants, int_layernorm, int_softmax_log2_codes, ln_constants, ln_std_bits,
                       LNConstants, LN_FRACTION_BITS)
 from .points import Kind, QuantPoint
@@ -97,10 +98,11 @@ class QuantLayerNorm(Twin, nn.LayerNorm):
     """LayerNorm whose input (the residual stream) is a quant point.
 
     With `integer` set (FQ-ViT), the normalization runs on PTF codes in integer arithmetic and produces
-    codes of `out_point`, the quantizer of the layer it feeds.
+    codes of `out_point`, the quantizer of the layer it feeds: "fqvit" is FQ-ViT's code
+    (`integer_fqvit`), "exact" (or True) the int64 kernel of `integer.py`, False the float LayerNorm.
     """
 
-    integer = False
+    integer: bool | str = False
 
     def _add_points(self) -> None:
         self.input_quantizer = QuantPoint(Kind.NORM_INPUT)
@@ -115,8 +117,11 @@ class QuantLayerNorm(Twin, nn.LayerNorm):
                 and out is not None and out.mode == "quant" and out.spec.quantizer == "uniform"
                 and not out.spec.per_channel and self.weight is not None)
 
-    def integer_problem(self) -> str | None:
-        """Why the integer kernel cannot represent this calibrated LayerNorm (None: it can)."""
+    def integer_problem(self, arithmetic: str = "exact") -> str | None:
+        """Why the integer kernel cannot represent this calibrated LayerNorm (None: it can); FQ-ViT's
+        floating-point statistics have no such limit."""
+        if arithmetic == "fqvit":
+            return None
         ptf, out = self.input_quantizer.quantizer, self.out_point.quantizer
         x_max = int(max(ptf.qmax - float(ptf.zero_point.max()), float(ptf.zero_point.max()) - ptf.qmin)) \
             << int(ptf.alpha.max())
@@ -143,6 +148,12 @@ class QuantLayerNorm(Twin, nn.LayerNorm):
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """LayerNorm of an input that is already quantized (a block quantizes its residual stream)."""
+        if self.integer == "fqvit":
+            ptf, out = self.input_quantizer.quantizer, self.out_point.quantizer
+            codes = integer_fqvit.layernorm_codes(
+                _codes(ptf, x), int(ptf.zero_point.reshape(-1)[0]), ptf.alpha, float(ptf.base_scale), self.weight,
+                self.bias, float(out.scale), int(out.zero_point), out.qmin, out.qmax)
+            return out.from_codes(codes.to(x.dtype))
         if self.integer:
             ptf, out = self.input_quantizer.quantizer, self.out_point.quantizer
             k = self.integer_constants()
@@ -185,7 +196,7 @@ class QuantSoftmax(nn.Module):
     score grid is not stretched by the mask's large negative values.
     """
 
-    integer = False
+    integer: bool | str = False  # as QuantLayerNorm's: "fqvit", "exact" (or True), False
 
     def __init__(self, dim: int = -1) -> None:
         super().__init__()
@@ -198,20 +209,23 @@ class QuantSoftmax(nn.Module):
         return (self.dim in (-1,) and inp.mode == "quant" and inp.spec.quantizer == "uniform"
                 and not inp.spec.per_channel and out.mode == "quant" and out.spec.quantizer == "log2")
 
-    def integer_problem(self) -> str | None:
-        """Why the integer softmax cannot represent this calibrated score grid (None: it can)."""
+    def integer_problem(self, arithmetic: str = "exact") -> str | None:
+        """Why the integer softmax cannot represent this calibrated score grid (None: it can); FQ-ViT's
+        floored constants take any step."""
+        if arithmetic == "fqvit":
+            return None
         try:
             exp_constants(float(self.input_quantizer.quantizer.scale))
         except ValueError as e:
             return (f"{e}: the score grid is too coarse for i-exp; use more activation bits (quant.a_bits) "
-                    f"or keep quant.integer=false")
+                    f"quant.integer=fqvit (FQ-ViT's floored constants) or quant.integer=false")
         return None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.integer:  # i-exp and log2 codes on the score grid (FQ-ViT's integer LIS)
             q_in, q_out = self.input_quantizer.quantizer, self.output_quantizer.quantizer
-            codes = int_softmax_log2_codes(_codes(q_in, x), int(q_in.zero_point), float(q_in.scale),
-                                           q_out.bits, mask)
+            kernel = integer_fqvit.softmax_codes if self.integer == "fqvit" else int_softmax_log2_codes
+            codes = kernel(_codes(q_in, x), int(q_in.zero_point), float(q_in.scale), q_out.bits, mask)
             # dequantize by lookup: entry k is q_out.from_codes(k) for every code 0 .. qmax + 1
             table = q_out.from_codes(torch.arange(q_out.qmax + 2, dtype=x.dtype, device=x.device))
             return table.index_select(0, codes.reshape(-1)).view(codes.shape)

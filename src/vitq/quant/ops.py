@@ -14,6 +14,8 @@ from .modules import QuantLayerNorm, QuantSoftmax
 from .points import QuantPoint
 from .state import quant_state
 
+INTEGER_ARITHMETIC = ("fqvit", "exact")  # FQ-ViT's code (integer_fqvit.py) | vitq's int64 kernels (integer.py)
+
 
 def point_name(module_path: str) -> str:
     """`blocks.0.attn.qkv.input_quantizer` -> `blocks.0.attn.qkv.input`."""
@@ -42,21 +44,26 @@ def refit_weight(module: nn.Module) -> None:
         point.freeze()
 
 
-def set_integer(model: nn.Module, enabled: bool = True) -> int:
+def set_integer(model: nn.Module, enabled: bool = True, arithmetic: str = "fqvit", strict: bool = True) -> int:
     """Run LayerNorms and softmaxes through the integer kernels; returns how many modules switched.
 
-    Needs PTF at the LayerNorm inputs with a per-tensor uniform quantizer on the layer each feeds, and a
-    uniform score quantizer with log2 probabilities at each softmax (`quant=fqvit`). Every kernel's
-    calibrated grid is checked first: one the integer arithmetic cannot represent fails here, named,
-    instead of at the first evaluation batch.
+    `arithmetic` is "fqvit" (FQ-ViT's code: floating-point LayerNorm statistics with an 8-bit dyadic
+    multiplier, i-exp with floored constants; `integer_fqvit.py`) or "exact" (vitq's int64 kernels,
+    `integer.py`). A LayerNorm switches where its input is PTF and it feeds a per-tensor uniform
+    quantizer, a softmax where its scores are uniform per tensor and its probabilities log2 (FQ-ViT's code
+    does the same per module: `INT_NORM` with PTF, `INT_SOFTMAX` with LIS). Every kernel's calibrated grid
+    is checked first: one the arithmetic cannot represent fails here, named, instead of at the first
+    evaluation batch. With `strict`, a model where nothing can switch is an error.
     """
+    if arithmetic not in INTEGER_ARITHMETIC:
+        raise ValueError(f"integer arithmetic {arithmetic!r} is unknown: choose one of {INTEGER_ARITHMETIC}")
     ready = [(n, m) for n, m in model.named_modules()
              if isinstance(m, (QuantLayerNorm, QuantSoftmax)) and m.can_run_integer()]
     if enabled:
-        if not ready:
+        if not ready and strict:
             raise ValueError("no LayerNorm or softmax can run integer-only: that needs a calibrated model with "
-                             "PTF LayerNorm inputs and log2 attention probabilities (quant=fqvit, ptf and lis on)")
-        problems = [f"{n}: {msg}" for n, m in ready if (msg := m.integer_problem()) is not None]
+                             "PTF LayerNorm inputs or log2 attention probabilities (quant=fqvit, ptf or lis on)")
+        problems = [f"{n}: {msg}" for n, m in ready if (msg := m.integer_problem(arithmetic)) is not None]
         if problems:
             raise ValueError("the integer kernels cannot run this calibrated model:\n  " + "\n  ".join(problems[:5])
                              + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""))
@@ -64,7 +71,7 @@ def set_integer(model: nn.Module, enabled: bool = True) -> int:
         if isinstance(module, (QuantLayerNorm, QuantSoftmax)):
             module.integer = False
     for _, module in ready:
-        module.integer = bool(enabled)
+        module.integer = arithmetic if enabled else False
     return len(ready) if enabled else 0
 
 
