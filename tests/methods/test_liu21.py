@@ -262,3 +262,41 @@ def test_attention_probabilities_use_the_papers_signed_grid(data):
     assert (grid.qmin, grid.qmax) == (-32, 31)  # 6 bits
     unsigned = vitq.recipe("liu21", softmax_output={"signed": False}).specs[Kind.SOFTMAX_OUTPUT]
     assert unsigned.signed is False and unsigned.bits == 6
+
+
+def test_fused_qkv_gets_one_step_per_third_as_a_plain_loop_picks():
+    """W_Q, W_K, W_V as three layers (the paper; BasePTQ's n_V = 3): each third of the rows takes the factor
+    of its own max-based step whose third of the output correlates best with float, input step fixed."""
+    torch.manual_seed(1)
+    x = torch.distributions.StudentT(3.0).sample((6, 10, 16))
+    w = torch.cat([torch.randn(8, 16) * s for s in (0.1, 1.0, 5.0)])  # three very different magnitudes
+    bits, c = 4, 8
+    a_point = _point(bits, float(x.abs().max()))
+    b_point = QuantPoint(Kind.WEIGHT)
+    b_point.configure(vitq.quant.PointSpec(bits=bits, symmetric=True, per_channel=True))
+    b_point.quantizer.set_range(-w.abs().amax(1), w.abs().amax(1))
+    b_point.set_mode("quant")
+    sa = float(a_point.quantizer.scale)
+    Liu21({"candidates": c, "rounds": 1}).search(Product("qkv", linear_op, x, w, a_point, b_point, b_groups=3))
+    xq = _fq(x, sa, bits)
+    factors = torch.linspace(0.5, 1.2, c)
+    want = []
+    for third in w.chunk(3):
+        base = float(third.abs().max()) / (2 ** (bits - 1) - 1)
+        score = [sum(_pearson(xq[n] @ _fq(third, f * base, bits).t(), x[n] @ third.t()) for n in range(6))
+                 for f in factors.tolist()]
+        want += [float(factors[max(range(c), key=score.__getitem__)]) * base] * 8
+    assert torch.allclose(b_point.quantizer.scale.reshape(-1), torch.tensor(want), rtol=1e-6)
+    assert b_point.quantizer.scale.unique().numel() == 3
+
+
+def test_qkv_steps_in_a_vit(data):
+    model, x = data
+    three = calibrated(model, vitq.recipe("liu21", **FAST), x)
+    one = calibrated(model, vitq.recipe("liu21", qkv_steps=1, overrides=[], **FAST), x)
+    for i in range(len(model.blocks)):
+        assert three.blocks[i].attn.qkv.weight_quantizer.quantizer.scale.unique().numel() == 3
+        assert one.blocks[i].attn.qkv.weight_quantizer.quantizer.scale.numel() == 1
+        assert three.blocks[i].mlp.fc1.weight_quantizer.quantizer.scale.numel() == 1  # other layers: one step
+    with pytest.raises(ValueError, match=r"qkv_steps=3 .*per-channel qkv weight point.*qkv_steps=1"):
+        calibrated(model, vitq.recipe("liu21", overrides=[], **FAST), x)

@@ -8,7 +8,9 @@ cached calibration samples; for the attention scores the ranking loss gamma * me
 S^_j) sign(S_i - S_j))+) over sampled key pairs of each row is subtracted. Rounds repeat until neither
 step changes (at most `rounds`). After each round a layer's bias absorbs the mean output error
 E[q(X) q(W)^T - X W^T] (bias correction). Each product is searched on its own float inputs (cached
-during calibration), so a candidate costs one batched product, never a model forward.
+during calibration), so a candidate costs one batched product, never a model forward. The fused qkv layer is
+the paper's three layers W_Q, W_K, W_V: each third of its rows has its own weight step, searched on its third
+of the output (`qkv_steps`, as PTQ4ViT's BasePTQ), with one input step.
 
 Mixed precision (`mixed_precision: true`): every attention module (MSA) and every other weighted child
 of a transformer block (MLP) gets one bit width for all its operands, from target-2 .. target+2. For each
@@ -56,6 +58,7 @@ class Liu21Options:
     # the mixed-precision objective: sum (the paper's ||Y^ - Y||^2 per sample, heads' nuclear norms summed)
     # or mean (per element, heads averaged: the former, which reweights modules by their output size)
     mp_reduction: str = "sum"
+    qkv_steps: int = 3  # fused qkv weight: a step per third (W_Q, W_K, W_V, the paper) or 1 for the whole weight
 
 
 @dataclass
@@ -71,6 +74,7 @@ class Product:
     bias: nn.Parameter | None = None  # corrected after each round (Linear / Conv2d only)
     channel_dims: int = 1  # trailing output dims that index a bias entry (Linear: last; Conv2d as matmul: last)
     ranking: bool = False
+    b_groups: int = 1  # the weight's output rows in this many equal groups, each with its own searched step
 
 
 @register_method
@@ -91,6 +95,9 @@ class Liu21(Method):
             raise ValueError(f"quant.gamma={o.gamma} and quant.theta={o.theta} must be non-negative")
         if o.mp_reduction not in ("sum", "mean"):
             raise ValueError(f"quant.mp_reduction={o.mp_reduction!r}: choose sum (the paper) or mean")
+        if o.qkv_steps not in (1, 3):
+            raise ValueError(f"quant.qkv_steps={o.qkv_steps}: choose 3 (W_Q, W_K, W_V as three layers, the paper) "
+                             "or 1 (one step for the fused qkv weight)")
 
     # ---- hooks ------------------------------------------------------------------------------------
     def specs(self, specs: dict[str, PointSpec], scope: str) -> dict[str, PointSpec]:
@@ -150,31 +157,40 @@ class Liu21(Method):
         """Alternate the two operands' step searches; set the quantizers' steps and the corrected bias."""
         o = self.options
         factors = torch.linspace(0.5, 1.2, o.candidates)
-        base = {"a": _base_scale(p.a_point, p.a), "b": _base_scale(p.b_point, p.b)}
         grids = {"a": _grid(p.a_point), "b": _grid(p.b_point)}
+        base = {"a": _base_scale(p.a_point, p.a),
+                "b": _base_scale(p.b_point, p.b) if p.b_groups == 1 else _group_scale(p.b, p.b_groups, grids["b"])}
         x = {"a": p.a, "b": p.b}
         bias0 = None if p.bias is None else p.bias.detach().clone()
-        target = Target.of(_add_bias(p.op(p.a, p.b), bias0, p.channel_dims),
-                           o.rank_pairs if p.ranking and o.ranking else None)
+        full = _add_bias(p.op(p.a, p.b), bias0, p.channel_dims)
+        target = Target.of(full, o.rank_pairs if p.ranking and o.ranking else None)
+        groups = [target] if p.b_groups == 1 else [Target.of(t, None) for t in full.chunk(p.b_groups, dim=-1)]
         current = dict(base)
         quantized = {k: x[k] if base[k] is None else _fq(x[k], current[k], grids[k]) for k in "ab"}
         bias = bias0
-        chosen: dict[str, float] = {}
+        chosen: dict[str, Any] = {}
         for _ in range(o.rounds):
             before = dict(chosen)
             for side, other in (("b", "a"), ("a", "b")):  # weights (b of a Linear) first, as the paper
                 if base[side] is None:
                     continue
-                scores = []
-                per_candidate = target.per_candidate
-                for chunk in _chunks(factors, per_candidate + x[side].numel()):
+                parts = groups if side == "b" else [target]
+                scores: list[list[torch.Tensor]] = [[] for _ in parts]
+                for chunk in _chunks(factors, target.per_candidate + x[side].numel()):
                     cand = chunk.to(base[side].device).view(-1, *[1] * x[side].dim()) * base[side]
                     q = _fq(x[side].unsqueeze(0), cand, grids[side])
                     out = p.op(q, quantized[other]) if side == "a" else p.op(quantized[other], q)
-                    scores.append(self.score(_add_bias(out, bias, p.channel_dims), target))
-                best = int(torch.cat(scores).argmax())
-                chosen[side] = float(factors[best])
-                current[side] = base[side] * factors[best]
+                    out = _add_bias(out, bias, p.channel_dims)
+                    pieces = [out] if len(parts) == 1 else out.chunk(len(parts), dim=-1)
+                    for i, (piece, part) in enumerate(zip(pieces, parts)):
+                        scores[i].append(self.score(piece, part))
+                best = [int(torch.cat(s).argmax()) for s in scores]
+                chosen[side] = tuple(float(factors[i]) for i in best)
+                if len(best) == 1:
+                    current[side] = base[side] * factors[best[0]]
+                else:  # one factor per group of weight rows
+                    per_row = factors[best].repeat_interleave(base[side].shape[0] // len(best))
+                    current[side] = base[side] * per_row.view_as(base[side]).to(base[side])
                 quantized[side] = _fq(x[side], current[side], grids[side])
             if bias0 is not None and o.bias_correction:
                 err = p.op(quantized["a"], quantized["b"]) - p.op(p.a, p.b)
@@ -287,8 +303,15 @@ def products(name: str, module: nn.Module, model: nn.Module, options: Liu21Optio
             return []
     else:
         x = x.reshape(x.shape[0], -1, x.shape[-1])
+    groups = 1
+    if options.qkv_steps == 3 and name.endswith("qkv") and isinstance(module, nn.Linear):
+        wq = module.weight_quantizer
+        if not (wq.spec.per_channel and w.shape[0] % 3 == 0):
+            raise ValueError(f"{name}: quant.qkv_steps=3 needs a per-channel qkv weight point to hold three steps "
+                             "(liu21.yaml's override *qkv.weight per_channel: true); keep it or set quant.qkv_steps=1")
+        groups = 3
     return [Product(name, linear_op, x, w, _configured(module.input_quantizer),
-                    _configured(module.weight_quantizer), bias=module.bias)]
+                    _configured(module.weight_quantizer), bias=module.bias, b_groups=groups)]
 
 
 def linear_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -310,6 +333,12 @@ def _base_scale(point: QuantPoint | None, x: torch.Tensor) -> torch.Tensor | Non
     q = point.quantizer
     scale = q.scale.detach().clone()
     return q._shape(scale, x) if q.per_channel and scale.numel() > 1 else scale.reshape([1] * x.dim())
+
+
+def _group_scale(w: torch.Tensor, groups: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Max-based step of each of `groups` equal blocks of weight rows, one entry per row ([O, 1])."""
+    amax = w.reshape(groups, -1).abs().amax(-1)
+    return (amax / grid[1]).clamp_min(torch.finfo(w.dtype).tiny).repeat_interleave(w.shape[0] // groups)[:, None]
 
 
 def _grid(point: QuantPoint | None) -> tuple[int, int] | None:
