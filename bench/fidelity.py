@@ -114,4 +114,17 @@ def report(data: dict) -> list[str]:
     for r in peer["runs"]:
         lines.append(f"| published code: {r['label']} ({r['code']}) | {r['agreement']:.2f} | {r['cosine']:.4f} | "
                      f"{r['sqnr_db']:.2f} | {r['calib_seconds']:.0f}{'' if r.get('idle') else '*'} |")
-    return lines + ["", peer.get("how", ""), ""]
+    return lines + ["", peer.get("how", ""), ""] + side_by_side(peer.get("side_by_side"))
+
+
+def side_by_side(sbs: dict | None) -> list[str]:
+    """The two implementations' quantized outputs against each other (recorded in peer_measurements.json:
+    the published code runs outside this repository), beside each code's noise floor."""
+    if not sbs:
+        return []
+    lines = ["### Fidelity to published code", "", sbs["protocol"], "",
+             "| method | comparison | cosine | top-1 agreement % | SQNR dB | vitq commit |", "|---|---|---|---|---|---|"]
+    for r in sbs["rows"]:
+        lines.append(f"| {r['method']} | {r['comparison']} | {r['cosine']:.4f} | {r['agreement']:.2f} | "
+                     f"{r['sqnr_db']:.2f} | {r.get('vitq', '–')} |")
+    return lines + [""] + [f"- {note}" for note in sbs.get("notes", [])] + [""]

@@ -57,3 +57,16 @@ def test_only_report_rewrites_page_and_readme(tmp_path, monkeypatch) -> None:
     assert readme.startswith("intro\n<!-- results-table -->\nTop-1 %") and readme.endswith("<!-- /results-table -->\nend\n")
     assert "| vit_mnist (mnist, 1000 images) | 52.90 | 12.35 (-1.50 ± 0.50) | – |" in readme
     assert json.loads((out / "results.json").read_text()) == DATA  # nothing measured, nothing changed
+
+
+def test_fidelity_side_by_side_table() -> None:
+    """The recorded side-by-side comparison becomes its own table, one row per comparison, notes below."""
+    from bench.fidelity import side_by_side
+
+    assert side_by_side(None) == []
+    lines = side_by_side({"protocol": "P", "notes": ["n1"], "rows": [
+        {"method": "FQ-ViT", "comparison": "vitq vs code", "cosine": 0.98751, "agreement": 79.296875,
+         "sqnr_db": 16.004, "vitq": "abc1234"}]})
+    assert lines[0] == "### Fidelity to published code" and lines[2] == "P"
+    assert "| FQ-ViT | vitq vs code | 0.9875 | 79.30 | 16.00 | abc1234 |" in lines
+    assert "- n1" in lines

@@ -35,8 +35,8 @@ def test_recipe_overrides_and_errors():
         vitq.recipe("nope")
     with pytest.raises(ValueError, match="recipe 'repq' has no key 'bogus'"):
         vitq.recipe("repq", bogus=1)
-    with pytest.raises(ValueError, match="quant.integer must be true or false"):
-        vitq.recipe("fqvit", integer="yes")
+    with pytest.raises(ValueError, match="quant.ptf must be true or false"):
+        vitq.recipe("fqvit", ptf="yes")
     with pytest.raises(ValueError, match="between 2 and 16"):
         vitq.recipe("repq", w_bits=1)
 

@@ -85,3 +85,16 @@ def test_ptf_range_is_running_minmax_whatever_the_calibrator(observer):
 def test_qkv_output_needs_scope_full():
     with pytest.raises(ValueError, match="scope=matmul leaves float"):
         vitq.recipe("fqvit", scope="matmul")
+
+
+def test_weights_use_the_codes_half_span_step():
+    """quant=fqvit: every weight step is max|w_row| / 127.5, as FQ-ViT's MinMax observer."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1).eval()
+    q = vitq.quantize(model, vitq.recipe("fqvit"))
+    vitq.calibrate(q, lambda m: m(torch.randn(4, 3, 32, 32)))
+    w = q.blocks[0].mlp.fc1
+    want = w.weight.detach().abs().amax(1) / 127.5
+    assert torch.allclose(w.weight_quantizer.quantizer.scale.reshape(-1), want, rtol=1e-6)

@@ -360,3 +360,17 @@ def test_range_away_from_zero_kept_as_calibrated_by_hand():
     widened.set_range(torch.tensor(5.0), torch.tensor(10.0))
     assert float(widened.zero_point) == 0.0 and float(widened(torch.tensor(7.35))) == pytest.approx(187 * 10 / 255)
     assert UniformQuantizer(8, symmetric=True, zero_in_range=False).zero_in_range  # symmetric grids hold 0
+
+
+def test_half_span_symmetric_step_by_hand():
+    """FQ-ViT's symmetric observer divides max|x| by (qmax - qmin) / 2: 8 bits, max|x| = 1.275 -> step
+    1.275 / 127.5 = 0.01 (codes -127 .. 127 in use); the default divides by qmax: 1.275 / 127 = 0.0100394."""
+    x = torch.tensor([-1.275, 0.5])
+    half = UniformQuantizer(8, symmetric=True, half_span=True)
+    half.set_range(x.min(), x.max())
+    assert float(half.scale) == pytest.approx(0.01, rel=1e-6)
+    assert half.to_codes(x).tolist() == [-128, 50]  # round(-127.5) = -128 (half to even), 0.5 / 0.01 = 50
+    plain = UniformQuantizer(8, symmetric=True)
+    plain.set_range(x.min(), x.max())
+    assert float(plain.scale) == pytest.approx(1.275 / 127, rel=1e-6)
+    assert half.probe().half_span  # the clip searches score candidates on the same grid

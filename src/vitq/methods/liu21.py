@@ -159,7 +159,7 @@ class Liu21(Method):
         factors = torch.linspace(0.5, 1.2, o.candidates)
         grids = {"a": _grid(p.a_point), "b": _grid(p.b_point)}
         base = {"a": _base_scale(p.a_point, p.a),
-                "b": _base_scale(p.b_point, p.b) if p.b_groups == 1 else _group_scale(p.b, p.b_groups, grids["b"])}
+                "b": _base_scale(p.b_point, p.b) if p.b_groups == 1 else _group_scale(p.b, p.b_groups, p.b_point)}
         x = {"a": p.a, "b": p.b}
         bias0 = None if p.bias is None else p.bias.detach().clone()
         full = _add_bias(p.op(p.a, p.b), bias0, p.channel_dims)
@@ -335,10 +335,11 @@ def _base_scale(point: QuantPoint | None, x: torch.Tensor) -> torch.Tensor | Non
     return q._shape(scale, x) if q.per_channel and scale.numel() > 1 else scale.reshape([1] * x.dim())
 
 
-def _group_scale(w: torch.Tensor, groups: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Max-based step of each of `groups` equal blocks of weight rows, one entry per row ([O, 1])."""
-    amax = w.reshape(groups, -1).abs().amax(-1)
-    return (amax / grid[1]).clamp_min(torch.finfo(w.dtype).tiny).repeat_interleave(w.shape[0] // groups)[:, None]
+def _group_scale(w: torch.Tensor, groups: int, point: QuantPoint) -> torch.Tensor:
+    """Max-based step (the point's divisor) of each of `groups` equal blocks of weight rows, per row [O, 1]."""
+    q = point.quantizer
+    step = w.reshape(groups, -1).abs().amax(-1) / ((q.qmax - q.qmin) / 2 if q.half_span else q.qmax)
+    return step.clamp_min(torch.finfo(w.dtype).tiny).repeat_interleave(w.shape[0] // groups)[:, None]
 
 
 def _grid(point: QuantPoint | None) -> tuple[int, int] | None:

@@ -63,10 +63,13 @@ class PointSpec:
     # the range always holds 0 (widened if need be, zero point within the codes), or, false, the calibrated
     # [min, max] as it is, the zero point wherever it falls (RepQ-ViT's and I&S-ViT's quantizers)
     zero_in_range: bool = True
+    # signed symmetric grids: step max|x| / ((2^b - 1) / 2) (FQ-ViT's observers; code -2^(b-1) never used)
+    # instead of max|x| / (2^(b-1) - 1)
+    half_span: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.bits, "quant point")
-        for name in ("symmetric", "per_channel", "learnable", "enable", "signed", "zero_in_range"):
+        for name in ("symmetric", "per_channel", "learnable", "enable", "signed", "zero_in_range", "half_span"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "signed" and value is None):
                 raise ValueError(f"{name} must be true or false, got {value!r}")

@@ -93,11 +93,13 @@ class UniformQuantizer(Grid):
         axis: int | None = None,
         learnable: bool = False,
         zero_in_range: bool = True,
+        half_span: bool = False,
     ) -> None:
         super().__init__()
         self.bits = check_bits(bits)
         self.symmetric = symmetric
         self.zero_in_range = zero_in_range or symmetric  # a symmetric grid is centred on 0
+        self.half_span = half_span  # signed symmetric step max|x| / ((2^b - 1) / 2), FQ-ViT's, not / qmax
         self.signed = symmetric if signed is None else signed
         self.axis = axis
         self.learnable = learnable
@@ -125,11 +127,11 @@ class UniformQuantizer(Grid):
     @classmethod
     def from_spec(cls, spec, axis: int | None, channel_axis: int) -> "UniformQuantizer":  # noqa: ANN001
         return cls(spec.bits, spec.symmetric, spec.signed, axis, spec.learnable,
-                   getattr(spec, "zero_in_range", True))
+                   getattr(spec, "zero_in_range", True), getattr(spec, "half_span", False))
 
     def probe(self) -> "UniformQuantizer":
         return UniformQuantizer(self.bits, self.symmetric, self.signed, axis=0 if self.per_channel else None,
-                                zero_in_range=self.zero_in_range)
+                                zero_in_range=self.zero_in_range, half_span=self.half_span)
 
     def export_params(self) -> dict:
         return {"grid": "uniform", "scale": self.scale.detach().clone(), "zero_point": self.zero_point.detach().clone(),
@@ -144,7 +146,7 @@ class UniformQuantizer(Grid):
             lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
         if self.symmetric:
             if self.signed:
-                scale = torch.maximum(-lo, hi) / self.qmax
+                scale = torch.maximum(-lo, hi) / ((self.qmax - self.qmin) / 2 if self.half_span else self.qmax)
             else:
                 scale = hi / self.qmax
             zero_point = torch.zeros_like(scale)
