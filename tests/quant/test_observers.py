@@ -407,3 +407,27 @@ def test_make_observer_passes_axis_and_kwargs():
     obs = make_observer("ema", axis=0, momentum=0.25)
     assert isinstance(obs, EMAObserver) and obs.axis == 0 and obs.momentum == 0.25
     assert set(OBSERVERS) >= {"minmax", "ema", "percentile", "omse"}
+
+
+def test_uncapped_sample_keeps_every_token_and_merges_them_all():
+    """max_tokens=None (RepQ-ViT's searches on its whole batch): 5 batches of 20 tokens -> all 100 kept, and a
+    two-process merge holds both sides' tokens."""
+    obs = OMSEObserver(max_tokens=None)
+    for b in range(5):
+        obs.observe(torch.full((2, 10, 16), float(b)))
+    assert obs.state["sample"].shape == (16, 100)
+    assert sorted(obs.state["sample"][0].tolist()) == sorted([float(b) for b in range(5)] * 20)
+    left, right = OMSEObserver(max_tokens=None), OMSEObserver(max_tokens=None)
+    left.shard, right.shard = (0, 2), (1, 2)
+    left.observe(torch.randn(1, 40, 4))
+    right.observe(torch.randn(1, 40, 4))
+    left.merge_(right)
+    assert left.state["sample"].shape == (4, 80)
+
+
+def test_repq_searches_every_calibration_token():
+    import vitq
+
+    specs = vitq.recipe("repq").specs
+    assert specs["linear_input"].observer_args["max_tokens"] is None
+    assert specs["softmax_output"].observer_args["max_tokens"] is None

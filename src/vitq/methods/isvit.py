@@ -105,7 +105,7 @@ class SULQObserver(RangeSampleObserver):
     """Min and max of the probabilities and a token sample; `fit` picks the shift eta with the lowest L2
     error on the sample (the first such candidate on ties). Merges exactly like the other observers."""
 
-    def __init__(self, axis: int | None = None, channel_axis: int = -1, max_tokens: int = 2048,
+    def __init__(self, axis: int | None = None, channel_axis: int = -1, max_tokens: int | None = 2048,
                  etas: tuple[float, ...] = ETAS) -> None:
         super().__init__(None, channel_axis)
         self.max_tokens, self.etas = max_tokens, tuple(etas)

@@ -14,15 +14,16 @@ KEY_RANGE = 2**62  # token keys are uniform integers below this: ties are neglig
 
 
 class TokenSampleMixin:
-    """A uniform random sample of up to `max_tokens` token vectors (one value per channel of the layout)
-    from everything observed, kept as state `sample` [C, T] with random keys `keys` [T] (a reservoir:
+    """A uniform random sample of up to `max_tokens` token vectors (one value per channel of the layout;
+    None: every token, as RepQ-ViT's and I&S-ViT's searches on their one calibration batch) from everything
+    observed, kept as state `sample` [C, T] with random keys `keys` [T] (a reservoir:
     the tokens with the smallest keys, in key order). Every channel of a kept token is kept, so a search
     scores all channels, and the sample spans the whole calibration set, not its last batches. A batch's
     keys are drawn from its global index, and merging concatenates and keeps the smallest keys again, so
     N processes hold exactly the sample one process draws over the same batches.
     """
 
-    max_tokens: int
+    max_tokens: int | None
     state: dict[str, torch.Tensor]
     channel_axis: int
 
@@ -35,7 +36,7 @@ class TokenSampleMixin:
         old_keys = self.state.get("keys")
         old = 0 if old_keys is None else old_keys.numel()
         all_keys = keys if old_keys is None else torch.cat([old_keys, keys])
-        keep = all_keys.topk(min(self.max_tokens, all_keys.numel()), largest=False).indices  # in key order
+        keep = all_keys.topk(self._cap(all_keys.numel()), largest=False).indices  # in key order
         kept_old, kept_new = keep[keep < old], keep[keep >= old] - old
         new = tokens[kept_new].t().float()  # only the kept tokens are copied
         sample = new if old_keys is None else torch.cat([self.state["sample"][:, kept_old], new], 1)
@@ -43,10 +44,13 @@ class TokenSampleMixin:
         order = sample_keys.argsort()
         self.state["sample"], self.state["keys"] = sample[:, order], sample_keys[order]
 
+    def _cap(self, n: int) -> int:
+        return n if self.max_tokens is None else min(self.max_tokens, n)
+
     def _trim_sample(self) -> None:
         keys = self.state.get("keys")
         if keys is not None:
-            keep = keys.topk(min(self.max_tokens, keys.numel()), largest=False).indices  # in key order
+            keep = keys.topk(self._cap(keys.numel()), largest=False).indices  # in key order
             self.state["sample"], self.state["keys"] = self.state["sample"][:, keep], keys[keep]
 
     def _values(self, per_channel: bool) -> torch.Tensor:
@@ -73,7 +77,7 @@ class OMSEObserver(RangeSampleObserver):
     point's own grid (`quantizer.probe()`), over a token sample that spans the calibration set."""
 
     def __init__(self, axis: int | None = None, channel_axis: int = -1, steps: int = 90,
-                 max_tokens: int = 2048) -> None:
+                 max_tokens: int | None = 2048) -> None:
         super().__init__(axis, channel_axis)
         self.steps, self.max_tokens = steps, max_tokens
 
@@ -102,7 +106,7 @@ class QuantileObserver(TokenSampleMixin, Observer):
     reductions = {"sample": "cat", "keys": "cat"}
 
     def __init__(self, axis: int | None = None, channel_axis: int = -1,
-                 quantiles: tuple[float, ...] = (0.999, 0.9999, 0.99999), max_tokens: int = 4096) -> None:
+                 quantiles: tuple[float, ...] = (0.999, 0.9999, 0.99999), max_tokens: int | None = 4096) -> None:
         super().__init__(axis, channel_axis)
         quantiles = tuple(float(q) for q in quantiles)
         if not quantiles or not all(0.5 < q <= 1.0 for q in quantiles):
@@ -139,7 +143,7 @@ class PTFObserver(TokenSampleMixin, Observer):
 
     reductions = {"sample": "cat", "keys": "cat"}
 
-    def __init__(self, axis: int | None = -1, calibrator: str = "minmax", max_tokens: int = 4096,
+    def __init__(self, axis: int | None = -1, calibrator: str = "minmax", max_tokens: int | None = 4096,
                  **calibrator_args) -> None:  # noqa: ANN003
         super().__init__(-1 if axis is None else axis)
         if calibrator == "ptf":
