@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from types import ModuleType
@@ -30,31 +31,58 @@ README = [accuracy, search, finetune]  # the sections with a line in the README,
 ONLY = [name for section in SECTIONS for name in section.ONLY]
 
 
-def header(argv: list[str]) -> list[str]:
+def header(argv: list[str], measured: dict[str, str]) -> list[str]:
+    refreshed = "; ".join(f"`{name}` at {when}" for name, when in sorted(measured.items()))
     return [
         "# Benchmark results", "",
         f"Produced by `make bench` (`python -m bench.run`); `python -m bench.run --only {'|'.join(ONLY)}` refreshes "
-        "one section and keeps the others, `--only report` rewrites this page from "
-        f"`outputs/bench/results.json`. Last written {time.strftime('%Y-%m-%d')} by `python -m bench.run "
-        f"{' '.join(argv)}`.", f"Machine: {machine()}.", "",
-        "The sections were measured at different commits, several of them before the token samples of the\n"
-        "OMSE, quantile and PTF searches were keyed by global batch index (the change that makes multi-process\n"
-        "calibration exact). Those searches now see a different random token sample, so rows of recipes that use\n"
-        "them (omse, quantile, fqvit's PTF, repq, isvit) may move within sampling noise until `make bench` is run\n"
-        "again on one commit. Rows of fqvit, repq, isvit, qdrop, noisyquant and liu21 (and the DeiT-S fidelity rows)\n"
-        "were measured before those methods' defaults followed their published code (the protocol cards in\n"
-        "docs/methods.md, CHANGELOG.md): they show the former defaults until their sections run again.", "",
+        "one section and keeps the others (from `outputs/bench/results.json`, or where that holds no data for "
+        "them, their text on this page), `--only report` rewrites this page from `outputs/bench/results.json`. "
+        f"Last written {time.strftime('%Y-%m-%d')} by `python -m bench.run {' '.join(argv)}`.",
+        f"Machine: {machine()}.", "",
+        "Sections measured since every method's defaults follow its published code (the protocol cards in "
+        f"docs/methods.md, CHANGELOG.md): {refreshed or 'none yet'}. The other sections were measured earlier, "
+        "under the former defaults of fqvit, repq, isvit, qdrop, noisyquant and liu21, and before the OMSE, "
+        "quantile and PTF token samples were keyed by global batch index: their rows of those recipes move when "
+        "the section runs again.", "",
         "Every delta is quantized minus float top-1 in points, with its paired 95% bootstrap interval over the "
         "evaluation images (1000 resamples, seed 0) in brackets: an interval that contains 0 is not a measurable "
         "drop. No setting here was chosen by looking at evaluation images.", "",
     ]
 
 
-def write_report(data: dict, argv: list[str]) -> str:
-    lines = header(argv)
-    for section in SECTIONS:
-        lines += section.report(data)
-    return "\n".join(lines) + "\n"
+def blocks(text: str) -> tuple[list[str], dict[str, list[str]]]:
+    """A page split at its `## ` headings: (the heading order, heading -> its lines)."""
+    order: list[str] = []
+    found: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            current = line
+            order.append(line)
+            found[line] = []
+        if current is not None:
+            found[current].append(line)
+    return order, found
+
+
+def write_report(data: dict, argv: list[str], old: str = "") -> str:
+    """The page from `data`; a section without data keeps its block from the old page (same heading)."""
+    lines = header(argv, data.get("measured", {}))
+    new_order, new = blocks("\n".join(line for section in SECTIONS for line in section.report(data)))
+    old_order, kept = blocks(old)
+    order = old_order + [h for h in new_order if h not in kept]
+    for heading in order:
+        lines += new.get(heading) or kept[heading]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown commit"
 
 
 def readme_summary(data: dict) -> str:
@@ -97,8 +125,11 @@ def main(argv: list[str] | None = None) -> None:
     for section in SECTIONS:
         if args.only is None or args.only in section.ONLY:
             section.measure(data, args, save)
+            name = args.only or section.__name__.rsplit(".", 1)[-1]
+            data.setdefault("measured", {})[name] = f"{commit()} ({time.strftime('%Y-%m-%d')})"
+            save()
     save()
-    report = write_report(data, argv)
+    report = write_report(data, argv, DOC.read_text() if DOC.exists() else "")
     DOC.write_text(report)
     update_readme(readme_summary(data))
     print(report)

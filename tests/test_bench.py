@@ -70,3 +70,16 @@ def test_fidelity_side_by_side_table() -> None:
     assert lines[0] == "### Fidelity to published code" and lines[2] == "P"
     assert "| FQ-ViT | vitq vs code | 0.9875 | 79.30 | 16.00 | abc1234 |" in lines
     assert "- n1" in lines
+
+
+def test_refreshing_one_section_keeps_the_other_sections_text() -> None:
+    """Without stored data for them, the other sections keep their block of the old page, in place."""
+    old = ("# Benchmark results\n\nold header\n\n## vit_mnist on mnist\n\nold mnist table\n\n"
+           "## Fidelity on DeiT-S beside the published code\n\nold fidelity rows\n\n## DeiT-S speed and memory\n\nold speed\n")
+    data = {"fidelity": [{"label": "vitq minmax W4A4", "setting": "W4/A4 matmul", "agreement": 30.0, "cosine": 0.8,
+                          "sqnr_db": 4.5, "calib_seconds": 1.0}], "measured": {"fidelity": "abc1234 (2026-12-07)"}}
+    page = run.write_report(data, ["--only", "fidelity"], old)
+    assert "old mnist table" in page and "old speed" in page and "old fidelity rows" not in page
+    assert "| vitq minmax W4A4 (W4/A4 matmul) | 30.00 | 0.8000 | 4.50 | 1.0 |" in page
+    assert page.index("## vit_mnist") < page.index("## Fidelity") < page.index("## DeiT-S speed")
+    assert "`fidelity` at abc1234 (2026-12-07)" in page and "old header" not in page
