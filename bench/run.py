@@ -66,14 +66,29 @@ def blocks(text: str) -> tuple[list[str], dict[str, list[str]]]:
     return order, found
 
 
+def measured(section: ModuleType, data: dict) -> bool:
+    """Whether the store holds a measurement of this section (sections share data keys: the FQ-ViT ablation
+    adds rows to the accuracy tables)."""
+    if "measured" not in data:  # a store written before sections were recorded: all of it counts
+        return True
+    return bool(set(data["measured"]) & {*section.ONLY, section.__name__.rsplit(".", 1)[-1]})
+
+
 def write_report(data: dict, argv: list[str], old: str = "") -> str:
-    """The page from `data`; a section without data keeps its block from the old page (same heading)."""
+    """The page from `data`; a section the store holds no measurement of keeps its block of the old page (same
+    heading), where the old page has one."""
     lines = header(argv, data.get("measured", {}))
-    new_order, new = blocks("\n".join(line for section in SECTIONS for line in section.report(data)))
     old_order, kept = blocks(old)
+    fresh, stale = {}, {}
+    new_order: list[str] = []
+    for section in SECTIONS:
+        order, found = blocks("\n".join(section.report(data)))
+        new_order += order
+        (fresh if measured(section, data) or not kept else stale).update(found)
     order = old_order + [h for h in new_order if h not in kept]
     for heading in order:
-        lines += new.get(heading) or kept[heading]
+        block = fresh.get(heading) or kept.get(heading) or stale[heading]
+        lines += block + ([""] if block[-1] else [])  # one blank line between blocks
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -85,14 +100,19 @@ def commit() -> str:
         return "unknown commit"
 
 
-def readme_summary(data: dict) -> str:
-    """A few headline rows for the README; the full tables are in docs/results.md."""
+def readme_summary(data: dict) -> str | None:
+    """A few headline rows for the README; the full tables are in docs/results.md. None while the store holds
+    no measurement of a section of the summary (the README keeps its summary)."""
+    if not all(measured(section, data) for section in README):
+        return None
     return "".join(section.readme(data) for section in README)
 
 
-def update_readme(summary: str) -> None:
+def update_readme(summary: str | None) -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
+    if summary is None:
+        return
     start, end = "<!-- results-table -->", "<!-- /results-table -->"
     if start not in text:
         return

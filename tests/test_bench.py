@@ -83,3 +83,14 @@ def test_refreshing_one_section_keeps_the_other_sections_text() -> None:
     assert "| vitq minmax W4A4 (W4/A4 matmul) | 30.00 | 0.8000 | 4.50 | 1.0 |" in page
     assert page.index("## vit_mnist") < page.index("## Fidelity") < page.index("## DeiT-S speed")
     assert "`fidelity` at abc1234 (2026-12-07)" in page and "old header" not in page
+
+
+def test_a_section_sharing_data_does_not_replace_an_unmeasured_sections_text(tmp_path, monkeypatch) -> None:
+    """The FQ-ViT ablation adds rows to the accuracy data: with only `fqvit` measured, the accuracy tables
+    and the README summary keep their old text."""
+    old = "# Benchmark results\n\n## vit_mnist on mnist\n\nold mnist table\n"
+    data = {**DATA, "measured": {"fqvit": "abc1234 (2026-12-07)"}}
+    page = run.write_report(data, ["--only", "fqvit"], old)
+    assert "old mnist table" in page
+    assert run.readme_summary(data) is None
+    assert run.readme_summary({**data, "measured": {n: "x" for n in ("accuracy", "search", "finetune")}})
