@@ -322,3 +322,30 @@ def test_repq_fold_maps_the_cached_inputs_to_the_new_layer_inputs(data):
     handle.remove()
     capture.detach_all(q, "test")
     torch.testing.assert_close(cached, seen[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rule", ["code", "grid"])
+def test_clip_search_scores_by_the_codes_rule_or_the_grid(rule):
+    """NoisyQuant's code scores a candidate step s on x clamped to +-qmax s (fast_quant.py:43), so code -2^(b-1)
+    never occurs in the search although inference uses it; `grid` scores the grid itself. Skewed data whose
+    negative tail sits past -qmax s makes the two rules choose different factors; each equals the argmin of
+    its own errors computed from the definitions."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2048, 64, generator=g) * 2 - 1
+    x[:256] -= 0.6  # a negative tail, beyond -7 s of the clipped grids
+    layer, _, _ = _layer(x, 4)
+    y = quantized_weight_output(layer, x)
+    s = layer.input_quantizer.quantizer.scale.clone()
+    factors = torch.linspace(0.3, 1.0, 8)
+    errors = {"code": [], "grid": []}
+    for f in factors:
+        layer.input_quantizer.quantizer.set_params(s * f, torch.zeros(1))
+        bound = 7 * float(s * f)
+        errors["code"].append(float((_by_hand(layer, x.clamp(-bound, bound)) - y).pow(2).mean()))
+        errors["grid"].append(float((_by_hand(layer, x) - y).pow(2).mean()))
+    layer.input_quantizer.quantizer.set_params(s, torch.zeros(1))
+    search_clip(layer, x, y, count=8, floor=0.3, clamp_first=rule == "code")
+    best = {k: int(torch.tensor(v).argmin()) for k, v in errors.items()}
+    assert best["code"] != best["grid"]
+    assert torch.equal(layer.input_quantizer.quantizer.scale, s * factors[best[rule]])
+    assert vitq.recipe("noisyquant").method_impl().options.noisy_clip_score == "code"

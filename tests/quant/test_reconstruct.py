@@ -367,8 +367,8 @@ def test_squared_error_sums_channels_or_tokens_by_hand():
 def test_rounding_regularizer_schedule_is_qdrops_linear_temperature_decay(monkeypatch):
     """QDrop's `LinearTempDecay` (recon.py:43-59) and `LossFunction` (recon.py:66-103): no regularizer for
     the first warm_up * iters steps, then beta = 2 + (20 - 2) * max(0, 1 - t), t = (step - 0.2 iters) /
-    (0.8 iters), weighted by 0.01. With 100 iterations: steps 0..19 none, step 20 beta 20, step 60 beta 11,
-    step 100 beta 2."""
+    (0.8 iters), weighted by 0.01, on the count the code increments before use (step + 1). With 100
+    iterations: steps 0..18 none, step 19 (count 20) beta 20, step 59 beta 11, step 99 (the last) beta 2."""
     fp, q, batches = _setup(n=32)
     data = record_unit(fp, dict(units(fp))["blocks.0"], q, dict(units(q))["blocks.0"], batches, run,
                        torch.device("cpu"), want_fp_inputs=True)
@@ -377,9 +377,9 @@ def test_rounding_regularizer_schedule_is_qdrops_linear_temperature_decay(monkey
     betas = []
     monkeypatch.setattr(AdaRoundQuantizer, "regularizer", lambda self, beta: betas.append(beta) or torch.tensor(1.0))
     try:
-        assert objective.regularizer(0) is None and objective.regularizer(19) is None
+        assert objective.regularizer(0) is None and objective.regularizer(18) is None
         n = len(objective.roundings)
-        for step, beta in ((20, 20.0), (60, 11.0), (100, 2.0)):
+        for step, beta in ((19, 20.0), (59, 11.0), (99, 2.0)):
             betas.clear()
             assert float(objective.regularizer(step)) == pytest.approx(0.01 * n)  # 0.01 x (1 per gate layer)
             assert betas == [pytest.approx(beta)] * n

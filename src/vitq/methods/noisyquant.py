@@ -49,6 +49,9 @@ class NoisyOptions:
     noisy_clip: bool = False  # also search the input clip (output MSE, before the noise)
     noisy_clip_candidates: int = 1000  # clip factors tried, linear in [noisy_clip_floor, 1] x the calibrated step
     noisy_clip_floor: float = 0.001  # the smallest factor (the code: absmax / 1000)
+    # how a clip candidate is scored: code (the input clamped to +-qmax s first, so the search never uses
+    # code qmin, as fast_quant.py:43) or grid (the grid as inference applies it)
+    noisy_clip_score: str = "code"
     noisy_samples: Optional[int] = None  # tokens per layer the searches score; null: every calibration token
 
 
@@ -110,6 +113,8 @@ class NoisyQuant(Addon):
             raise ValueError(f"quant.noisy_noise={o.noisy_noise!r}: choose gaussian (the code) or uniform (the paper)")
         if o.noisy_target not in ("quantized_weights", "float"):
             raise ValueError(f"quant.noisy_target={o.noisy_target!r}: choose quantized_weights (the code) or float")
+        if o.noisy_clip_score not in ("code", "grid"):
+            raise ValueError(f"quant.noisy_clip_score={o.noisy_clip_score!r}: choose code or grid")
 
     def specs(self, specs: dict[str, PointSpec], scope: str) -> dict[str, PointSpec]:
         spec = specs.get(Kind.LINEAR_INPUT)
@@ -135,7 +140,7 @@ class NoisyQuant(Addon):
                 y = tokens(cap.output, o.noisy_samples, o.noisy_seed) if o.noisy_target == "float" \
                     else quantized_weight_output(layer, x)
                 if o.noisy_clip:
-                    search_clip(layer, x, y, o.noisy_clip_candidates, o.noisy_clip_floor)
+                    search_clip(layer, x, y, o.noisy_clip_candidates, o.noisy_clip_floor, o.noisy_clip_score == "code")
                 step = input_step(layer)
                 u = base_noise(layer.in_features, o.noisy_seed, index, o.noisy_noise).to(step.device) * step
                 k = search_amplitude(layer, x, y, u, o.noisy_candidates, o.noisy_range)
@@ -234,15 +239,19 @@ def search_amplitude(layer: QuantLinear, x: torch.Tensor, y: torch.Tensor, u: to
 
 
 @torch.no_grad()
-def search_clip(layer: QuantLinear, x: torch.Tensor, y: torch.Tensor, count: int, floor: float = 0.001) -> None:
+def search_clip(layer: QuantLinear, x: torch.Tensor, y: torch.Tensor, count: int, floor: float = 0.001,
+                clamp_first: bool = False) -> None:
     """Shrink the calibrated input step by the factor f in [floor, 1] (`count` values) with the lowest output
-    MSE (no noise): the grid's range scales by f about its zero point, whatever its signedness."""
+    MSE (no noise): the grid's range scales by f about its zero point, whatever its signedness. With
+    `clamp_first` (the code's rule, symmetric grids), a candidate step s scores x clamped to +-qmax s."""
     q = layer.input_quantizer.quantizer
     scale, zp = q.scale.detach().clone(), q.zero_point.detach().clone()
     best = (float("inf"), scale, zp)
     for f in torch.linspace(floor, 1.0, count).flip(0):  # from the full range down: ties keep the wider clip
         q.set_params(scale * f, zp)
-        err = float((layer_output(layer, x, None) - y).pow(2).mean())
+        bound = q.qmax * q.scale if clamp_first and q.symmetric else None
+        scored = x if bound is None else torch.maximum(torch.minimum(x, bound), -bound)
+        err = float((layer_output(layer, scored, None) - y).pow(2).mean())
         if err < best[0]:
             best = (err, q.scale.detach().clone(), q.zero_point.detach().clone())
     q.set_params(best[1], best[2])

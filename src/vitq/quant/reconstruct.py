@@ -214,12 +214,14 @@ class UnitObjective(nn.Module):
         return sum(squared_error(o, t, self.options.loss_sum) for o, t in zip(outs, targets))
 
     def regularizer(self, step: int) -> torch.Tensor | None:
-        """The rounding regularizer with beta annealed after the warm-up (None during the warm-up)."""
+        """The rounding regularizer with beta annealed after the warm-up (None during the warm-up), on the
+        1-based count of QDrop's and BRECQ's LossFunction (which increments before use), so the last step
+        ends at beta[1]."""
         o = self.options
-        if not self.roundings or step < o.warmup * o.iters:
+        count, start = step + 1, o.warmup * o.iters
+        if not self.roundings or count < start:
             return None
-        start = o.warmup * o.iters
-        t = (step - start) / max(o.iters - start, 1)
+        t = (count - start) / max(o.iters - start, 1)
         beta = o.beta[1] + (o.beta[0] - o.beta[1]) * max(0.0, 1.0 - t)
         return o.reg_weight * sum(r.regularizer(beta) for _, r in self.roundings)
 
