@@ -238,3 +238,13 @@ def test_weight_clips_come_from_the_codes_nine_candidates():
         k = int((candidates - his["nine"][c]).abs().argmin())
         assert abs(float(candidates[k] - his["nine"][c])) < 1e-4 and nine[k] <= 0.99, (k, his)
         assert float(his["three"][c]) >= float(torch.quantile(w[c], 0.999)) - 1e-4
+
+
+def test_image_input_is_not_quantized_as_the_codes_quantconv2d():
+    """I&S-ViT's QuantConv2d has no input quantizer (quant/quant_modules.py:36,54); RepQ-ViT's quantizes
+    the image at 8 bits."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1)
+    isvit = dict(vitq.iter_points(vitq.quantize(model, vitq.recipe("isvit"), inplace=False)))
+    repq = dict(vitq.iter_points(vitq.quantize(model, vitq.recipe("repq"), inplace=False)))
+    assert not isvit["patch_embed.proj.input"].configured and isvit["patch_embed.proj.weight"].configured
+    assert repq["patch_embed.proj.input"].configured and repq["patch_embed.proj.input"].spec.bits == 8
