@@ -92,8 +92,10 @@ def test_engine_runs_isvit_and_the_checkpoint_keeps_the_float_baseline(tmp_path)
     out = tmp_path / "out"
     row = run(cfg, out)
     units = row["reconstruct_units"]
-    assert [u["pass"] for u in units] == [0, 0, 0, 1, 1, 1]  # SOS stages 1 and 3 over patch_embed, block, head
-    assert [u["name"] for u in units[:3]] == ["patch_embed", "blocks.0", "head"]
+    # SOS stage 1 tunes the units with quantized activations: the block and the head (the image input stays
+    # float, as the code's, so patch_embed has nothing to tune until stage 3 quantizes its weight)
+    assert [u["pass"] for u in units] == [0, 0, 1, 1, 1]
+    assert [u["name"] for u in units] == ["blocks.0", "head", "patch_embed", "blocks.0", "head"]
     assert row["reconstruct_passes"] == 2 and row["reconstruct_iters"] == [4, 4]
     assert all(u["seconds"] > 0 and u["peak_mib"] > 0 and u["cache_mib"] > 0 for u in units)
     assert row["reconstruct_seconds"] >= sum(u["seconds"] for u in units) * 0.99
