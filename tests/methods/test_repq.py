@@ -128,7 +128,7 @@ def test_reparameterized_model_equals_the_per_channel_model(arch):
     exactly the per-channel codes, and each consumer's output matches to float rounding (measured max
     |diff| / max |y|: 6.8e-7 on ViT, 3.6e-7 on Swin); the logits, re-quantized downstream, are identical."""
     per_channel, x = _calibrated(arch, vitq.recipe("repq", reparameterize=False, weight=None))
-    folded, _ = _calibrated(arch, vitq.recipe("repq", weight=None))
+    folded, _ = _calibrated(arch, vitq.recipe("repq", weight=None, fold_zero_point="rounded"))
     pairs = list(norm_pairs(folded))
     assert len(pairs) == (4 if arch is VIT else 9)  # ViT: 2 blocks x 2; Swin: 4 blocks x 2 + 1 merging
     for pair in pairs:
@@ -143,12 +143,28 @@ def test_reparameterized_model_equals_the_per_channel_model(arch):
 
 
 def test_fold_keeps_codes_bit_exact():
-    """z~ is rounded, so the folded per-tensor codes equal the per-channel codes exactly."""
+    """z~ rounded, the folded per-tensor codes equal the per-channel codes exactly."""
     per_channel, x = _calibrated(VIT, vitq.recipe("repq", reparameterize=False, weight=None))
-    folded, _ = _calibrated(VIT, vitq.recipe("repq", weight=None))
+    folded, _ = _calibrated(VIT, vitq.recipe("repq", weight=None, fold_zero_point="rounded"))
     a, b = _consumer_outputs(per_channel, x), _consumer_outputs(folded, x)
     for pair in norm_pairs(folded):
         assert torch.equal(a[pair.consumer_name + ".codes"], b[pair.consumer_name + ".codes"]), pair.consumer_name
+
+
+def test_default_fold_takes_the_codes_unrounded_mean_zero_point():
+    """RepQ-ViT's code folds z~ = mean(z) unrounded (test_quant.py:124,142): the folded point's zero point is
+    exactly the mean of the per-channel ones, and in float the folded network still computes the float model."""
+    per_channel, x = _calibrated(VIT, vitq.recipe("repq", reparameterize=False, weight=None))
+    folded, _ = _calibrated(VIT, vitq.recipe("repq", weight=None))
+    fractional = 0
+    for pair in norm_pairs(folded):
+        z = per_channel.get_submodule(pair.consumer_name).input_quantizer.quantizer.zero_point
+        z_t = pair.consumer.input_quantizer.quantizer.zero_point
+        assert torch.equal(z_t, z.mean().reshape(1)), pair.consumer_name
+        fractional += int(z_t.frac().abs().item() > 0)
+    assert fractional > 0  # the case the rounded fold differs in
+    with pytest.raises(ValueError, match="fold_zero_point='floor'.*mean.*rounded"):
+        _calibrated(VIT, vitq.recipe("repq", fold_zero_point="floor"))
 
 
 def test_fold_is_float_equivalent_and_refits_weights():

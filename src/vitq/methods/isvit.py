@@ -35,7 +35,7 @@ from ..quant.points import Kind, PointSpec
 from ..quant.quantizers import Grid, check_bits, register_grid
 from ..quant.reconstruct import ReconstructOptions
 from .base import Method, register_method
-from .repq import fold_post_norm_inputs, per_channel_post_norm_inputs
+from .repq import check_fold_zero_point, fold_post_norm_inputs, per_channel_post_norm_inputs
 
 ETAS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.5, 1.0)  # the published search grid
 
@@ -141,6 +141,7 @@ class ISViTOptions:
     # the reconstruction error summed over the tokens (the code's `lp_loss`, `.sum(1).mean()` on [B, N, C]),
     # or over the channels (BRECQ's convention for feature maps)
     loss_sum: str = "tokens"
+    fold_zero_point: str = "mean"  # stage 2's folded zero point: mean (unrounded, the code) | rounded (exact)
 
 
 @register_method
@@ -157,6 +158,7 @@ class ISViT(Method):
         return specs
 
     def prepare(self, model: nn.Module) -> None:
+        check_fold_zero_point(self.options.fold_zero_point)
         if self.options.sos:
             per_channel_post_norm_inputs(model)
 
@@ -178,7 +180,7 @@ class ISViT(Method):
             for p in weights:
                 p.set_mode("off")
             return
-        fold(model)  # stage 2: exact, then grids for the weights stage 1 tuned
+        fold(model, self.options.fold_zero_point == "rounded")  # stage 2, then grids for the weights stage 1 tuned
         for module in model.modules():
             if isinstance(module, QuantWeight):
                 refit_weight(module)
