@@ -87,7 +87,7 @@ def test_family_adapter_with_repq_fold(doc):
     model = doc["TinyTransformer"]().eval()
     x = torch.randn(16, 5, 8)
     per_channel = vitq.quantize(model, vitq.recipe("repq", reparameterize=False, weight=None, overrides=[]), inplace=False)
-    folded = vitq.quantize(model, vitq.recipe("repq", weight=None, overrides=[]), inplace=False)
+    folded = vitq.quantize(model, vitq.recipe("repq", weight=None, overrides=[], fold_zero_point="rounded"), inplace=False)
     for q in (per_channel, folded):
         vitq.calibrate(q, lambda m: m(x))
     assert [n for n, _ in vitq.models.units(folded)] == ["embed", "blocks.0", "blocks.1", "head"]
