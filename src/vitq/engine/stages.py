@@ -20,6 +20,7 @@ import vitq
 
 from ..distributed import sharded
 from ..files import written_atomically
+from ..quant.modules import integer_arithmetic
 from ..report.table import float_layers_line, print_results, results_row
 from .context import STAGES, RunContext, processes, register_stage
 from .float_model import float_key, obtain_float_model
@@ -123,8 +124,7 @@ def test_stage(ctx: RunContext) -> None:
     """Float and quantized metrics side by side, each delta with its paired 95% interval."""
     fp = float_outcomes(ctx)
     quant = evaluate(ctx, ctx.qmodel, "quant")
-    kinds = sorted({"exact" if m.integer is True else m.integer for m in ctx.qmodel.modules()
-                    if getattr(m, "integer", False)})
+    kinds = sorted({a for m in ctx.qmodel.modules() if (a := integer_arithmetic(m)) is not None})
     integer = ",".join(kinds) or False  # the integer arithmetic the LayerNorms / softmaxes ran
     metrics = ctx.task.metrics
     float_layers = vitq.float_layers(ctx.qmodel)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..files import written_atomically
+from .modules import integer_arithmetic
 from .state import quant_state
 
 CHECKPOINT_FORMAT = "vitq-quantized/1"
@@ -26,8 +27,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, meta: Mapping[str,
     state = quant_state(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    integer = {n: ("exact" if m.integer is True else m.integer)  # True: the int64 kernels
-               for n, m in model.named_modules() if getattr(m, "integer", False)}
+    integer = {n: a for n, m in model.named_modules() if (a := integer_arithmetic(m)) is not None}
     with written_atomically(path) as tmp:
         ckpt = {"format": CHECKPOINT_FORMAT, "recipe": state.recipe.to_config(), "integer": integer,
                 "state_dict": model.state_dict(), "meta": dict(meta or {})}

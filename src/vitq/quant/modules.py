@@ -31,6 +31,13 @@ def _same_key(a: tuple | None, b: tuple) -> bool:
     return a is not None and len(a) == len(b) and all(x is y and u == v for (x, u), (y, v) in zip(a, b))
 
 
+def integer_arithmetic(module: nn.Module) -> str | None:
+    """The integer arithmetic a LayerNorm or softmax runs ("fqvit" or "exact"; True is "exact"'s former
+    spelling), None where it runs in float."""
+    integer = getattr(module, "integer", False)
+    return None if integer is False else "exact" if integer is True else integer
+
+
 class Twin:
     """Mixin of a quantizable twin: `convert` turns an instance of the float parent class into the twin in
     place (the class is swapped, parameters and state-dict keys stay), then adds the twin's points."""
