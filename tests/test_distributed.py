@@ -1,10 +1,12 @@
-"""`EpochShuffle`: the training order of finetuning, by (seed, epoch) alone, in equal shares per process."""
+"""`EpochShuffle` (the training order of finetuning, by (seed, epoch) alone, in equal shares per process) and
+the device every collective runs on."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 import vitq.distributed as distributed
-from vitq.distributed import EpochShuffle
+from vitq.distributed import EpochShuffle, collective_device
 
 
 def _shares(size: int, seed: int, epoch: int, world: int, monkeypatch) -> list[list[int]]:  # noqa: ANN001
@@ -35,3 +37,11 @@ def test_processes_get_equal_disjoint_shares_of_one_permutation(size, world, mon
     used = [i for s in shares for i in s]
     assert len(used) == len(set(used)) == size // world * world  # no sample twice, the remainder dropped
     assert set(used) == set(whole[: size // world * world])
+
+
+@pytest.mark.parametrize("backend, device", [("nccl", "cuda:3"), ("gloo", "cpu"), ("cpu:gloo,cuda:nccl", "cpu"),
+                                             ("mpi", "cpu")])
+def test_collectives_run_on_the_device_the_backend_takes(monkeypatch, backend, device):
+    monkeypatch.setattr("torch.distributed.get_backend", lambda group=None: backend)
+    monkeypatch.setattr("torch.cuda.current_device", lambda: 3)
+    assert collective_device() == torch.device(device)

@@ -5,15 +5,77 @@ padding: every rank runs batches one process would run (the same samples, the sa
 and together they hold every sample once. Results that depend on batch order (an EMA over batches,
 per-batch quantiles, the keys of a token reservoir, per-sample outcomes) are put back in one process's
 order from the global index `k * N + r` of rank r's k-th batch.
+
+Every collective vitq runs goes through the functions below (`all_reduce`, `broadcast`, `all_gather`,
+`broadcast_object`), on the device the process group's backend takes: NCCL takes CUDA tensors only,
+gloo CPU tensors, and vitq's tensors sit wherever the model last was (Lightning moves the LightningModule
+back to the CPU after each `validate` / `test` / `fit`). A collective runs on a copy staged on
+`collective_device()` and copies the result back into the caller's tensor. One rule, decided here,
+whatever backend Lightning or the user picked (`nccl`, `gloo`, or a mixed `cpu:gloo,cuda:nccl`).
 """
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
+
+
+def collective_device(group=None) -> torch.device:  # noqa: ANN001
+    """CUDA (the current device) for an NCCL-only group, the CPU for gloo, mpi, ucc or a mixed group
+    (which carries a CPU backend)."""
+    backend = str(dist.get_backend(group)).lower()
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def stage(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A contiguous copy of `t` on `device`, owned by the collective (never `t` itself)."""
+    return t.detach().to(device=device, copy=True).contiguous()
+
+
+def empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output buffer for a collective."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def all_reduce(t: torch.Tensor, op: Any = dist.ReduceOp.SUM, group=None) -> torch.Tensor:  # noqa: ANN001
+    """`t` reduced over the group, in place (and returned)."""
+    buf = stage(t, collective_device(group))
+    dist.all_reduce(buf, op=op, group=group)
+    with torch.no_grad():
+        t.copy_(buf)
+    return t
+
+
+def broadcast(t: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:  # noqa: ANN001
+    """`t` replaced by the group's rank `src` value (a group rank), in place (and returned)."""
+    buf = stage(t, collective_device(group))
+    source = dist.get_global_rank(group, src) if group is not None else src
+    dist.broadcast(buf, src=source, group=group)
+    with torch.no_grad():
+        t.copy_(buf)
+    return t
+
+
+def all_gather(t: torch.Tensor, group=None) -> list[torch.Tensor]:  # noqa: ANN001
+    """Every rank's `t` (same shape on every rank), on `t`'s device, in rank order."""
+    device = collective_device(group)
+    buf = stage(t, device)
+    parts = [empty(buf.shape, buf.dtype, device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, buf, group=group)
+    return [p.to(t.device) for p in parts]
+
+
+def broadcast_object(obj: Any, src: int = 0, group=None) -> Any:  # noqa: ANN001, ANN401
+    """Rank `src`'s picklable `obj` on every rank (its tensors arrive on the CPU)."""
+    box = [obj]
+    source = dist.get_global_rank(group, src) if group is not None else src
+    dist.broadcast_object_list(box, src=source, group=group, device=collective_device(group))
+    return box[0]
 
 
 def rank_world(group=None) -> tuple[int, int]:  # noqa: ANN001
@@ -125,15 +187,10 @@ def sharded(loader: DataLoader, world: int, what: str) -> DataLoader:
 
 def _all_gather_rows(t: torch.Tensor, group=None) -> list[torch.Tensor]:  # noqa: ANN001
     """Every rank's `t` (same trailing shape, any number of rows), padded for the collective and cut back."""
-    world = dist.get_world_size(group)
-    n = torch.tensor([t.shape[0]], device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n, group=group)
+    sizes = all_gather(torch.tensor([t.shape[0]], device=t.device), group)
     rows = int(max(int(s) for s in sizes))
     padded = torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))]) if rows > t.shape[0] else t
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded.contiguous(), group=group)
-    return [p[: int(s)] for p, s in zip(parts, sizes)]
+    return [p[: int(s)] for p, s in zip(all_gather(padded, group), sizes)]
 
 
 def gather_batches(parts: list[torch.Tensor], group=None) -> list[torch.Tensor]:  # noqa: ANN001
@@ -170,16 +227,12 @@ def check_same_on_ranks(tensors: dict[str, torch.Tensor], what: str, group=None)
         return
     names = sorted(tensors)
     flat = torch.cat([tensors[n].detach().reshape(-1).double() for n in names])
-    n = torch.tensor([flat.numel(), -flat.numel()], dtype=torch.long, device=flat.device)
-    dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group)
+    n = all_reduce(torch.tensor([flat.numel(), -flat.numel()], dtype=torch.long), dist.ReduceOp.MAX, group)
     if int(n[0]) != -int(n[1]):
         raise RuntimeError(f"{what}: processes hold different numbers of values ({-int(n[1])} to {int(n[0])}); "
                            "every process must build the same model and recipe")
-    reference = flat.clone()
-    dist.broadcast(reference, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-    differs = flat != reference
-    bad = torch.tensor([int(differs.any())], device=flat.device)
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+    differs = flat != broadcast(flat.clone(), 0, group)
+    bad = all_reduce(torch.tensor([int(differs.any())]), dist.ReduceOp.MAX, group)
     if int(bad):
         sizes = [tensors[n].numel() for n in names]
         first = [n for n, d in zip(names, differs.split(sizes)) if bool(d.any())]

@@ -7,6 +7,11 @@ after RepQ's fold, the weights) must equal the single-process result bit for bit
 and merging is exact by design (per-batch statistics folded in global batch order, token reservoirs keyed
 by global batch). RepQ-ViT's default quantized calibration flow feeds each rank every batch instead (as the
 engine does), and must give the same state too. The end-to-end train.py runs are in test_ddp.py.
+
+Both ranks run under the simulated NCCL device rule (nccl_rule.py): every tensor vitq hands to a collective
+must have been staged on the backend's device. `test_every_method_calibrates_under_the_nccl_rule` runs the
+methods whose searches end in a broadcast from rank 0 (Liu et al., NoisyQuant) and the reconstruction
+methods' calibration too.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import vitq
 from vitq.distributed import BatchShards, check_same_on_ranks, gather_batches, sharded
 from vitq.engine.tasks import get_task
 
+import nccl_rule
 from tiny import tiny_cfg
 
 CALIB, BATCH, EVAL = 72, 16, 100  # 5 calibration batches (16 x 4 + 8), 4 evaluation batches (32 x 3 + 4)
@@ -77,6 +83,7 @@ def _predictions(model: torch.nn.Module, loader: DataLoader) -> list[torch.Tenso
 
 def _worker(rank: int, world: int, port: int, cfgs: tuple[dict, dict], out_dir: str) -> None:
     torch.set_num_threads(1)
+    nccl_rule.install()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:
@@ -90,7 +97,7 @@ def _worker(rank: int, world: int, port: int, cfgs: tuple[dict, dict], out_dir: 
         except RuntimeError as e:
             caught = str(e)
         torch.save({"states": states, "predictions": torch.cat(predictions), "local": len(test.sampler),
-                    "check": caught}, f"{out_dir}/rank{rank}.pt")
+                    "check": caught, "violations": nccl_rule.violations}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -113,6 +120,7 @@ def test_two_process_calibration_equals_one_process(tmp_path, free_port, one_thr
             for k, v in want.items():  # every scale, zero point, PTF factor and (RepQ) folded weight
                 assert torch.equal(got["states"][key][k], v), f"{key}: {k} differs on rank {r}"
 
+    assert [r["violations"] for r in ranks] == [[], []]  # every collective on the backend's device
     assert ranks[0]["check"] is not None and ranks[1]["check"] is not None  # both raise, neither waits
     assert "process 1 differs from process 0 in b.scale" in ranks[1]["check"]
 
@@ -144,3 +152,43 @@ def test_sharded_refuses_what_cannot_reproduce_one_process():
         sharded(DataLoader(data, batch_size=4), 4, "the calibration loader")
     loader = sharded(DataLoader(data, batch_size=4), 2, "the calibration loader")
     assert isinstance(loader.sampler, BatchShards) and loader.batch_size == 4
+
+
+METHODS = ("liu21", "noisyquant", "isvit", "qdrop")  # calibration; the others run in the test above
+
+
+def _method_worker(rank: int, world: int, port: int, cfgs: tuple[dict, dict], out_dir: str) -> None:
+    torch.set_num_threads(1)
+    nccl_rule.install()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        task, model, calib, _ = _setup(cfgs)
+        states = {}
+        for name in METHODS:
+            recipe = vitq.recipe(name)
+            qmodel = vitq.quantize(copy.deepcopy(model), recipe)
+            module = task.calibration_module(qmodel)
+            batches = sharded(calib, world, "calibration") if recipe.calib_flow == "float" else calib
+
+            def loop(m: torch.nn.Module, module=module, batches=batches) -> None:  # noqa: ANN001
+                for i, batch in enumerate(batches):
+                    module.validation_step(batch, i)
+
+            vitq.calibrate(qmodel, loop)  # ends with the check that every rank holds the same parameters
+            states[name] = {k: v.clone() for k, v in qmodel.state_dict().items()}
+        torch.save({"states": states, "violations": nccl_rule.violations}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_method_calibrates_under_the_nccl_rule(tmp_path, free_port, one_thread):
+    cfg = tiny_cfg(tmp_path, "task.batch_size=32")
+    cfgs = (OmegaConf.to_container(cfg.task, resolve=True), OmegaConf.to_container(cfg.model, resolve=True))
+    mp.spawn(_method_worker, args=(2, free_port(), cfgs, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["violations"] for r in ranks] == [[], []]
+    for name in METHODS:
+        a, b = (r["states"][name] for r in ranks)
+        assert a.keys() == b.keys() and any(k.endswith("scale") for k in a), name
+        assert all(torch.equal(a[k], b[k]) for k in a), name

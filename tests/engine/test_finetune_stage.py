@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,12 +104,17 @@ def test_bad_finetune_settings_fail_at_start_with_the_fix(tmp_path, override, me
 
 def test_two_process_ddp_finetune_ends_identical_on_both_ranks(finetuned, tmp_path):
     """train.py under 2-process gloo DDP: QDrop reconstruction, then finetuning; the stages check that
-    every parameter is identical on both processes (a difference fails the run) and say so."""
+    every parameter is identical on both processes (a difference fails the run) and say so. Every rank runs
+    under the simulated NCCL device rule (nccl_rule.py): each tensor vitq hands a collective in calibration,
+    reconstruction, finetuning and evaluation (after Lightning moved the model back to the CPU) is staged on
+    the backend's device."""
     tmp, _, _ = finetuned
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    rule_log = tmp_path / "nccl-rule"
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "VITQ_NCCL_RULE_LOG": str(rule_log)}
     cfg = tiny_cfg(tmp)  # the cached float model of this module
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "model.kwargs.embed_dim=32", "model.kwargs.depth=1",
+        [sys.executable, str(Path(__file__).resolve().parent / "nccl_train.py"), "model.kwargs.embed_dim=32", "model.kwargs.depth=1",
          "model.kwargs.num_heads=2", "task.fit.epochs=1", "task.train_limit=512", "task.eval_limit=256",
          "task.batch_size=64", "quant=qdrop", "quant.iters=4", "quant.calib.num_samples=64",
          "quant.calib.batch_size=32", "quant.recon_batch_size=16", "logger=csv",
@@ -122,6 +128,8 @@ def test_two_process_ddp_finetune_ends_identical_on_both_ranks(finetuned, tmp_pa
     (result,) = tmp_path.glob("*/results.json")
     row = json.loads(result.read_text())
     assert row["finetune_epochs"] == 1 and row["reconstruct_passes"] >= 1
+    logs = {p.name: p.read_text() for p in rule_log.glob("rank*.txt")}
+    assert logs == {"rank0.txt": "", "rank1.txt": ""}, logs
 
 
 def test_hold_out_draws_disjoint_sorted_splits_by_seed_and_distillation_kl_is_the_tempered_kl():

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ..distributed import broadcast, rank_world
 from ..quant.points import QuantPoint
 from ..quant.records import ArgCache, batch_size, fill
 
@@ -144,12 +145,7 @@ def detach_all(model: nn.Module, owner: str) -> None:
 def broadcast_from_rank0(tensors: Iterable[torch.Tensor]) -> None:
     """Under torch.distributed, give every rank rank 0's searched parameters (each rank searched on its
     own shard), so all ranks end identical; a no-op in one process."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if rank_world()[1] == 1:
         return
     for t in tensors:
-        buf = t.detach().clone()
-        dist.broadcast(buf, src=0)
-        with torch.no_grad():
-            t.copy_(buf)
+        broadcast(t, 0)

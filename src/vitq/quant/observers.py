@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ..distributed import global_batch, rank_world
+from ..distributed import all_gather, all_reduce, global_batch, rank_world
 from ..registry import Registry
 from .quantizers import Grid
 
@@ -119,16 +119,13 @@ class Observer:
         for key, how in self.reductions.items():
             t = self.state[key].clone()  # calibration may have run under inference_mode
             if how == "cat":
-                sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(world)]
-                dist.all_gather(sizes, torch.tensor([t.shape[-1]], device=t.device), group=group)
+                sizes = all_gather(torch.tensor([t.shape[-1]]), group)
                 width = int(max(s.item() for s in sizes))
-                padded = torch.nn.functional.pad(t, (0, width - t.shape[-1]))
-                parts = [torch.empty_like(padded) for _ in range(world)]
-                dist.all_gather(parts, padded, group=group)
+                parts = all_gather(torch.nn.functional.pad(t, (0, width - t.shape[-1])), group)
                 self.state[key] = torch.cat([p[..., : int(s.item())] for p, s in zip(parts, sizes)], -1)
             else:
                 op = {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}.get(how, dist.ReduceOp.SUM)
-                dist.all_reduce(t, op=op, group=group)
+                all_reduce(t, op, group)
                 self.state[key] = t / world if how == "mean" else t
         self.merged *= world
         self._after_merge()
