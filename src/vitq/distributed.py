@@ -185,6 +185,16 @@ def sharded(loader: DataLoader, world: int, what: str) -> DataLoader:
                       multiprocessing_context=loader.multiprocessing_context, generator=loader.generator, **extra)
 
 
+def shard_or_replicate(loader: DataLoader, world: int, what: str) -> tuple[DataLoader, bool]:
+    """(`sharded(loader)`, False), or (`loader`, True) when it has fewer whole batches than processes:
+    every process then runs every batch (a paper's 32 calibration images in one batch on 8 GPUs), which
+    gives one process's statistics with nothing to merge (`vitq.calibrate(..., whole_set=True)`)."""
+    if world > 1 and loader.batch_size is not None and \
+            num_batches(len(loader.dataset), loader.batch_size, loader.drop_last) < world:  # type: ignore[arg-type]
+        return loader, True
+    return sharded(loader, world, what), False
+
+
 def _all_gather_rows(t: torch.Tensor, group=None) -> list[torch.Tensor]:  # noqa: ANN001
     """Every rank's `t` (same trailing shape, any number of rows), padded for the collective and cut back."""
     sizes = all_gather(torch.tensor([t.shape[0]], device=t.device), group)

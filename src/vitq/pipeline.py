@@ -80,7 +80,8 @@ def place(model: nn.Module, recipe: Recipe, inplace: bool = True) -> nn.Module:
     return model
 
 
-def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: bool = True) -> nn.Module:
+def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: bool = True,
+              whole_set: bool | None = None) -> nn.Module:
     """Observe activations while `forward_loop(model)` pushes calibration data through, then freeze.
 
     What the activation points see is the recipe's `calib_flow`: `float` (every point passes float values
@@ -91,7 +92,9 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
     quantized meanwhile, or kept float with `quantized_activations`). With one calibration batch that is
     exactly their one forward; with several, each point's grid is refitted per batch on all it has seen.
     Under torch.distributed a quantized flow needs every process to feed the whole calibration set (the
-    engine does): nothing is merged, and the final check compares the ranks.
+    engine does): nothing is merged, and the final check compares the ranks. `whole_set=True` says every
+    process feeds the whole set in a float flow too (fewer batches than processes,
+    `vitq.distributed.shard_or_replicate`); None: whole for a quantized flow, a shard for a float one.
     The recipe's method hooks run after observing and after freezing (searches, reparameterization).
     """
     state = quant_state(model)
@@ -105,8 +108,10 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
         if getattr(m, "integer", False):
             m.integer = False
     points = [(n, p) for n, p in configured if p.observer is not None]  # fixed grids need no data
+    whole = flow != "float" if whole_set is None else whole_set
     for _, p in points:
         p.observer.reset()
+        p.observer.shard = (0, 1) if whole else None  # batch keys: one process's order on every rank
     was_training = model.training
     model.eval()
     try:
@@ -127,7 +132,7 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
             if p.observer.empty:
                 raise RuntimeError(f"quant point {name}: saw no data during calibration; check that the "
                                    "calibration loop runs the model forward, or disable the point")
-            if sync and p.kind != Kind.WEIGHT and flow == "float":
+            if sync and p.kind != Kind.WEIGHT and not whole:
                 p.observer.sync_()
             p.freeze()
         set_mode(model, "quant")

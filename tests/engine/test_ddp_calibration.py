@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 import vitq
-from vitq.distributed import BatchShards, check_same_on_ranks, gather_batches, sharded
+from vitq.distributed import BatchShards, check_same_on_ranks, gather_batches, shard_or_replicate, sharded
 from vitq.engine.tasks import get_task
 
 import nccl_rule
@@ -155,6 +155,19 @@ def test_sharded_refuses_what_cannot_reproduce_one_process():
 
 
 METHODS = ("liu21", "noisyquant", "isvit", "qdrop")  # calibration; the others run in the test above
+ONE_BATCH = ("minmax", "omse", "ema")  # 32 images in one batch (RepQ-ViT's set) on two processes
+
+
+def _one_batch(task, model, loader, whole: bool) -> dict[str, dict[str, torch.Tensor]]:  # noqa: ANN001
+    out = {}
+    for name in ONE_BATCH:
+        qmodel = vitq.quantize(copy.deepcopy(model), vitq.recipe(name, activation={"observer_args": {"max_tokens": 200}}
+                                                                 if name == "omse" else {}))
+        module = task.calibration_module(qmodel)
+        vitq.calibrate(qmodel, lambda m, module=module: [module.validation_step(b, i) for i, b in enumerate(loader)],
+                       whole_set=whole)
+        out[name] = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    return out
 
 
 def _method_worker(rank: int, world: int, port: int, cfgs: tuple[dict, dict], out_dir: str) -> None:
@@ -177,7 +190,9 @@ def _method_worker(rank: int, world: int, port: int, cfgs: tuple[dict, dict], ou
 
             vitq.calibrate(qmodel, loop)  # ends with the check that every rank holds the same parameters
             states[name] = {k: v.clone() for k, v in qmodel.state_dict().items()}
-        torch.save({"states": states, "violations": nccl_rule.violations}, f"{out_dir}/rank{rank}.pt")
+        loader, whole = shard_or_replicate(task.calib_loader(32, 32, 0), world, "calibration")
+        torch.save({"states": states, "violations": nccl_rule.violations, "whole": whole,
+                    "one_batch": _one_batch(task, model, loader, whole)}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -192,3 +207,11 @@ def test_every_method_calibrates_under_the_nccl_rule(tmp_path, free_port, one_th
         a, b = (r["states"][name] for r in ranks)
         assert a.keys() == b.keys() and any(k.endswith("scale") for k in a), name
         assert all(torch.equal(a[k], b[k]) for k in a), name
+    # fewer batches than processes: every process runs the one batch and nothing is merged, giving the
+    # scales of one process (merging would count the batch twice: the EMA and the token sample differ)
+    assert [r["whole"] for r in ranks] == [True, True]
+    task, model, _, _ = _setup(cfgs)
+    single = _one_batch(task, model, task.calib_loader(32, 32, 0), False)
+    for name, want in single.items():
+        for r in ranks:
+            assert all(torch.equal(r["one_batch"][name][k], v) for k, v in want.items()), name

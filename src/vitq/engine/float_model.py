@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..files import written_atomically
+from .agreement import decided_on_rank0
 from .checkpoints import load_checkpoint
 from .tasks import Task
 
@@ -36,6 +37,20 @@ def float_key(model_cfg: Mapping, task_cfg: Mapping, task: Task, seed: int) -> s
     return f"{model_cfg['name']}-{task_cfg['name']}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
 
+def _read_cache(model: nn.Module, path: Path) -> dict[str, torch.Tensor] | None:
+    """The cached float weights, or None (absent, or damaged: moved aside so the model is trained again)."""
+    if not path.is_file():
+        return None
+    try:
+        load_checkpoint(model, path, what="the float-model cache file")
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    except ValueError as e:  # a damaged cache entry (a crash mid-copy, a full disk): rebuild it
+        aside = path.with_name(path.name + ".unreadable")
+        os.replace(path, aside)
+        log.warning("%s\nmoved it to %s and training the float model again", e, aside)
+        return None
+
+
 def obtain_float_model(task: Task, model_cfg: Mapping[str, Any], task_cfg: Mapping[str, Any], cache: Path,
                        seed: int, make_trainer: Callable[..., L.Trainer]) -> tuple[nn.Module, str, str]:
     """Returns (model, source description, cache key)."""
@@ -50,14 +65,10 @@ def obtain_float_model(task: Task, model_cfg: Mapping[str, Any], task_cfg: Mappi
         return model.eval(), "timm pretrained weights", key + "-pretrained"
     fit = dict(task_cfg.get("fit") or {})
     path = cache / f"{key}.pt"
-    if path.is_file():
-        try:
-            load_checkpoint(model, path, what="the float-model cache file")
-            return model.eval(), f"cached {path}", key
-        except ValueError as e:  # a damaged cache entry (a crash mid-copy, a full disk): rebuild it
-            aside = path.with_name(path.name + ".unreadable")
-            os.replace(path, aside)
-            log.warning("%s\nmoved it to %s and training the float model again", e, aside)
+    cached = decided_on_rank0(make_trainer, lambda: _read_cache(model, path))  # every rank follows rank 0
+    if cached is not None:
+        model.load_state_dict(cached)
+        return model.eval(), f"cached {path}", key
     if int(fit.get("epochs", 0)) <= 0:
         raise ValueError(
             f"no float weights for {model_cfg['name']} on {task_cfg['name']}: {task.weights_hint}"

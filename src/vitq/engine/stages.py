@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import time
+from pathlib import Path
 
 import torch
 from lightning.pytorch.loggers import WandbLogger
@@ -18,10 +19,11 @@ from lightning.pytorch.utilities import rank_zero_only
 
 import vitq
 
-from ..distributed import sharded
+from ..distributed import shard_or_replicate, sharded
 from ..files import written_atomically
 from ..quant.modules import integer_arithmetic
 from ..report.table import float_layers_line, print_results, results_row
+from .agreement import decided_on_rank0
 from .context import STAGES, RunContext, processes, register_stage
 from .float_model import float_key, obtain_float_model
 
@@ -73,12 +75,16 @@ def calibrate_stage(ctx: RunContext) -> None:
         return
     module = ctx.task.calibration_module(ctx.qmodel)
     start = time.perf_counter()
+    trainer = ctx.make_trainer(use_distributed_sampler=False)
     if ctx.recipe.calib_flow == "float":
-        trainer = ctx.make_trainer()
-        loader = sharded(ctx.calib_loader, processes(trainer), "the calibration loader")
+        loader, whole = shard_or_replicate(ctx.calib_loader, processes(trainer), "the calibration loader")
+        if whole:
+            log.info("calibration: %d image(s) in batches of %d make fewer batches than the %d processes, so every "
+                     "process runs all of them (the statistics of one process, nothing to merge)",
+                     ctx.run.calib.num_samples, ctx.calib_loader.batch_size, processes(trainer))
     else:  # every process sees every batch, in order: its points fit what the quantized upstream gives
-        trainer, loader = ctx.make_trainer(use_distributed_sampler=False), ctx.calib_loader
-    vitq.calibrate(ctx.qmodel, lambda m: trainer.validate(module, dataloaders=loader, verbose=False))
+        loader, whole = ctx.calib_loader, True
+    vitq.calibrate(ctx.qmodel, lambda m: trainer.validate(module, dataloaders=loader, verbose=False), whole_set=whole)
     ctx.timings["calibrate"] = time.perf_counter() - start
 
 
@@ -99,18 +105,26 @@ def evaluate(ctx: RunContext, model: torch.nn.Module, prefix: str) -> dict[str, 
     return module.samples
 
 
+def _read_outcomes(path: Path, desc: str) -> dict[str, list] | None:
+    """The cached float outcomes for this evaluation data, or None (absent, for other data, unreadable)."""
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+        return stored["samples"] if stored.get("data") == desc else None
+    except (ValueError, AttributeError, KeyError, TypeError) as e:  # damaged: evaluate again, overwrite it
+        log.warning("float-metrics cache %s is unreadable (%s: %s); evaluating the float model again",
+                    path, type(e).__name__, e)
+        return None
+
+
 def float_outcomes(ctx: RunContext) -> dict[str, torch.Tensor]:
     """Float per-sample outcomes, computed once per float model and evaluation data (cached)."""
     desc = json.dumps(ctx.task.describe(), sort_keys=True, default=str)
     path = ctx.cache / f"{ctx.float_key}.fp-outcomes.json"
-    if path.is_file():
-        try:
-            stored = json.loads(path.read_text())
-            if stored.get("data") == desc:
-                return {k: torch.tensor(v) for k, v in stored["samples"].items()}
-        except (ValueError, AttributeError, KeyError, TypeError) as e:  # damaged: evaluate again, overwrite it
-            log.warning("float-metrics cache %s is unreadable (%s: %s); evaluating the float model again",
-                        path, type(e).__name__, e)
+    stored = decided_on_rank0(ctx.make_trainer, lambda: _read_outcomes(path, desc))  # every rank follows rank 0
+    if stored is not None:
+        return {k: torch.tensor(v) for k, v in stored.items()}
     samples = evaluate(ctx, ctx.fp_model, "fp")
     cacheable = all(isinstance(v, torch.Tensor) for v in samples.values())  # records of other shapes are not cached
     if cacheable and not ctx.float_key.endswith(("-pretrained", "-ckpt")) and rank_zero_only.rank == 0:
