@@ -47,7 +47,19 @@ def test_sweep_composes_with_first_values(path):
     task = get_task(str(cfg.task.name))
     logged = {f"{p}/{m}" for m in task.metrics for p in ("fp", "quant", "quant/delta")} | {"calib/seconds"}
     logged |= {f"quant/delta_{m}" for m in task.metrics}
+    if cfg.quant.finetune.epochs > 0:
+        logged |= {"val/loss"}  # the finetune validation loop's
+        assert sweep["metric"]["name"].startswith("val/"), f"{path.name}: select finetuning on held-out images"
     assert sweep["metric"]["name"] in logged, f"{path.name}: metric {sweep['metric']['name']} is never logged"
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
+def test_no_sweep_sweeps_a_config_group(path):
+    """W&B locks a swept key in the run's config: sweeping `quant` would replace the nested settings vitq
+    logs under `quant` with the recipe's name."""
+    groups = {p.name for p in (ROOT / "conf").iterdir() if p.is_dir()} | {"quant"}
+    swept = set(yaml.safe_load(path.read_text())["parameters"])
+    assert not swept & groups, f"{path.name} sweeps {sorted(swept & groups)}"
 
 
 def test_finetune_sweep_reaches_the_finetune_stage():

@@ -136,19 +136,21 @@ class EpochShuffle(_ShardSampler):
     of the process count so that every rank runs the same number of steps, rank r taking every N-th index.
 
     The order depends on nothing but the seed and the epoch, so a run resumed at an epoch boundary sees
-    the batches an uninterrupted run sees.
+    the batches an uninterrupted run sees; `start` (reset by each pass) skips the first indices of this
+    rank's share, for a run resumed mid-epoch (`len` stays the whole share).
     """
 
     shuffle = True
 
     def __init__(self, size: int, seed: int) -> None:  # noqa: D107
-        self.size, self.seed, self.epoch = int(size), int(seed), 0
+        self.size, self.seed, self.epoch, self.start = int(size), int(seed), 0, 0
 
     def __iter__(self) -> Iterator[int]:
         rank, world = rank_world()
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=g)[: self.size // world * world]
-        return iter(order[rank::world].tolist())
+        start, self.start = self.start, 0
+        return iter(order[rank::world][start:].tolist())
 
     def __len__(self) -> int:
         return self.size // self.num_replicas

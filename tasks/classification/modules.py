@@ -80,7 +80,7 @@ class ClassificationModule(lightning.LightningModule):
             loss = self.soft_ce(self.model(x), soft)
         else:
             loss = torch.nn.functional.cross_entropy(self.model(x), y, label_smoothing=self.label_smoothing)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("float/train_loss", loss, prog_bar=True)  # not train/loss: finetuning logs that
         return loss
 
     def on_fit_start(self) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
 import vitq.engine.config  # noqa: F401  (the resolvers the launcher config uses)
@@ -31,9 +31,28 @@ def test_slurm_launcher_one_task_per_device_on_every_node():
     launcher = _launcher("trainer.devices=4", "trainer.num_nodes=2")
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (4, 4, 2)
-    assert launcher.max_num_timeout == 0
+    assert launcher.max_num_timeout == 3 and launcher.signal_delay_s == 120  # submitit requeues; vitq resumes
     cpu = _launcher("trainer.devices=2", "trainer.accelerator=cpu")
     assert (cpu.tasks_per_node, cpu.gpus_per_node, cpu.nodes) == (2, 0, 1)
+
+
+@pytest.mark.parametrize("env, subdir, log", [({}, ".hydra", "train.log"),
+                                              ({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}, ".hydra", "train.log"),
+                                              ({"SLURM_NTASKS": "4", "SLURM_PROCID": "3"}, ".hydra.rank3", "train.rank3.log"),
+                                              ({"RANK": "1"}, ".hydra.rank1", "train.rank1.log")])
+def test_every_rank_of_an_srun_job_writes_its_own_hydra_files(monkeypatch, env, subdir, log):
+    """srun starts every rank as a Hydra job in the one job directory: rank 0 keeps .hydra/ and train.log."""
+    for key in ("SLURM_NTASKS", "SLURM_PROCID", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+    handler = cfg.hydra.job_logging.handlers.file
+    assert cfg.hydra.output_subdir == subdir
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir, cfg.hydra.job.name = "/run", "train"
+    assert handler.filename == f"/run/{log}"
 
 
 def test_slurm_launcher_needs_a_device_count():

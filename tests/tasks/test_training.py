@@ -24,7 +24,7 @@ def test_mixup_training_restores_threads_and_skips_decay_on_norms():
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, DataLoader(data, batch_size=6))  # batches 6, 6, 6, 2: all even, all mixed
     assert torch.get_num_threads() == before
-    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert torch.isfinite(trainer.callback_metrics["float/train_loss"])
     groups = trainer.optimizers[0].param_groups
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     model = module.model

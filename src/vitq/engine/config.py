@@ -60,12 +60,22 @@ def gpus_per_node(accelerator: Any, devices: Any) -> int:
     return 0 if str(accelerator) == "cpu" else devices_per_node(devices)
 
 
+def rank_tag() -> str:
+    """'' on rank 0, '.rank<k>' on rank k of an externally launched job (srun's SLURM_PROCID, torchrun's
+    RANK): every rank runs Hydra's job set-up in the same directory, so each writes its own `.hydra` and
+    log. (Ranks Lightning starts itself get `hydra.output_subdir=null` and their own job name from it.)"""
+    ntasks = os.environ.get("SLURM_NTASKS", "1")
+    rank = os.environ.get("SLURM_PROCID") if ntasks.isdigit() and int(ntasks) > 1 else os.environ.get("RANK")
+    return f".rank{rank}" if rank and rank.isdigit() and int(rank) > 0 else ""
+
+
 # cached: a job the launcher starts in another process (submitit) copies the value of the launching process
 # with the config's resolver cache, so its directory is the one the launcher announced
 OmegaConf.register_new_resolver("vitq.run_id", run_id, replace=True, use_cache=True)
 OmegaConf.register_new_resolver("vitq.devices_per_node", devices_per_node, replace=True)
 OmegaConf.register_new_resolver("vitq.gpus_per_node", gpus_per_node, replace=True)
 OmegaConf.register_new_resolver("vitq.recipe_name", recipe_name, replace=True)
+OmegaConf.register_new_resolver("vitq.rank_tag", rank_tag, replace=True)
 
 
 def quant_schema(method: str) -> type:
@@ -126,7 +136,7 @@ def finetune_options(cfg: Any) -> FinetuneConf:
     node = cfg.quant.get("finetune") if hasattr(cfg, "quant") else None
     values = OmegaConf.to_container(node, resolve=True) if node is not None else {}
     options = FinetuneConf(**{k: v for k, v in (values or {}).items() if k in {f.name for f in fields(FinetuneConf)}})
-    for name in ("epochs", "val_samples"):
+    for name in ("epochs", "val_samples", "every_n_train_steps"):
         if getattr(options, name) < 0:
             raise ValueError(f"quant.finetune.{name} must be >= 0, got {getattr(options, name)}")
     for name in ("lr", "temperature"):

@@ -40,6 +40,7 @@ class RunContext:
     checkpoint: dict | None = None  # a quantized checkpoint read at start-up (quant.from_checkpoint)
     checkpoint_path: str = ""  # where it came from
     resume_from: Path | None = None  # a finetune start model this run resumes from (quant.finetune.ckpt_path)
+    resume_ckpt: Path | None = None  # and the Lightning checkpoint it resumes (None: from the first step)
     finetuned: bool = False
     calib_loader: Any = None
     timings: dict[str, float] = field(default_factory=dict)

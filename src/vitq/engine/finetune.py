@@ -20,22 +20,21 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import DataLoader, Dataset
 
 import vitq
 
-from ..distributed import EpochShuffle, check_same_on_ranks, rank_world, sharded
+from ..distributed import check_same_on_ranks, rank_world
 from ..quant.ops import keep_float_weights
 from ..quant.finetune import QuantTraining
 from .schema import FinetuneConf
 from .context import RunContext, processes, register_stage
+from .finetune_data import finetune_data, step_seed
 from .tasks import Task
 
 log = logging.getLogger(__name__)
@@ -45,32 +44,51 @@ START = "start.ckpt"
 LOSS_TERMS = ("task", "kd", "feature")  # what Task.finetune_losses may return as losses; other keys are metrics
 
 
-def resume_checkpoint(options: FinetuneConf, out_dir: Path) -> Path:
-    """The Lightning checkpoint `quant.finetune.ckpt_path` names (`last`: this run directory's last epoch);
-    the model finetuning started from, `start.ckpt`, sits beside it."""
-    return out_dir / FINETUNE_DIR / "last.ckpt" if options.ckpt_path == "last" else Path(str(options.ckpt_path))
+@dataclass
+class ResumePlan:
+    """What a run resumes, decided on rank 0 (`decided_on_rank0`): the saved start model and the Lightning
+    checkpoint (None: finetuning from its first step), or the error every rank raises."""
+
+    start: Path | None = None
+    ckpt: Path | None = None
+    error: str = ""
+    note: str = ""  # said once, on rank 0
 
 
-def resume_start(options: FinetuneConf, out_dir: Path) -> Path | None:
-    """The saved start model of the finetune run `quant.finetune.ckpt_path` resumes, or None (nothing to
-    resume: `last` in a directory with no finetune checkpoint starts from the beginning, as Lightning does)."""
-    if options.epochs == 0 or not options.ckpt_path:
-        return None
-    ckpt = resume_checkpoint(options, out_dir)
-    start = ckpt.parent / START
+def resume_plan(options: FinetuneConf, out_dir: Path, requeued: bool = False) -> ResumePlan:
+    """The finetune run to resume: `quant.finetune.ckpt_path` (`last`: this run directory's), or, in a
+    requeued job (`run.is_requeue`), this directory's own when it holds one. A requested resume that finds
+    nothing fails; a requeue with nothing saved starts over and says so."""
+    if options.epochs == 0:
+        return ResumePlan()
+    folder = out_dir / FINETUNE_DIR
+    if requeued and not options.ckpt_path:
+        if not (folder / START).is_file():
+            return ResumePlan(note=f"requeued: {out_dir} holds no finetune checkpoint (the earlier attempt stopped "
+                                  "before finetuning began), so the run starts from the beginning; calibration "
+                                  "and reconstruction keep no state between attempts")
+        last = folder / "last.ckpt"
+        return ResumePlan(folder / START, last if last.is_file() else None,
+                          note=f"requeued: finetuning resumes from {last.resolve() if last.is_file() else folder / START}; "
+                               "the stages before it are not run again")
+    if not options.ckpt_path:
+        return ResumePlan()
     if options.ckpt_path == "last":
-        if not start.is_file():
-            log.warning("quant.finetune.ckpt_path=last: %s holds no finetune checkpoint, so the run starts from the "
-                        "beginning (to resume a run, pass its directory as hydra.run.dir=<run dir>)", out_dir)
-            return None
-        return start
+        if not (folder / START).is_file():
+            return ResumePlan(error=f"quant.finetune.ckpt_path=last: {out_dir} holds no finetune checkpoint "
+                                    f"({folder / START} is missing). Under -m (multirun) Hydra ignores "
+                                    "hydra.run.dir and gives every job a new directory: pass the checkpoint "
+                                    "itself, quant.finetune.ckpt_path=<the run's directory>/finetune/last.ckpt")
+        last = folder / "last.ckpt"  # absent: stopped before a first checkpoint; from the start model
+        return ResumePlan(folder / START, last if last.is_file() else None)
+    ckpt = Path(str(options.ckpt_path))
     if not ckpt.is_file():
-        raise FileNotFoundError(f"quant.finetune.ckpt_path={ckpt} does not exist; pass a .ckpt from a run's "
+        return ResumePlan(error=f"quant.finetune.ckpt_path={ckpt} does not exist; pass a .ckpt from a run's "
                                 f"{FINETUNE_DIR}/ directory, or last with hydra.run.dir=<that run's directory>")
-    if not start.is_file():
-        raise FileNotFoundError(f"quant.finetune.ckpt_path={ckpt}: its start model {start} is missing (a finetune "
-                                f"checkpoint resumes together with the {START} saved beside it)")
-    return start
+    if not (ckpt.parent / START).is_file():
+        return ResumePlan(error=f"quant.finetune.ckpt_path={ckpt}: its start model {ckpt.parent / START} is missing "
+                                f"(a finetune checkpoint resumes together with the {START} saved beside it)")
+    return ResumePlan(ckpt.parent / START, ckpt)
 
 
 def resumed_epoch(path: Path) -> int:
@@ -90,9 +108,10 @@ class FinetuneModule(L.LightningModule):
     """
 
     def __init__(self, task: Task, student: torch.nn.Module, teacher: torch.nn.Module, training: QuantTraining,
-                 options: FinetuneConf) -> None:
+                 options: FinetuneConf, steps_per_epoch: int) -> None:
         super().__init__()
         self.task, self.student, self.options, self.training_parts = task, student, options, training
+        self.steps_per_epoch = int(steps_per_epoch)  # per process
         self.__dict__["teacher"] = teacher.eval()
         self.weights = {"task": options.task_weight, "kd": options.kd_weight, "feature": options.feature_weight}
 
@@ -101,8 +120,16 @@ class FinetuneModule(L.LightningModule):
             model.to(self.device)  # a model's own .to (mmengine's keeps its preprocessor's device in step)
         self.teacher.eval()
 
-    def on_train_epoch_start(self) -> None:
+    def on_train_start(self) -> None:  # also for a run resumed mid-epoch, which skips on_train_epoch_start
         self.student.train(self.options.train_mode)
+
+    def on_train_epoch_start(self) -> None:  # after every validation loop (which leaves the module in eval)
+        self.student.train(self.options.train_mode)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """The random state of a step (dropout, QDrop-style drops) from (seed, epoch, step in epoch, rank):
+        a run resumed mid-epoch draws what the uninterrupted run drew."""
+        torch.manual_seed(step_seed(self.options.seed, self.current_epoch, batch_idx, rank_world()[0]))
 
     def _terms(self, batch: Any, stage: str) -> torch.Tensor:
         """The weighted sum of the task's loss terms; every term and metric logged under `stage/`."""
@@ -130,7 +157,9 @@ class FinetuneModule(L.LightningModule):
         if t.weights:
             groups.append({"params": t.weights, "lr": o.weight_lr or o.lr, "weight_decay": o.weight_decay})
         opt = torch.optim.AdamW([g for g in groups if g["params"]])
-        total = max(1, int(self.trainer.estimated_stepping_batches))  # per process, after DDP set-up
+        # not trainer.estimated_stepping_batches: it builds the training loader's iterator before Lightning
+        # restores a checkpoint's loader state, so a run resumed mid-epoch would not skip the trained batches
+        total = max(1, self.steps_per_epoch * o.epochs)
         warm = total * o.warmup_epochs // max(1, o.epochs)
 
         def schedule(step: int) -> float:
@@ -140,54 +169,6 @@ class FinetuneModule(L.LightningModule):
 
         return {"optimizer": opt,
                 "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
-
-
-class EpochLoader(DataLoader):
-    """The training loader: each pass first fixes its epoch, which sets the sampler's order and the random
-    state (augmentation, dropout, worker seeds) from (seed, epoch, rank) alone.
-
-    Lightning creates the first iterator of a run before it announces the epoch to the sampler, and of a
-    resumed run before it restores its loop state, so the first pass takes `first_epoch` (the epoch the
-    run starts at) and later ones read the training loop's epoch (`epoch_of`) when iteration starts.
-    """
-
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, first_epoch: int, epoch_of: Callable[[], int],
-                 **kwargs: Any) -> None:
-        super().__init__(dataset, batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed), **kwargs)
-        self.seed, self.first_epoch, self.epoch_of = seed, first_epoch, epoch_of
-
-    def __iter__(self):  # noqa: ANN204
-        epoch = int(self.first_epoch if self.first_epoch is not None else self.epoch_of())
-        self.first_epoch = None
-        self.sampler.set_epoch(epoch)
-        seed_everything(self.seed * 1_000_003 + epoch * 1009 + rank_world()[0], verbose=False)
-        return super().__iter__()
-
-
-@dataclass
-class FinetuneData:
-    train: EpochLoader
-    val: DataLoader | None
-
-
-def finetune_data(ctx: RunContext, options: FinetuneConf, trainer: L.Trainer, first_epoch: int) -> FinetuneData:
-    """Training images (shuffled per epoch, equal shares per process) and the held-out validation images
-    (whole batches per process, none repeated)."""
-    train_set, val_set = ctx.task.finetune_split(options.val_samples, options.seed)
-    world = processes(trainer)
-    batch = int(options.batch_size or ctx.run.task.get("batch_size") or 32)
-    if len(train_set) // world < 1:
-        raise ValueError(f"finetuning: {len(train_set)} training images left after holding out "
-                         f"quant.finetune.val_samples={options.val_samples} cannot give each of {world} processes one; "
-                         "lower quant.finetune.val_samples")
-    common = dict(collate_fn=ctx.task.collate_fn(), num_workers=int(ctx.run.task.get("num_workers") or 0))
-    train = EpochLoader(train_set, batch, options.seed, first_epoch,
-                        lambda: trainer.fit_loop.epoch_progress.current.processed, **common)
-    val = None
-    if len(val_set):
-        val = sharded(DataLoader(val_set, batch_size=batch, shuffle=False, **common), world,
-                      "the finetune validation loader")
-    return FinetuneData(train, val)
 
 
 def save_start(ctx: RunContext, path: Path) -> None:
@@ -213,20 +194,23 @@ def finetune_stage(ctx: RunContext) -> None:
                 old.unlink()
         if not (folder / START).is_file():  # (resuming another directory's run: this one can resume too)
             save_start(ctx, folder / START)
-    checkpoint = ModelCheckpoint(dirpath=str(folder), filename="epoch{epoch}", auto_insert_metric_name=False,
-                                 save_last="link", save_top_k=1, every_n_epochs=1, save_on_train_epoch_end=True)
-    trainer = ctx.make_trainer(max_epochs=options.epochs, callbacks=[checkpoint], enable_checkpointing=True,
+    # last.ckpt links the newest of both (no version counter: one `last` for both callbacks)
+    common = dict(dirpath=str(folder), auto_insert_metric_name=False, save_last="link", save_top_k=1,
+                  enable_version_counter=False)
+    checkpoints = [ModelCheckpoint(filename="epoch{epoch}", every_n_epochs=1, save_on_train_epoch_end=True, **common)]
+    if options.every_n_train_steps > 0:  # a preempted epoch resumes from its last step checkpoint
+        checkpoints.append(ModelCheckpoint(filename="step{step}", every_n_train_steps=options.every_n_train_steps,
+                                           **common))
+    trainer = ctx.make_trainer(max_epochs=options.epochs, callbacks=checkpoints, enable_checkpointing=True,
                                use_distributed_sampler=False, gradient_clip_val=options.grad_clip,
                                check_val_every_n_epoch=1)
-    resume_ckpt = resume_checkpoint(options, ctx.out_dir) if resuming else None
-    if resume_ckpt is not None and not resume_ckpt.is_file():  # `last` before a first epoch ended: from the start
-        resume_ckpt = None
+    resume_ckpt = ctx.resume_ckpt
     data = finetune_data(ctx, options, trainer, first_epoch=resumed_epoch(resume_ckpt) if resume_ckpt else 0)
     world = processes(trainer)
-    steps = math.ceil(len(data.train.dataset) // world / data.train.batch_size)
+    steps = len(data.train)  # batches per process and epoch: this rank's share in whole and last partial batches
     trainer.log_every_n_steps = max(1, min(50, steps // 4))  # a few points per epoch, even in short ones
     training = QuantTraining(ctx.qmodel, weights=options.weights, zero_points=options.zero_points)
-    module = FinetuneModule(ctx.task, ctx.qmodel, ctx.fp_model, training, options)
+    module = FinetuneModule(ctx.task, ctx.qmodel, ctx.fp_model, training, options, steps)
     counts = training.trainables.count()
     log.info("finetune: %d epochs on %d images (%d held out), training %s", options.epochs, len(data.train.dataset),
              len(data.val.dataset) if data.val is not None else 0, counts)
@@ -239,8 +223,8 @@ def finetune_stage(ctx: RunContext) -> None:
                         ckpt_path=str(resume_ckpt) if resume_ckpt else None)
     except BaseException:
         if (folder / "last.ckpt").is_file() and rank_zero_only.rank == 0:
-            log.error("finetune stopped; resume from its last epoch with the same overrides plus "
-                      "quant.finetune.ckpt_path=last hydra.run.dir=%s", ctx.out_dir)
+            log.error("finetune stopped; a requeued job resumes by itself, otherwise run the same overrides plus "
+                      "quant.finetune.ckpt_path=%s (also from a multirun)", (folder / "last.ckpt").resolve())
         raise
     finally:
         training.finish()

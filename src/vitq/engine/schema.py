@@ -75,7 +75,8 @@ class FinetuneConf:
     val_samples: int = 500  # training images held out for the validation loop (never evaluation images)
     grad_clip: Optional[float] = None  # clip the gradient norm
     seed: int = 0  # shuffling, augmentation and the held-out split
-    ckpt_path: Optional[str] = None  # resume: "last" (this run directory's last epoch) or a finetune .ckpt
+    ckpt_path: Optional[str] = None  # resume: "last" (this run directory's last checkpoint) or a finetune .ckpt
+    every_n_train_steps: int = 500  # also a checkpoint every N steps (a preempted epoch resumes there); 0: per epoch
 
 
 @dataclass
