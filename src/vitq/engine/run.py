@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 import vitq
 
 from ..memory import return_freed_memory
+from ..report.curves import plot_finetune_curves
 from ..report.table import print_points
 from .config import validate
 from .agreement import decided_on_rank0
@@ -34,13 +35,14 @@ from .lifecycle import RunInterrupted, acquire, release, signals_end_the_run
 from .context import STAGES, RunContext
 from .stages import pipeline
 from .tasks import get_task
+from .wandb_outputs import publish
 
 log = logging.getLogger(__name__)
 
 PREEMPTED = "PREEMPTED"  # the run ended on submitit's USR2: a requeue of the job resumes in this directory
 WANDB_ID = ".wandb-id"  # the run's W&B id, so that a resumed run continues the same W&B run
 RESULT_FILES = ("FAILED", PREEMPTED, "results.json", "quantized.ckpt", "points.csv", "layernorm_ranges.json",
-                "layernorm_ranges.png", "outcomes.pt")
+                "layernorm_ranges.png", "finetune_curves.png", "outcomes.pt")
 
 
 def build_loggers(cfg: DictConfig, out_dir: Path) -> list[Logger]:
@@ -104,6 +106,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                 shutil.rmtree(out_dir / "csv", ignore_errors=True)
         with signals_end_the_run():
             row = _run(cfg, out_dir, loggers, requeued)
+            publish(loggers, out_dir, row if (out_dir / "results.json").is_file() else None,
+                    bool(cfg.get("log_checkpoint", False)), str(cfg.run_name))
         _close(loggers, ok=True)
         return row
     except BaseException as e:
@@ -271,6 +275,12 @@ def _write_outputs(ctx: RunContext) -> None:
         vitq.save_quantized(ctx.qmodel, ctx.out_dir / "quantized.ckpt", meta=ctx.run.meta())
         if ctx.recipe.scope == "full":
             _layernorm_ranges(ctx)
+    if ctx.finetuned:
+        for lg in ctx.loggers:
+            lg.save()  # the CSV log holds every step so far
+        logs = [f for path in _csv_files(ctx.loggers) for f in (path.with_name(CSV_EARLIER), path)]
+        plot_finetune_curves(logs, ctx.out_dir / "finetune_curves.png",
+                             f"{ctx.run.model['name']} on {ctx.run.task['name']}: finetuning {ctx.recipe.describe()}")
     points = ctx.artifacts.get("points")
     if points:
         with open(ctx.out_dir / "points.csv", "w", newline="") as f:
