@@ -163,8 +163,9 @@ def test_default_fold_takes_the_codes_unrounded_mean_zero_point():
         assert torch.equal(z_t, z.mean().reshape(1)), pair.consumer_name
         fractional += int(z_t.frac().abs().item() > 0)
     assert fractional > 0  # the case the rounded fold differs in
-    with pytest.raises(ValueError, match="fold_zero_point='floor'.*mean.*rounded"):
-        _calibrated(VIT, vitq.recipe("repq", fold_zero_point="floor"))
+    for method in ("repq", "isvit"):  # refused when the recipe is read, before a model is touched
+        with pytest.raises(ValueError, match="fold_zero_point='floor'.*mean.*rounded"):
+            vitq.recipe(method, fold_zero_point="floor")
 
 
 def test_fold_is_float_equivalent_and_refits_weights():

@@ -13,6 +13,7 @@ import dataclasses
 
 from torch import nn
 
+from ..quant.modules import arithmetic_named
 from ..quant.ops import INTEGER_ARITHMETIC, set_integer
 from ..quant.points import Kind, PointSpec
 from .base import Method, register_method
@@ -57,8 +58,7 @@ class FQViT(Method):
 
     def arithmetic(self) -> str | None:
         """The integer arithmetic the options ask for (None: float LayerNorm and softmax)."""
-        integer = self.options.integer
-        return None if integer is False else "exact" if integer is True else integer
+        return arithmetic_named(self.options.integer)
 
     def after_freeze(self, model: nn.Module) -> None:
         arithmetic = self.arithmetic()

@@ -143,6 +143,9 @@ class ISViTOptions:
     loss_sum: str = "tokens"
     fold_zero_point: str = "mean"  # stage 2's folded zero point: mean (unrounded, the code) | rounded (exact)
 
+    def __post_init__(self) -> None:  # a bad value fails when the recipe is read
+        check_fold_zero_point(self.fold_zero_point)
+
 
 @register_method
 class ISViT(Method):
@@ -158,7 +161,6 @@ class ISViT(Method):
         return specs
 
     def prepare(self, model: nn.Module) -> None:
-        check_fold_zero_point(self.options.fold_zero_point)
         if self.options.sos:
             per_channel_post_norm_inputs(model)
 

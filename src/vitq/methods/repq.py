@@ -28,6 +28,9 @@ class RepQOptions:
     reparameterize: bool = True  # false: keep the per-channel post-LayerNorm quantizers (for ablation)
     fold_zero_point: str = "mean"  # the folded zero point: mean (unrounded, the code) | rounded (an exact fold)
 
+    def __post_init__(self) -> None:  # a bad value fails when the recipe is read, before any model is built
+        check_fold_zero_point(self.fold_zero_point)
+
 
 def check_fold_zero_point(value: str) -> None:
     if value not in ("mean", "rounded"):
@@ -40,7 +43,6 @@ class RepQ(Method):
     Options = RepQOptions
 
     def prepare(self, model: nn.Module) -> None:
-        check_fold_zero_point(self.options.fold_zero_point)
         per_channel_post_norm_inputs(model)
 
     def after_freeze(self, model: nn.Module) -> None:

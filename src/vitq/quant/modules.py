@@ -31,11 +31,15 @@ def _same_key(a: tuple | None, b: tuple) -> bool:
     return a is not None and len(a) == len(b) and all(x is y and u == v for (x, u), (y, v) in zip(a, b))
 
 
+def arithmetic_named(integer: bool | str) -> str | None:
+    """An integer setting as the arithmetic it selects ("fqvit" or "exact"; True is "exact"'s former
+    spelling), None for float."""
+    return None if integer is False else "exact" if integer is True else str(integer)
+
+
 def integer_arithmetic(module: nn.Module) -> str | None:
-    """The integer arithmetic a LayerNorm or softmax runs ("fqvit" or "exact"; True is "exact"'s former
-    spelling), None where it runs in float."""
-    integer = getattr(module, "integer", False)
-    return None if integer is False else "exact" if integer is True else integer
+    """The integer arithmetic a LayerNorm or softmax runs, None where it runs in float."""
+    return arithmetic_named(getattr(module, "integer", False))
 
 
 class Twin:
