@@ -81,11 +81,16 @@ def _predictions(model: torch.nn.Module, loader: DataLoader) -> list[torch.Tenso
         return [model(x).argmax(-1) for x, _ in loader]
 
 
-def _worker(rank: int, world: int, port: int, cfgs: tuple[dict, dict], out_dir: str) -> None:
+def _join(rank: int, world: int, port: int) -> None:
+    """One thread, the simulated NCCL device rule, and the gloo group."""
     torch.set_num_threads(1)
     nccl_rule.install()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
+
+
+def _worker(rank: int, world: int, port: int, cfgs: tuple[dict, dict], out_dir: str) -> None:
+    _join(rank, world, port)
     try:
         task, model, calib, test = _setup(cfgs)
         states = _calibrate_all(task, model, sharded(calib, world, "calibration"), calib)
@@ -171,10 +176,7 @@ def _one_batch(task, model, loader, whole: bool) -> dict[str, dict[str, torch.Te
 
 
 def _method_worker(rank: int, world: int, port: int, cfgs: tuple[dict, dict], out_dir: str) -> None:
-    torch.set_num_threads(1)
-    nccl_rule.install()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    _join(rank, world, port)
     try:
         task, model, calib, _ = _setup(cfgs)
         states = {}
