@@ -31,7 +31,7 @@ README = [accuracy, search, finetune]  # the sections with a line in the README,
 ONLY = [name for section in SECTIONS for name in section.ONLY]
 
 
-def header(argv: list[str], measured: dict[str, str]) -> list[str]:
+def header(argv: list[str], measured: dict[str, str], conditions: str = "") -> list[str]:
     refreshed = "; ".join(f"`{name}` at {when}" for name, when in sorted(measured.items()))
     return [
         "# Benchmark results", "",
@@ -44,7 +44,7 @@ def header(argv: list[str], measured: dict[str, str]) -> list[str]:
         f"docs/methods.md, CHANGELOG.md): {refreshed or 'none yet'}. The other sections were measured earlier, "
         "under the former defaults of fqvit, repq, isvit, qdrop, noisyquant and liu21, and before the OMSE, "
         "quantile and PTF token samples were keyed by global batch index: their rows of those recipes move when "
-        "the section runs again.", "",
+        "the section runs again.", *([conditions, ""] if conditions else []),
         "Every delta is quantized minus float top-1 in points, with its paired 95% bootstrap interval over the "
         "evaluation images (1000 resamples, seed 0) in brackets: an interval that contains 0 is not a measurable "
         "drop. No setting here was chosen by looking at evaluation images.", "",
@@ -77,7 +77,7 @@ def measured(section: ModuleType, data: dict) -> bool:
 def write_report(data: dict, argv: list[str], old: str = "") -> str:
     """The page from `data`; a section the store holds no measurement of keeps its block of the old page (same
     heading), where the old page has one."""
-    lines = header(argv, data.get("measured", {}))
+    lines = header(argv, data.get("measured", {}), data.get("conditions", ""))  # how the last runs were made
     old_order, kept = blocks(old)
     fresh, stale = {}, {}
     new_order: list[str] = []
