@@ -98,14 +98,16 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     lock = acquire(out_dir) if rank_zero_only.rank == 0 else None  # refused: the directory is not ours
     loggers: list[Logger] = []
     try:
-        requeued = False
+        requeued = continuing = False
         if lock is not None:  # a reused directory must not mix an old result with a new failure
             requeued = is_requeue(out_dir)
+            continuing = requeued or bool(OmegaConf.select(cfg, "quant.finetune.ckpt_path"))
             _discard_results(out_dir)
-            if not requeued:  # a requeued attempt continues the CSV history
+            if not continuing:  # a requeued or resumed run continues the CSV history and the W&B run
                 shutil.rmtree(out_dir / "csv", ignore_errors=True)
+                (out_dir / WANDB_ID).unlink(missing_ok=True)
         with signals_end_the_run():
-            row = _run(cfg, out_dir, loggers, requeued)
+            row = _run(cfg, out_dir, loggers, requeued, continuing)
             publish(loggers, out_dir, row if (out_dir / "results.json").is_file() else None,
                     bool(cfg.get("log_checkpoint", False)), str(cfg.run_name))
         _close(loggers, ok=True)
@@ -140,7 +142,7 @@ CSV_EARLIER = ".metrics.earlier-attempts.csv"  # beside metrics.csv while a requ
 
 
 def keep_csv_history(loggers: list[Logger]) -> None:
-    """Before a requeued attempt logs: set the earlier attempts' CSV rows aside (Lightning's CSV writer
+    """Before a requeued or resumed attempt logs: set the earlier attempts' CSV rows aside (Lightning's CSV writer
     deletes `metrics.csv` when it starts); `_close` puts them back in front of this attempt's rows."""
     for path in _csv_files(loggers):
         earlier = path.with_name(CSV_EARLIER)
@@ -197,7 +199,8 @@ def _close(loggers: list[Logger], ok: bool, preempted: bool = False) -> None:
         wandb.finish(exit_code=0 if ok else 1)
 
 
-def _run(cfg: DictConfig, out_dir: Path, loggers: list[Logger], requeued: bool = False) -> dict[str, Any]:
+def _run(cfg: DictConfig, out_dir: Path, loggers: list[Logger], requeued: bool = False,
+         continuing: bool = False) -> dict[str, Any]:
     """The stages; `loggers` is filled as they are built, so a failure can still close them."""
     settings = validate(cfg)
     recipe = settings.recipe
@@ -217,7 +220,7 @@ def _run(cfg: DictConfig, out_dir: Path, loggers: list[Logger], requeued: bool =
         return {"points": len(points)}
     del probe
     loggers.extend(build_loggers(cfg, out_dir))
-    if requeued:
+    if continuing:
         keep_csv_history(loggers)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
