@@ -59,9 +59,9 @@ class EpochLoader(DataLoader):
     """The training loader: each pass first fixes its epoch, which sets the sampler's order, the samples'
     generators and the worker seeds from (seed, epoch, rank) alone.
 
-    Lightning creates the first iterator of a run before it announces the epoch to the sampler, and of a
-    resumed run before it restores its loop state, so the first pass takes `first_epoch` (the epoch the
-    run starts at) and later ones read the training loop's epoch (`epoch_of`) when iteration starts.
+    Lightning creates the first iterator of a run before it announces the epoch to the sampler, so the
+    first pass takes `first_epoch` (the epoch the run starts at, or the one a mid-epoch checkpoint's loader
+    state names) and later ones read the training loop's epoch (`epoch_of`) when iteration starts.
     `progress()` is the number of batches the current epoch has trained on (Lightning's loop), which the
     loader's state records for a resume from a step checkpoint.
     """
