@@ -2,7 +2,6 @@
 finetuned later, two-process DDP, and bad settings."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ from vitq.engine.lifecycle import RunInterrupted
 from vitq.engine.run import run
 from vitq.engine.tasks import distillation_kl, hold_out
 
-from tiny import ROOT, tiny_cfg
+from tiny import ROOT, csv_rows, tiny_cfg
 
 FT = ["quant.w_bits=4", "quant.a_bits=4", "quant.finetune.epochs=3", "quant.finetune.val_samples=64",
       "quant.finetune.batch_size=32", "quant.finetune.weights=true", "quant.finetune.lr=1e-3"]
@@ -69,10 +68,10 @@ def test_interrupted_finetune_resumes_from_last_and_ends_as_an_uninterrupted_run
     assert (out / "FAILED").read_text().startswith("interrupted (SIGTERM)")
     assert (out / "finetune" / "last.ckpt").is_file() and not (out / "results.json").exists()
     assert torch.load(out / "finetune" / "last.ckpt", weights_only=False)["epoch"] == 1  # epochs 0 and 1 done
-    first = _rows(out / "csv" / "metrics.csv")
+    first = csv_rows(out / "csv" / "metrics.csv")
 
     resumed = run(tiny_cfg(tmp, *FT, "quant.finetune.ckpt_path=last"), out)
-    final = _rows(out / "csv" / "metrics.csv")  # the first attempt's rows are kept, before the new ones
+    final = csv_rows(out / "csv" / "metrics.csv")  # the first attempt's rows are kept, before the new ones
     assert first and final[: len(first)] == first and len(final) > len(first)
     assert resumed["finetune_resumed"] is True and not (out / "FAILED").exists()
     a, b = _state(whole), _state(out)
@@ -80,11 +79,6 @@ def test_interrupted_finetune_resumes_from_last_and_ends_as_an_uninterrupted_run
     assert not [k for k in a if not torch.equal(a[k], b[k])]
     for key in ("fp_top1", "quant_top1", "quant_top5", "delta_top1_ci", "finetune_val_loss"):
         assert resumed[key] == row[key], key
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return [{k: v for k, v in row.items() if v} for row in csv.DictReader(f)]
 
 
 def test_a_saved_ptq_model_can_be_finetuned_later(finetuned):

@@ -3,7 +3,6 @@ sees, the lock a SIGKILLed attempt leaves, and a two-process run preempted mid-f
 as a requeue starts it, ends with the weights and metrics of an uninterrupted run, in one W&B run."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -20,6 +19,8 @@ from vitq.engine.finetune import resume_plan
 from vitq.engine.lifecycle import LOCK, DirectoryInUse, RunInterrupted, acquire, signals_end_the_run
 from vitq.engine.run import PREEMPTED, is_requeue, make_trainer_factory
 from vitq.engine.schema import FinetuneConf
+
+from tiny import csv_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -153,7 +154,7 @@ def test_a_two_process_run_preempted_mid_finetune_resumes_by_itself_to_the_same_
     assert not (out / "FAILED").exists() and not (out / "results.json").exists()
     assert sorted(p.name for p in (out / "finetune").glob("*.ckpt")) == ["epoch0.ckpt", "last.ckpt", "start.ckpt",
                                                                         "step9.ckpt"]
-    history = _rows(out / "csv" / "metrics.csv")
+    history = csv_rows(out / "csv" / "metrics.csv")
     assert history
 
     resumed = _train(out, cache, *ddp, *preempt)  # the requeue: the same command line, the same directory
@@ -176,11 +177,5 @@ def test_a_two_process_run_preempted_mid_finetune_resumes_by_itself_to_the_same_
     attempts = sorted((out / "wandb").glob("offline-run-*"))
     assert len(attempts) == 2 and all(p.name.endswith(f"-{run_id}") for p in attempts), attempts
     assert all((p / f"run-{run_id}.wandb").is_file() for p in attempts)
-    final = _rows(out / "csv" / "metrics.csv")
+    final = csv_rows(out / "csv" / "metrics.csv")
     assert len(final) > len(history) and all(row in final for row in history)
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    """The CSV log's rows, each without its empty cells (a resumed log may have gained columns)."""
-    with open(path, newline="") as f:
-        return [{k: v for k, v in row.items() if v} for row in csv.DictReader(f)]

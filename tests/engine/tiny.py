@@ -14,6 +14,14 @@ TINY = [
 ]
 
 
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    """A CSV log's rows, each without its empty cells (a resumed log may have gained columns)."""
+    import csv
+
+    with open(path, newline="") as f:
+        return [{k: v for k, v in row.items() if v} for row in csv.DictReader(f)]
+
+
 def tiny_cfg(tmp_path: Path, *overrides: str, hydra: bool = False):
     base = [o for o in TINY if not (o.startswith("quant=") and any(x.startswith("quant=") for x in overrides))]
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):

@@ -62,25 +62,24 @@ def resume_plan(options: FinetuneConf, out_dir: Path, requeued: bool = False) ->
     if options.epochs == 0:
         return ResumePlan()
     folder = out_dir / FINETUNE_DIR
-    if requeued and not options.ckpt_path:
-        if not (folder / START).is_file():
+    start, last = folder / START, folder / "last.ckpt"
+    asked = options.ckpt_path == "last"
+    if asked or (requeued and not options.ckpt_path):  # this directory's own run
+        if not start.is_file():
+            if asked:
+                return ResumePlan(error=f"quant.finetune.ckpt_path=last: {out_dir} holds no finetune checkpoint "
+                                        f"({start} is missing). Under -m (multirun) Hydra ignores hydra.run.dir and "
+                                        "gives every job a new directory: pass the checkpoint itself, "
+                                        "quant.finetune.ckpt_path=<the run's directory>/finetune/last.ckpt")
             return ResumePlan(note=f"requeued: {out_dir} holds no finetune checkpoint (the earlier attempt stopped "
                                   "before finetuning began), so the run starts from the beginning; calibration "
                                   "and reconstruction keep no state between attempts")
-        last = folder / "last.ckpt"
-        return ResumePlan(folder / START, last if last.is_file() else None,
-                          note=f"requeued: finetuning resumes from {last.resolve() if last.is_file() else folder / START}; "
-                               "the stages before it are not run again")
+        ckpt = last if last.is_file() else None  # none: stopped before a first checkpoint; from the start model
+        note = "" if asked else (f"requeued: finetuning resumes from {ckpt.resolve() if ckpt else start}; the stages "
+                                 "before it are not run again")
+        return ResumePlan(start, ckpt, note=note)
     if not options.ckpt_path:
         return ResumePlan()
-    if options.ckpt_path == "last":
-        if not (folder / START).is_file():
-            return ResumePlan(error=f"quant.finetune.ckpt_path=last: {out_dir} holds no finetune checkpoint "
-                                    f"({folder / START} is missing). Under -m (multirun) Hydra ignores "
-                                    "hydra.run.dir and gives every job a new directory: pass the checkpoint "
-                                    "itself, quant.finetune.ckpt_path=<the run's directory>/finetune/last.ckpt")
-        last = folder / "last.ckpt"  # absent: stopped before a first checkpoint; from the start model
-        return ResumePlan(folder / START, last if last.is_file() else None)
     ckpt = Path(str(options.ckpt_path))
     if not ckpt.is_file():
         return ResumePlan(error=f"quant.finetune.ckpt_path={ckpt} does not exist; pass a .ckpt from a run's "

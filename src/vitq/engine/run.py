@@ -281,8 +281,9 @@ def _write_outputs(ctx: RunContext) -> None:
     if ctx.finetuned:
         for lg in ctx.loggers:
             lg.save()  # the CSV log holds every step so far
-        logs = [f for path in _csv_files(ctx.loggers) for f in (path.with_name(CSV_EARLIER), path)]
-        plot_finetune_curves(logs, ctx.out_dir / "finetune_curves.png",
+        rows = [row for path in _csv_files(ctx.loggers)
+                for row in _read_rows(path.with_name(CSV_EARLIER)) + _read_rows(path)]  # earlier attempts first
+        plot_finetune_curves(rows, ctx.out_dir / "finetune_curves.png",
                              f"{ctx.run.model['name']} on {ctx.run.task['name']}: finetuning {ctx.recipe.describe()}")
     points = ctx.artifacts.get("points")
     if points:

@@ -1,7 +1,6 @@
 """The finetuning curves of one run, as a figure people look at rather than read (from its CSV log)."""
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 
@@ -9,15 +8,10 @@ def _series(rows: list[dict[str, str]], key: str, by: str) -> list[tuple[float, 
     return [(float(r[by]), float(r[key])) for r in rows if r.get(key) and r.get(by)]
 
 
-def plot_finetune_curves(logs: list[Path], path: Path, title: str) -> bool:
+def plot_finetune_curves(rows: list[dict[str, str]], path: Path, title: str) -> bool:
     """Training loss per logged step and validation loss per epoch (`train/loss`, `val/loss` of the finetune
-    stage) from CSV logs read in order (a requeued run's earlier attempts first); False, and no file, when
-    they hold neither."""
-    rows: list[dict[str, str]] = []
-    for log in logs:
-        if log.is_file():
-            with open(log, newline="") as f:
-                rows += list(csv.DictReader(f))
+    stage) from CSV log rows (a requeued run's earlier attempts first); False, and no file, when they hold
+    neither."""
     train, val = _series(rows, "train/loss", "step"), _series(rows, "val/loss", "epoch")
     if not train and not val:
         return False
