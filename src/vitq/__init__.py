@@ -13,9 +13,12 @@ from .pipeline import calibrate, float_layers, load_quantized, quantize, reconst
 from .quant import (CalibrationError, Kind, PointSpec, Recipe, ReconstructOptions, iter_points, read_quantized,
                     save_quantized, set_integer, set_mode, summary)
 from .recipes import recipe, recipes
+from .export import export_onnx
+from .sensitivity import SensitivityReport, analyze
 
 __version__ = "0.1.0"
 
-__all__ = ["CalibrationError", "Kind", "PointSpec", "Recipe", "ReconstructOptions", "calibrate", "float_layers",
-           "iter_points", "load_quantized", "quantize", "read_quantized", "recipe", "recipes", "reconstruct",
-           "save_quantized", "set_integer", "set_mode", "summary"]
+__all__ = ["CalibrationError", "Kind", "PointSpec", "Recipe", "ReconstructOptions", "SensitivityReport", "analyze",
+           "export_onnx",
+           "calibrate", "float_layers", "iter_points", "load_quantized", "quantize", "read_quantized", "recipe",
+           "recipes", "reconstruct", "save_quantized", "set_integer", "set_mode", "summary"]

@@ -3,4 +3,4 @@
 Importing the engine registers every stage (`context.STAGES`): the stage modules import the context,
 never each other.
 """
-from . import finetune, reconstruct, stages  # noqa: F401  (registration side effects)
+from . import deploy, finetune, reconstruct, stages  # noqa: F401  (registration side effects)

@@ -17,7 +17,8 @@ from ..methods import get_method
 from ..quant.recipe import Recipe
 from ..recipes import RUN_KEYS
 from .context import STAGES
-from .schema import CalibConf, FinetuneConf, FitConf, ModelConf, QuantConf, RunConfig, TaskConf
+from .schema import (AnalyzeConf, CalibConf, ExportConf, FinetuneConf, FitConf, ModelConf, QuantConf, RunConfig,
+                     TaskConf)
 
 __all__ = ["CalibConf", "FinetuneConf", "FitConf", "ModelConf", "QuantConf", "RunConfig", "TaskConf", "finetune_options",
            "quant_schema", "validate"]
@@ -147,6 +148,37 @@ def finetune_options(cfg: Any) -> FinetuneConf:
     return options
 
 
+def _section(cfg: DictConfig, group: str, schema: type) -> Any:
+    """An optional top-level section (`analyze`, `export`) as its dataclass; defaults when absent."""
+    if cfg.get(group) is None:
+        return schema()
+    _check_group(cfg, group, schema)
+    return schema(**OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(schema), cfg[group]), resolve=True))
+
+
+def analyze_options(cfg: DictConfig) -> AnalyzeConf:
+    options = _section(cfg, "analyze", AnalyzeConf)
+    if options.split not in ("train", "eval"):
+        raise ValueError(f"analyze.split must be train or eval, got {options.split!r}")
+    for name in ("samples", "batch_size"):
+        if getattr(options, name) < 1:
+            raise ValueError(f"analyze.{name} must be at least 1, got {getattr(options, name)}")
+    if options.keep < 0 or options.top < 0:
+        raise ValueError("analyze.keep and analyze.top must be >= 0")
+    return options
+
+
+def kept_wider(options: AnalyzeConf) -> list[dict[str, Any]]:
+    """`analyze.apply`: recipe overrides keeping the CSV's `keep` top-ranked points at `keep_bits` (or float)."""
+    from ..report.sensitivity import keep_overrides, read_top
+
+    if not options.apply:
+        return []
+    if options.keep < 1:
+        raise ValueError("analyze.apply keeps the top analyze.keep points wider: set analyze.keep to 1 or more")
+    return keep_overrides(read_top(options.apply, options.keep), options.keep_bits)
+
+
 def validate(cfg: DictConfig) -> RunConfig:
     """Check every group against its schema and the recipe against the quantizer; the run's settings."""
     for group in ("model", "task", "quant", "trainer", "logger"):
@@ -172,9 +204,14 @@ def validate(cfg: DictConfig) -> RunConfig:
         raise ValueError("quant.calib.num_samples and quant.calib.batch_size must be at least 1")
     run_keys = RUN_KEYS | {f.name for f in fields(QuantConf)}  # every run-level key of the quant group
     quant = OmegaConf.to_container(cfg.quant, resolve=True)
+    analyze = analyze_options(cfg)
+    quant["overrides"] = [*(quant.get("overrides") or []), *kept_wider(analyze)]  # after the recipe's own
+    export = _section(cfg, "export", ExportConf)
+    if export.opset < 1 or (export.check_samples is not None and export.check_samples < 1):
+        raise ValueError("export.opset and export.check_samples must be positive (check_samples null: all images)")
     paths = cfg.get("paths") or {}
     return RunConfig(model=OmegaConf.to_container(cfg.model, resolve=True),
                      task=OmegaConf.to_container(cfg.task, resolve=True), quant=quant,
                      recipe=Recipe.from_config(quant, run_keys=run_keys), calib=calib, finetune=finetune,
                      seed=int(cfg.seed), stage=str(cfg.stage), cache_dir=paths.get("cache_dir"),
-                     from_checkpoint=quant.get("from_checkpoint") or None)
+                     from_checkpoint=quant.get("from_checkpoint") or None, analyze=analyze, export=export)

@@ -249,7 +249,8 @@ def _run(cfg: DictConfig, out_dir: Path, loggers: list[Logger], requeued: bool =
             break
     if rank_zero_only.rank == 0:
         _write_outputs(ctx)
-    return ctx.row or {"stages": stages[: stages.index(stop) + 1], "float_source": ctx.float_source}
+    return ctx.row or {"stages": stages[: stages.index(stop) + 1], "float_source": ctx.float_source,
+                       **ctx.artifacts.get("result", {})}
 
 
 def _layernorm_ranges(ctx: RunContext) -> None:

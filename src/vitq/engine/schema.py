@@ -103,6 +103,29 @@ class QuantConf:
     method: str = "ptq"  # hooks around calibration (vitq/methods/); its switches are further keys
 
 
+@dataclass
+class AnalyzeConf:
+    """Per-point sensitivity (`stage=analyze`, docs/deploy.md), and keeping its top points wider in a run."""
+
+    samples: int = 256  # images the analysis runs on
+    batch_size: int = 64
+    split: str = "train"  # train: a draw of training images (never the evaluation images) | eval
+    seed: int = 1  # the draw of training images (the calibration draw uses quant.calib.seed)
+    top: int = 10  # rows of the printed table
+    keep: int = 4  # how many of the most sensitive points the proposed overrides (and `apply`) keep wider
+    keep_bits: Optional[int] = 8  # their bits; null: float
+    apply: Optional[str] = None  # a sensitivity.csv: this run keeps its `keep` top points at `keep_bits`
+
+
+@dataclass
+class ExportConf:
+    """ONNX export with Q/DQ pairs (`stage=export`, docs/deploy.md)."""
+
+    opset: int = 17
+    check_samples: Optional[int] = None  # evaluation images onnxruntime is checked on; null: all
+    float_export: bool = True  # also export the float model (file size and speed against it)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """The run's settings as `validate` checked them, resolved once: what the stages read (the trainer,
@@ -118,6 +141,8 @@ class RunConfig:
     stage: str
     cache_dir: Optional[str] = None
     from_checkpoint: Optional[str] = None
+    analyze: AnalyzeConf = field(default_factory=AnalyzeConf)
+    export: ExportConf = field(default_factory=ExportConf)
 
     def meta(self) -> dict[str, Any]:
         """What a saved quantized checkpoint records of the run that made it."""

@@ -1,7 +1,7 @@
 """The stage pipeline: named stages over one run context.
 
 A run is `float` -> the stages its method names (`calibrate` for every method today; later methods add
-e.g. `reconstruct`, `finetune`) -> `test`. A quantized checkpoint replaces the middle with `load`.
+e.g. `reconstruct`, `finetune`) -> `test` (or, asked for, `analyze` or `export`: `engine/deploy.py`). A quantized checkpoint replaces the middle with `load`.
 Stages register by name in `context.STAGES` (the reconstruct and finetune stages in their own modules;
 `vitq.engine` imports all three); `stage=<name>` stops the run after that stage.
 """
@@ -30,6 +30,9 @@ from .float_model import float_key, obtain_float_model
 log = logging.getLogger(__name__)
 
 
+REQUESTED = ("analyze", "export")  # stages a run has only when asked (stage=<name>), in the test stage's place
+
+
 def pipeline(ctx: RunContext) -> list[str]:
     middle = ["load"] if ctx.checkpoint is not None else list(ctx.method.stages)
     if ctx.run.finetune.epochs > 0:
@@ -38,7 +41,7 @@ def pipeline(ctx: RunContext) -> list[str]:
     if unknown:
         raise ValueError(f"method {ctx.method.name!r} needs stage(s) {unknown} that are not registered; "
                          f"known stages: {', '.join(STAGES)}")
-    return ["float", *middle, "test"]
+    return ["float", *middle, ctx.run.stage if ctx.run.stage in REQUESTED else "test"]
 
 
 @register_stage("float")
