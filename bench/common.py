@@ -53,20 +53,46 @@ def shared(name: str) -> Path | None:
     return find_shared_data(name)
 
 
+def _model_overrides(model_key: str) -> list[str] | None:
+    """The config overrides of a small model and its task, None where its data is missing."""
+    model, task, extra = MODELS[model_key]
+    cifar, cifar_eval = shared("cifar10-small"), shared("cifar10-eval")
+    if task == "cifar10" and (cifar is None or cifar_eval is None):
+        print("skipping CIFAR: ../shared/data/cifar10-small or cifar10-eval not found")
+        return None
+    return [f"model={model}", f"task={task}", "logger=csv", *(e.format(cifar=cifar, cifar_eval=cifar_eval) for e in extra)]
+
+
+def trained_model(model_key: str):  # noqa: ANN201
+    """(task, float model) of a small model, in this process: the float model from the engine's cache (trained
+    there on the first use)."""
+    from vitq.engine.config import validate
+    from vitq.engine.float_model import cache_dir, obtain_float_model
+    from vitq.engine.run import make_trainer_factory
+    from vitq.engine.tasks import get_task
+
+    overrides = _model_overrides(model_key)
+    if overrides is None:
+        return None, None
+    cfg = compose(overrides)
+    settings = validate(cfg)
+    task = get_task(str(settings.task["name"]))(settings.task, settings.model)
+    model, _, _ = obtain_float_model(task, settings.model, settings.task, cache_dir(settings.cache_dir), settings.seed,
+                                     make_trainer_factory(cfg, []))
+    return task, model.eval()
+
+
 def accuracy_rows(model_key: str, recipes: dict[str, list[str]],
                   on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """The real pipeline (vitq.engine.run) per recipe; the float model is trained once and cached."""
     from vitq.engine.run import run
 
-    model, task, extra = MODELS[model_key]
-    cifar, cifar_eval = shared("cifar10-small"), shared("cifar10-eval")
-    if task == "cifar10" and (cifar is None or cifar_eval is None):
-        print("skipping CIFAR: ../shared/data/cifar10-small or cifar10-eval not found")
+    base = _model_overrides(model_key)
+    if base is None:
         return []
-    extra = [e.format(cifar=cifar, cifar_eval=cifar_eval) for e in extra]
     rows = []
     for label, overrides in recipes.items():
-        cfg = compose([f"model={model}", f"task={task}", "logger=csv", *extra, *overrides])
+        cfg = compose([*base, *overrides])
         start = time.perf_counter()
         row = run(cfg, OUT / model_key / label)
         row.update(label=label, seconds=round(time.perf_counter() - start, 1))

@@ -7,6 +7,9 @@ and `report` (and `readme` for the sections listed in `README`). Writes docs/res
     python -m bench.run --only reconstruct                    # QDrop, I&S-ViT and its ablation on vit_cifar
     python -m bench.run --only finetune                       # PTQ models + quantization-aware finetuning
     python -m bench.run --only search|fidelity|speed|quickstart|report
+    python -m bench.run --only sensitivity               # top-k points by the analysis kept wider vs random k
+    python -m bench.run --only deploy-accuracy           # the ONNX export on vit_mnist / vit_cifar, vs quantize_static
+    python -m bench.run --only deploy                    # DeiT-S int8 vs fp32 with onnxruntime (an idle machine)
     python -m bench.run --only coco                  # COCO detector: calibration, inference, backbone SQNR
     python -m bench.run --only coco-sqnr --coco-sqnr-size 320   # backbone SQNR only, at another size
     python -m bench.run --only coco-recon        # I&S-ViT reconstruction of the detector backbone, SQNR before/after
@@ -21,12 +24,14 @@ import sys
 import time
 from types import ModuleType
 
-from bench import accuracy, coco, fidelity, finetune, fqvit, quickstart, reconstruct, search, speed
+from bench import (accuracy, coco, deploy, deploy_accuracy, fidelity, finetune, fqvit, quickstart, reconstruct, search,
+                   sensitivity, speed)
 from bench.common import OUT, ROOT, machine
 
 DOC = ROOT / "docs" / "results.md"
 # in the order of docs/results.md; `make bench` measures them in this order too
-SECTIONS: list[ModuleType] = [accuracy, reconstruct, finetune, fqvit, search, fidelity, speed, coco, quickstart]
+SECTIONS: list[ModuleType] = [accuracy, reconstruct, finetune, fqvit, search, fidelity, speed, sensitivity,
+                              deploy_accuracy, deploy, coco, quickstart]
 README = [accuracy, search, finetune]  # the sections with a line in the README, in its order
 ONLY = [name for section in SECTIONS for name in section.ONLY]
 
