@@ -32,12 +32,28 @@ def test_export_stage_writes_a_checked_int8_file_instead_of_testing(cache):
     assert saved["structure_problems"] == [] and saved["quantized_compute_nodes"] == ONE_BLOCK_LAYERS
     assert saved["int8_weights"] == ONE_BLOCK_LAYERS and saved["size_ratio"] < 0.8  # weights as 8-bit codes (a one-block model: graph overhead dominates)
 
+    again = run(tiny_cfg(cache, "stage=export", f"quant.from_checkpoint={out / 'quantized.ckpt'}",
+                         "export.check_samples=100", "export.float_export=false"), cache / "export-again")
+    assert again["stages"] == ["float", "load", "export"]  # the saved model, not calibrated again
+    assert again["top1_agreement"] == saved["top1_agreement"] and again["sqnr_db"] == saved["sqnr_db"]
+    assert not (cache / "export-again" / "model.fp32.onnx").exists()
+
 
 def test_export_of_a_non_uniform_grid_stops_and_writes_no_file(cache):
     out = cache / "export-fqvit"
-    with pytest.raises(ExportError, match="quant.softmax_output.quantizer=uniform"):
+    with pytest.raises(ExportError, match="stage=export cannot export this recipe(.|\n)*quant.softmax_output.quantizer=uniform"):
         run(tiny_cfg(cache, "quant=fqvit", "quant.calib.num_samples=64", "quant.calib.batch_size=32",
                      "stage=export"), out)
+    assert (out / "FAILED").is_file()  # at start-up, before calibrating: no checkpoint, no file
+    assert not (out / "model.onnx").exists() and not (out / "quantized.ckpt").exists()
+
+
+def test_export_checks_what_calibration_decides_at_the_end(cache):
+    """Integer kernels are switched on after calibration: the export stage itself names them."""
+    out = cache / "export-integer"
+    with pytest.raises(ExportError, match="quant.integer=false"):
+        run(tiny_cfg(cache, "quant=fqvit", "quant.lis=false", "quant.attn_bits=8", "quant.calib.num_samples=64",
+                     "quant.calib.batch_size=32", "stage=export"), out)
     assert not (out / "model.onnx").exists()
 
 

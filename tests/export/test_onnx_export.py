@@ -160,3 +160,18 @@ def test_an_old_opset_is_refused(vit, tmp_path):
     with pytest.raises(ExportError, match="opset 11 is too old"):
         export_onnx(calibrated(model, vitq.recipe("minmax"), x), tmp_path / "m.onnx", x[:1], opset=11)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ptf_layernorm_inputs_export_per_channel(vit, tmp_path):
+    """FQ-ViT's PTF grid (with its log2 softmax and integer kernels off) is a per-channel Q/DQ pair at every
+    LayerNorm input: two per block and the final norm."""
+    model, x = vit
+    q = calibrated(model, vitq.recipe("fqvit", lis=False, integer=False, attn_bits=8), x)
+    report = export_onnx(q, tmp_path / "m.onnx", x[:1])
+    graph = onnx.load(str(report.path)).graph
+    per_channel = [n for n in graph.node if n.op_type == "QuantizeLinear" and any(a.name == "axis" for a in n.attribute)]
+    assert len(per_channel) == 2 * 2 + 1
+    check = compare(report.path, q, [x])
+    # scope full requantizes every tensor: codes at exact ties (x / s in ONNX, x * (1 / s) in the simulation)
+    # flip and propagate (docs/deploy.md); a wrong axis or scale gives a few dB
+    assert check["top1_agreement"] == 100.0 and check["sqnr_db"] > 20

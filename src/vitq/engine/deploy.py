@@ -30,6 +30,18 @@ def model_input(batch: Any) -> torch.Tensor:
     return x
 
 
+def check_exportable(probe: torch.nn.Module) -> None:
+    """Before any stage of a `stage=export` run: the grids and bits the recipe places on the architecture must
+    be exportable (what calibration decides, the zero points and the integer kernels, is checked at export)."""
+    from ..export import ExportError, export_problems
+
+    vitq.set_mode(probe, "quant")
+    problems = export_problems(probe, before_calibration=True)
+    vitq.set_mode(probe, "off")
+    if problems:
+        raise ExportError("stage=export cannot export this recipe as Q/DQ ONNX:\n  " + "\n  ".join(problems))
+
+
 class _Replay(torch.nn.Module):
     """Returns outputs computed already, so a task's evaluation module scores them without a forward."""
 

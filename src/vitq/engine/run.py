@@ -33,6 +33,7 @@ from .finetune import resume_plan
 from .float_model import cache_dir
 from .lifecycle import RunInterrupted, acquire, release, signals_end_the_run
 from .context import STAGES, RunContext
+from .deploy import check_exportable
 from .stages import pipeline
 from .tasks import get_task
 from .wandb_outputs import publish
@@ -213,6 +214,8 @@ def _run(cfg: DictConfig, out_dir: Path, loggers: list[Logger], requeued: bool =
     task = get_task(str(settings.task["name"]).lower())(settings.task, settings.model)  # checks the data now
     probe = task.create_model(pretrained=False)
     vitq.quantize(probe, recipe)  # the recipe fits the model (point names do not depend on the weights)
+    if settings.stage == "export":
+        check_exportable(probe)  # its grids and bits, in seconds rather than after calibrating
     if settings.stage == "summary":
         points = vitq.summary(probe)
         print_points(points, float_layers=vitq.float_layers(probe))

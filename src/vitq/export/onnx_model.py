@@ -60,9 +60,11 @@ def qdq_params(point: QuantPoint, rank: int | None = None) -> QDQParams:
                      None if noise is None else noise.detach().float().cpu())
 
 
-def export_problems(model: nn.Module) -> list[str]:
-    """Why this model cannot be exported as Q/DQ ONNX, one line per cause with the override that fixes it."""
-    if getattr(model, "vitq", None) is not None and not is_calibrated(model):
+def export_problems(model: nn.Module, before_calibration: bool = False) -> list[str]:
+    """Why this model cannot be exported as Q/DQ ONNX, one line per cause with the override that fixes it.
+    `before_calibration`: the checks a quantized, not yet calibrated model already answers (its grids, bits
+    and granularity), for a run to fail at start-up rather than after calibrating."""
+    if not before_calibration and getattr(model, "vitq", None) is not None and not is_calibrated(model):
         return ["the model was quantized but never calibrated: call vitq.calibrate(model, loop) (or load a "
                 "quantized.ckpt) before exporting"]
     problems: list[str] = []
@@ -79,7 +81,7 @@ def export_problems(model: nn.Module) -> list[str]:
         if params["qmax"] - params["qmin"] > hi - lo:
             wide.append(f"{name} ({point.quantizer.bits} bits)")
         zp = params["zero_point"]
-        if bool((zp < lo).any() or (zp > hi).any()):
+        if not before_calibration and bool((zp < lo).any() or (zp > hi).any()):
             outside.append(name)
     for kind, names in nonuniform.items():
         problems.append(f"non-uniform grid at {_listed(names)}: ONNX has no operator for it; make it uniform with "
@@ -108,7 +110,7 @@ def export_problems(model: nn.Module) -> list[str]:
 
 
 def _reduction_axis_points(model: nn.Module) -> list[str]:
-    """Quantized inputs of a matmul or linear layer with per-channel scales along the axis the product sums."""
+    """Quantized inputs of a matmul or linear layer with per-channel grids along the axis the product sums."""
     found = []
     for module in model.modules():
         if isinstance(module, QuantWeight):  # tokens [B, T, C] sum over C, feature maps [B, C, H, W] over C
@@ -119,7 +121,7 @@ def _reduction_axis_points(model: nn.Module) -> list[str]:
             continue
         for point, summed in operands:
             q = None if point is None or point.mode != "quant" else point.quantizer
-            if getattr(q, "per_channel", False) and q.scale.numel() > 1 and q.axis in summed:
+            if getattr(q, "per_channel", False) and q.axis in summed:
                 found.append(point.path)
     return found
 
