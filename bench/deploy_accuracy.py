@@ -33,14 +33,10 @@ def torch_predictions(model, batches) -> torch.Tensor:  # noqa: ANN001
         return torch.cat([model(x) for x, _ in batches])
 
 
-def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref, out = ref.double(), out.double()
-    return float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum()))
-
-
 def model_rows(model_key: str) -> dict | None:
     import vitq
     from vitq.report.ci import paired_bootstrap
+    from vitq.report.sqnr import sqnr_db
 
     from bench.deploy import ort_static
 
@@ -64,7 +60,7 @@ def model_rows(model_key: str) -> dict | None:
         logits, _ = onnx_predictions(path, batches)
         correct[case] = (logits.argmax(-1) == labels).float()
         result["cases"][case] = {"agreement": 100 * float((fake.argmax(-1) == logits.argmax(-1)).float().mean()),
-                                 "sqnr_db": sqnr(fake, logits), "fake_top1": 100 * float((fake.argmax(-1) == labels).float().mean())}
+                                 "sqnr_db": sqnr_db(fake, logits), "fake_top1": 100 * float((fake.argmax(-1) == labels).float().mean())}
     static = ort_static(fp_path, out / "ort_static.onnx", calib)
     logits, _ = onnx_predictions(static, batches)
     correct["ort_static"] = (logits.argmax(-1) == labels).float()

@@ -49,12 +49,12 @@ def measure(data: dict, args: argparse.Namespace, save: Callable[[], None]) -> N
     rng = random.Random(0)
     rows = []
     for k in KS:
-        kept = correct(quantized(keep_overrides(report.top(k), 8)), evaluation)
+        kept = correct(quantized(report.overrides(k, 8)), evaluation)
         draws = []
         for _ in range(DRAWS):
             pick = rng.sample(names, k)
             draws.append({"points": pick, "vs_base": paired_bootstrap(base_correct, correct(quantized(keep_overrides(pick, 8)), evaluation))})
-        rows.append({"k": k, "top": report.top(k), "vs_base": paired_bootstrap(base_correct, kept), "random": draws})
+        rows.append({"k": k, "top": report.top(k, narrower_than=8), "vs_base": paired_bootstrap(base_correct, kept), "random": draws})
         print(f"sensitivity k={k}: analysis {rows[-1]['vs_base']}, random {[d['vs_base'][0] for d in draws]}", flush=True)
         data["sensitivity"] = {"base_top1": 100 * float(base_correct.mean()), "points": len(names), "rows": rows,
                                "images": len(base_correct), "all_sqnr_db": report.totals["all"]["sqnr"]}

@@ -65,6 +65,15 @@ def test_the_shared_helpers_import_no_floor(module):
     assert not {t for t in imports_of(module) if t.startswith("vitq.") and t != "vitq"}, imports_of(module)
 
 
+@pytest.mark.parametrize("module", [m for m in MODULES if m.startswith("vitq.export")])
+def test_the_export_floor_imports_only_the_primitives(module):
+    """vitq.export sits beside the adapters and methods: it reads quant points, never a method, the binding
+    layer or the engine."""
+    above = ("vitq.methods", "vitq.models", "vitq.engine", "vitq.report", "vitq.pipeline", "vitq.sensitivity",
+             "vitq.recipes")
+    assert not sorted(t for t in imports_of(module) if t.startswith(above)), imports_of(module)
+
+
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """The strongly connected components of more than one module (Tarjan)."""
     index: dict[str, int] = {}

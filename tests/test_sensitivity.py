@@ -261,4 +261,6 @@ def test_proposed_overrides_round_trip_through_hydra_and_the_recipe(float_model,
     assert bits_of(value) == 8
     assert report.overrides(1, bits=None) == [{"pattern": STARVED, "enable": False}]
     assert bits_of(TWO_BITS + report.overrides(1, bits=None)) is None
-    assert report.overrides(2, bits=6)[1] == {"pattern": report.top(2)[1], "bits": 6}
+    # only points narrower than the proposed width are proposed: the 8-bit points are not "kept" at 6 bits
+    assert report.overrides(2, bits=6) == [{"pattern": STARVED, "bits": 6}]
+    assert report.top(2, narrower_than=6) == [STARVED] and len(report.top(2)) == 2

@@ -25,7 +25,7 @@ from .models import units as model_units
 from .quant.modules import QuantLayerNorm, QuantSoftmax
 from .quant.ops import iter_points
 from .quant.points import Kind, QuantPoint
-from .quant.state import is_calibrated
+from .quant.state import is_calibrated, quant_state
 from .report.sensitivity import hydra_override as _hydra_override
 from .report.sensitivity import keep_overrides
 
@@ -115,19 +115,22 @@ class SensitivityReport:
     units: list[dict[str, Any]] = field(default_factory=list)
     totals: dict[str, dict[str, float | None]] = field(default_factory=dict)
     batches: int = 0
+    notes: list[str] = field(default_factory=list)  # where "off" is not the float point (see `_notes`)
 
     def ranked(self) -> list[dict[str, Any]]:
         return sorted(self.points, key=lambda row: row["rank"])
 
-    def top(self, k: int = 10) -> list[str]:
-        """The k point names with the highest gain, highest first."""
+    def top(self, k: int = 10, narrower_than: int | None = None) -> list[str]:
+        """The k point names with the highest gain, highest first; with `narrower_than`, among the points
+        quantized to fewer bits than that (keeping an 8-bit point at 8 bits changes nothing)."""
         if k < 0:
             raise ValueError(f"k must be 0 or more, got {k}")
-        return [row["name"] for row in self.ranked()[:k]]
+        rows = [r for r in self.ranked() if narrower_than is None or r["bits"] is None or r["bits"] < narrower_than]
+        return [row["name"] for row in rows[:k]]
 
     def overrides(self, k: int, bits: int | None = 8) -> list[dict[str, Any]]:
-        """Recipe overrides keeping the k highest-gain points at `bits` (None: float)."""
-        return keep_overrides(self.top(k), bits)
+        """Recipe overrides keeping the k highest-gain points narrower than `bits` at `bits` (None: float)."""
+        return keep_overrides(self.top(k, narrower_than=bits), bits)
 
     def hydra_override(self, k: int, bits: int | None = 8, existing: Iterable[Mapping[str, Any]] = (),
                        shell: bool = False) -> str:
@@ -327,7 +330,22 @@ def analyze(qmodel: nn.Module, batches: Iterable[Any], forward: Forward | None =
                 bar.done()
     finally:
         bar.stop()
-    return _report(points, unit_of, unit_names, results, float_metric, metric is not None, len(passes.refs))
+    report = _report(points, unit_of, unit_names, results, float_metric, metric is not None, len(passes.refs))
+    report.notes = _notes(qmodel, points)
+    return report
+
+
+def _notes(qmodel: nn.Module, points: list[tuple[str, QuantPoint]]) -> list[str]:
+    """Where switching a point off does not give the float point back, so its gain understates it."""
+    notes = []
+    if quant_state(qmodel).float_state is not None:
+        notes.append("the weights were changed by reconstruction or finetuning: a weight point switched off keeps "
+                     "the changed weights, so weight points' gains understate what float weights would recover")
+    noisy = [n for n, p in points if isinstance(getattr(p.quantizer, "noise", None), torch.Tensor)]
+    if noisy:
+        notes.append(f"{len(noisy)} point(s) carry NoisyQuant's noise with its denoising bias folded into the layer: "
+                     "switched off, the bias stays, so those points are not float when off")
+    return notes
 
 
 def _report(points: list[tuple[str, QuantPoint]], unit_of: dict[str, str | None], unit_names: list[str],

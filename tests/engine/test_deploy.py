@@ -32,7 +32,8 @@ def test_export_stage_writes_a_checked_int8_file_instead_of_testing(cache):
     assert saved["structure_problems"] == [] and saved["quantized_compute_nodes"] == ONE_BLOCK_LAYERS
     assert saved["int8_weights"] == ONE_BLOCK_LAYERS and saved["size_ratio"] < 0.8  # weights as 8-bit codes (a one-block model: graph overhead dominates)
 
-    again = run(tiny_cfg(cache, "stage=export", f"quant.from_checkpoint={out / 'quantized.ckpt'}",
+    # quant=fqvit (the config's default, log2 attention) does not matter: the checkpoint's recipe is exported
+    again = run(tiny_cfg(cache, "quant=fqvit", "stage=export", f"quant.from_checkpoint={out / 'quantized.ckpt'}",
                          "export.check_samples=100", "export.float_export=false"), cache / "export-again")
     assert again["stages"] == ["float", "load", "export"]  # the saved model, not calibrated again
     assert again["top1_agreement"] == saved["top1_agreement"] and again["sqnr_db"] == saved["sqnr_db"]
@@ -41,7 +42,7 @@ def test_export_stage_writes_a_checked_int8_file_instead_of_testing(cache):
 
 def test_export_of_a_non_uniform_grid_stops_and_writes_no_file(cache):
     out = cache / "export-fqvit"
-    with pytest.raises(ExportError, match="stage=export cannot export this recipe(.|\n)*quant.softmax_output.quantizer=uniform"):
+    with pytest.raises(ExportError, match="stage=export cannot export this recipe(.|\n)*quant.lis=false"):
         run(tiny_cfg(cache, "quant=fqvit", "quant.calib.num_samples=64", "quant.calib.batch_size=32",
                      "stage=export"), out)
     assert (out / "FAILED").is_file()  # at start-up, before calibrating: no checkpoint, no file
@@ -86,6 +87,19 @@ def test_apply_names_a_missing_csv(cache):
         validate(tiny_cfg(cache, f"analyze.apply={cache / 'nowhere.csv'}"))
     with pytest.raises(ValueError, match="analyze.split must be train or eval"):
         validate(tiny_cfg(cache, "analyze.split=test"))
+
+
+def test_bad_deployment_settings_fail_at_start_up(cache, tmp_path):
+    with pytest.raises(ValueError, match="analyze.keep_bits"):
+        validate(tiny_cfg(cache, "analyze.keep_bits=1"))
+    with pytest.raises(ExportError, match="opset 30 is not one torch's exporter writes"):
+        validate(tiny_cfg(cache, "export.opset=30"))
+    with pytest.raises(ExportError, match="opset 12 is too old"):
+        validate(tiny_cfg(cache, "export.opset=12"))
+    table = tmp_path / "sensitivity.csv"
+    table.write_text("rank,name,bits\n1,blocks.0.attn.qkv.input,4\n")
+    with pytest.raises(ValueError, match="analyze.apply changes the recipe"):
+        validate(tiny_cfg(cache, f"analyze.apply={table}", "quant.from_checkpoint=some.ckpt"))
 
 
 def _probe(cache):  # noqa: ANN001, ANN202

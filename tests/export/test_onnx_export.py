@@ -44,10 +44,11 @@ class OnePoint(torch.nn.Module):
 def test_a_narrow_grid_quantizes_as_worked_by_hand(tmp_path, optimize):
     # 4-bit unsigned, step 0.5, zero point 3: codes clamp(round(x / 0.5) + 3, 0, 15), values (code - 3) * 0.5
     p = QDQParams(torch.tensor(0.5), torch.tensor(3, dtype=torch.uint8), 0, 15)
-    x = torch.tensor([[-2.0, -1.4, 0.26, 6.1, 100.0]])
-    out = run_module(OnePoint(p), x, optimize, tmp_path)
-    assert out.tolist() == [[-1.5, -1.5, 0.5, 6.0, 6.0]]
-    assert torch.equal(OnePoint(p)(x), torch.tensor([[-1.5, -1.5, 0.5, 6.0, 6.0]]))  # the traced forward agrees
+    # 0.25 / 0.5 and 0.75 / 0.5 are ties: half to even gives codes 0 + 3 and 2 + 3
+    x = torch.tensor([[-2.0, -1.4, 0.26, 6.1, 100.0, 0.25, 0.75]])
+    expected = [[-1.5, -1.5, 0.5, 6.0, 6.0, 0.0, 1.0]]
+    assert run_module(OnePoint(p), x, optimize, tmp_path).tolist() == expected
+    assert OnePoint(p)(x).tolist() == expected  # the traced forward agrees
 
 
 def test_a_per_channel_grid_and_a_weight_as_worked_by_hand(tmp_path):
@@ -141,7 +142,8 @@ def test_a_quantized_input_without_its_dequantize_is_named(tmp_path):
 
 @pytest.mark.parametrize("make,expected", [
     (lambda m, x: vitq.quantize(copy.deepcopy(m), "minmax"), "never calibrated"),
-    (lambda m, x: calibrated(m, vitq.recipe("fqvit"), x), "quant.softmax_output.quantizer=uniform"),
+    (lambda m, x: calibrated(m, vitq.recipe("fqvit"), x), "make it uniform with quant.lis=false"),  # its switch
+    (lambda m, x: calibrated(m, vitq.recipe("repq"), x), "make it uniform with quant.softmax_output.quantizer=uniform"),
     (lambda m, x: calibrated(m, vitq.recipe("fqvit"), x), "quant.integer=false"),
     (lambda m, x: calibrated(m, vitq.recipe("minmax", a_bits=12), x), "more than 8 bits"),
     (lambda m, x: calibrated(m, vitq.recipe("minmax", overrides=[{"pattern": "blocks.0.attn.matmul_qk.b",
@@ -175,3 +177,18 @@ def test_ptf_layernorm_inputs_export_per_channel(vit, tmp_path):
     # scope full requantizes every tensor: codes at exact ties (x / s in ONNX, x * (1 / s) in the simulation)
     # flip and propagate (docs/deploy.md); a wrong axis or scale gives a few dB
     assert check["top1_agreement"] == 100.0 and check["sqnr_db"] > 20
+
+
+def test_the_forwards_come_back_when_the_exporter_fails(vit, tmp_path, monkeypatch):
+    model, x = vit
+    q = calibrated(model, vitq.recipe("minmax"), x)
+    before = q(x[:4])
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("exporter failed")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(RuntimeError, match="exporter failed"):
+        export_onnx(q, tmp_path / "m.onnx", x[:1])
+    assert not any("forward" in vars(m) for m in q.modules()) and torch.equal(q(x[:4]), before)
+    assert list(tmp_path.iterdir()) == []

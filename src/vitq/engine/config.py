@@ -13,7 +13,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..export import check_opset
 from ..methods import get_method
+from ..quant.quantizers import check_bits
 from ..quant.recipe import Recipe
 from ..recipes import RUN_KEYS
 from .context import STAGES
@@ -165,18 +167,23 @@ def analyze_options(cfg: DictConfig) -> AnalyzeConf:
             raise ValueError(f"analyze.{name} must be at least 1, got {getattr(options, name)}")
     if options.keep < 0 or options.top < 0:
         raise ValueError("analyze.keep and analyze.top must be >= 0")
+    if options.keep_bits is not None:
+        check_bits(options.keep_bits, "analyze.keep_bits")
     return options
 
 
-def kept_wider(options: AnalyzeConf) -> list[dict[str, Any]]:
+def kept_wider(options: AnalyzeConf, cfg_checkpoint: str | None = None) -> list[dict[str, Any]]:
     """`analyze.apply`: recipe overrides keeping the CSV's `keep` top-ranked points at `keep_bits` (or float)."""
     from ..report.sensitivity import keep_overrides, read_top
 
     if not options.apply:
         return []
+    if cfg_checkpoint:
+        raise ValueError("analyze.apply changes the recipe, and quant.from_checkpoint evaluates a saved model with "
+                         "its own: calibrate again with analyze.apply (drop quant.from_checkpoint)")
     if options.keep < 1:
         raise ValueError("analyze.apply keeps the top analyze.keep points wider: set analyze.keep to 1 or more")
-    return keep_overrides(read_top(options.apply, options.keep), options.keep_bits)
+    return keep_overrides(read_top(options.apply, options.keep, narrower_than=options.keep_bits), options.keep_bits)
 
 
 def validate(cfg: DictConfig) -> RunConfig:
@@ -205,10 +212,11 @@ def validate(cfg: DictConfig) -> RunConfig:
     run_keys = RUN_KEYS | {f.name for f in fields(QuantConf)}  # every run-level key of the quant group
     quant = OmegaConf.to_container(cfg.quant, resolve=True)
     analyze = analyze_options(cfg)
-    quant["overrides"] = [*(quant.get("overrides") or []), *kept_wider(analyze)]  # after the recipe's own
+    quant["overrides"] = [*(quant.get("overrides") or []), *kept_wider(analyze, quant.get("from_checkpoint"))]
     export = _section(cfg, "export", ExportConf)
-    if export.opset < 1 or (export.check_samples is not None and export.check_samples < 1):
-        raise ValueError("export.opset and export.check_samples must be positive (check_samples null: all images)")
+    check_opset(export.opset)
+    if export.check_samples is not None and export.check_samples < 1:
+        raise ValueError("export.check_samples must be positive (null: all evaluation images)")
     paths = cfg.get("paths") or {}
     return RunConfig(model=OmegaConf.to_container(cfg.model, resolve=True),
                      task=OmegaConf.to_container(cfg.task, resolve=True), quant=quant,

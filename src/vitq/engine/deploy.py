@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 import vitq
 
+from ..export.verify import model_input
 from ..files import written_atomically
 from ..report.sensitivity import plot_sensitivity, top_lines, write_csv
 from .context import RunContext, register_stage
@@ -20,21 +21,12 @@ from .context import RunContext, register_stage
 log = logging.getLogger(__name__)
 
 
-def model_input(batch: Any) -> torch.Tensor:
-    """The image tensor of a task batch; other batch layouts (a detector's) are not supported here."""
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"stage=analyze and stage=export take tasks whose batches start with an image tensor "
-                         f"(classification); this task's batches hold {type(x).__name__}. From Python, "
-                         "vitq.analyze(model, batches, forward=...) takes any forward that returns tensors")
-    return x
-
-
-def check_exportable(probe: torch.nn.Module) -> None:
+def check_exportable(probe: torch.nn.Module, opset: int) -> None:
     """Before any stage of a `stage=export` run: the grids and bits the recipe places on the architecture must
     be exportable (what calibration decides, the zero points and the integer kernels, is checked at export)."""
-    from ..export import ExportError, export_problems
+    from ..export import ExportError, check_opset, export_problems
 
+    check_opset(opset)
     vitq.set_mode(probe, "quant")
     problems = export_problems(probe, before_calibration=True)
     vitq.set_mode(probe, "off")
@@ -79,13 +71,19 @@ def analyze_stage(ctx: RunContext) -> None:
     def metric(outputs: torch.Tensor, batch: Any) -> torch.Tensor:
         return ctx.task.eval_module(_Replay(outputs), "analyze").outcomes(batch)[primary].float()
 
-    batches = analysis_batches(ctx)
-    report = vitq.analyze(ctx.qmodel, batches, forward=lambda m, b: m(model_input(b)), fp_model=ctx.fp_model,
-                          metric=metric)
+    device = ctx.make_trainer().strategy.root_device  # the trainer's device (a GPU with trainer=gpu)
+    batches = [_to(b, device) for b in analysis_batches(ctx)]
+    ctx.qmodel.to(device), ctx.fp_model.to(device)
+    try:
+        report = vitq.analyze(ctx.qmodel, batches, forward=lambda m, b: m(model_input(b)), fp_model=ctx.fp_model,
+                              metric=metric)
+    finally:
+        ctx.qmodel.cpu(), ctx.fp_model.cpu()
     csv_path = write_csv(report, ctx.out_dir / "sensitivity.csv")
     title = f"{ctx.run.model['name']} {ctx.recipe.describe()}: logit SQNR recovered by keeping each point float"
     png = plot_sensitivity(report, ctx.out_dir / "sensitivity.png", title)
-    existing = list(ctx.run.quant.get("overrides") or [])  # the run's own, kept first
+    recipe = ctx.checkpoint["recipe"] if ctx.checkpoint is not None else ctx.run.quant  # the recipe in force
+    existing = list(recipe.get("overrides") or [])  # its own overrides, kept first
     paste = report.hydra_override(a.keep, a.keep_bits, existing=existing, shell=True) if a.keep else ""
     summary = {"analyze/sqnr_all_db": report.totals["all"]["sqnr"],
                "analyze/sqnr_weights_only_db": report.totals["weights_only"]["sqnr"],
@@ -93,10 +91,12 @@ def analyze_stage(ctx: RunContext) -> None:
     with written_atomically(ctx.out_dir / "sensitivity.json") as tmp:
         tmp.write_text(json.dumps({"split": a.split, "samples": sum(len(model_input(b)) for b in batches),
                                    "totals": report.totals, "units": report.units, "keep": a.keep,
-                                   "keep_bits": a.keep_bits, "top": report.top(a.keep), "override": paste},
+                                   "keep_bits": a.keep_bits, "top": report.top(a.keep, narrower_than=a.keep_bits), "override": paste},
                                   indent=1, default=str))
     _log_figure(ctx, "analyze/sensitivity", png, summary)
     print("\n".join(top_lines(report, a.top)))
+    for note in report.notes:
+        print(f"note: {note}")
     if paste:
         bits = "float" if a.keep_bits is None else f"{a.keep_bits} bits"
         print(f"keep the {a.keep} most sensitive points at {bits}: add\n  {paste}\n"
@@ -136,6 +136,12 @@ def export_stage(ctx: RunContext) -> None:
     for problem in problems:
         print(f"  not int8: {problem}")
     ctx.artifacts["result"] = result
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(t.to(device) if torch.is_tensor(t) else t for t in batch)
+    return batch.to(device) if torch.is_tensor(batch) else batch
 
 
 def _first_images(loader: Any, count: int | None) -> list[Any]:

@@ -214,8 +214,8 @@ def _run(cfg: DictConfig, out_dir: Path, loggers: list[Logger], requeued: bool =
     task = get_task(str(settings.task["name"]).lower())(settings.task, settings.model)  # checks the data now
     probe = task.create_model(pretrained=False)
     vitq.quantize(probe, recipe)  # the recipe fits the model (point names do not depend on the weights)
-    if settings.stage == "export":
-        check_exportable(probe)  # its grids and bits, in seconds rather than after calibrating
+    if settings.stage == "export" and not settings.from_checkpoint:  # (a checkpoint's recipe is checked at export)
+        check_exportable(probe, settings.export.opset)  # its grids and bits, in seconds rather than after calibrating
     if settings.stage == "summary":
         points = vitq.summary(probe)
         print_points(points, float_layers=vitq.float_layers(probe))

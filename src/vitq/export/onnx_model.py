@@ -8,6 +8,7 @@ kernels). Non-uniform grids (log2, log-sqrt2, SULQ) have no ONNX operator: the e
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import warnings
 from dataclasses import dataclass, field, replace
@@ -57,25 +58,36 @@ def qdq_params(point: QuantPoint, rank: int | None = None) -> QDQParams:
         axis %= rank
     noise = p.get("noise")
     return QDQParams(scale, zero_point.round().to(dtype), p["qmin"], p["qmax"], axis,
-                     None if noise is None else noise.detach().float().cpu())
+                     None if noise is None else noise.detach().float().cpu(), p.get("noise_axis", -1))
+
+
+def check_opset(opset: int) -> None:
+    """The opsets this export writes: per-axis Q/DQ from 13, up to what torch's TorchScript exporter knows."""
+    from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as newest
+
+    if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= newest:
+        old = "too old: per-channel QuantizeLinear / DequantizeLinear need opset >= 13" if isinstance(opset, int) \
+            and opset < MIN_OPSET else f"not one torch's exporter writes (13 to {newest})"
+        raise ExportError(f"opset {opset} is {old}; use opset={DEFAULT_OPSET} (the default)")
 
 
 def export_problems(model: nn.Module, before_calibration: bool = False) -> list[str]:
     """Why this model cannot be exported as Q/DQ ONNX, one line per cause with the override that fixes it.
     `before_calibration`: the checks a quantized, not yet calibrated model already answers (its grids, bits
     and granularity), for a run to fail at start-up rather than after calibrating."""
-    if not before_calibration and getattr(model, "vitq", None) is not None and not is_calibrated(model):
+    configured = any(p.configured for _, p in iter_points(model))  # none: a float model (quant=fp32), exported as is
+    if configured and not before_calibration and getattr(model, "vitq", None) is not None and not is_calibrated(model):
         return ["the model was quantized but never calibrated: call vitq.calibrate(model, loop) (or load a "
                 "quantized.ckpt) before exporting"]
     problems: list[str] = []
-    nonuniform: dict[str, list[str]] = {}
+    nonuniform: dict[str, dict[str, str]] = {}  # kind -> {"<point> (<grid>)": grid}
     wide, outside = [], []
     for name, point in iter_points(model):
         if point.mode != "quant":
             continue
         params = point.quantizer.export_params()
         if params["grid"] not in UNIFORM_GRIDS:
-            nonuniform.setdefault(point.kind, []).append(f"{name} ({params['grid']})")
+            nonuniform.setdefault(point.kind, {})[f"{name} ({params['grid']})"] = params["grid"]
             continue
         _, lo, hi = STORAGE[params["qmin"] < 0]
         if params["qmax"] - params["qmin"] > hi - lo:
@@ -83,10 +95,13 @@ def export_problems(model: nn.Module, before_calibration: bool = False) -> list[
         zp = params["zero_point"]
         if not before_calibration and bool((zp < lo).any() or (zp > hi).any()):
             outside.append(name)
-    for kind, names in nonuniform.items():
-        problems.append(f"non-uniform grid at {_listed(names)}: ONNX has no operator for it; make it uniform with "
-                        f"quant.{kind}.quantizer=uniform (or turn off the method switch that places it, as its "
-                        f"protocol card in docs/methods.md says), or leave the points float with quant.{kind}.enable=false")
+    state = getattr(model, "vitq", None)
+    switches = getattr(state.recipe.method_impl(), "grid_switches", {}) if state is not None else {}
+    for kind, found in nonuniform.items():
+        placed = sorted({switches[g] for g in found.values() if g in switches})  # a method's own grid: its switch
+        fix = " or ".join(placed) if placed else f"quant.{kind}.quantizer=uniform"
+        problems.append(f"non-uniform grid at {_listed(list(found))}: ONNX has no operator for it; make it uniform "
+                        f"with {fix}, or leave the points float with quant.{kind}.enable=false")
     if wide:
         problems.append(f"more than 8 bits at {_listed(wide)}: the export stores codes in 8 bits; use bits <= 8 for "
                         "these points (quant.w_bits / quant.a_bits or a recipe override)")
@@ -110,11 +125,14 @@ def export_problems(model: nn.Module, before_calibration: bool = False) -> list[
 
 
 def _reduction_axis_points(model: nn.Module) -> list[str]:
-    """Quantized inputs of a matmul or linear layer with per-channel grids along the axis the product sums."""
+    """Quantized operands of a matmul, linear or convolution layer with per-channel grids along an axis the
+    product sums over."""
     found = []
     for module in model.modules():
-        if isinstance(module, QuantWeight):  # tokens [B, T, C] sum over C, feature maps [B, C, H, W] over C
-            operands = [(module.input_quantizer, {-1} if isinstance(module, QuantLinear) else {1, -3})]
+        if isinstance(module, QuantLinear):  # tokens [B, T, C] and weights [out, in] sum over C / in
+            operands = [(module.input_quantizer, {-1, 2}), (module.weight_quantizer, {1, -1})]
+        elif isinstance(module, QuantConv2d):  # maps [B, C, H, W] and weights [out, in, kh, kw]
+            operands = [(module.input_quantizer, {1, -3}), (module.weight_quantizer, {1, 2, 3, -1, -2, -3})]
         elif isinstance(module, QuantMatMul):  # attention operands [B, heads, T, d]
             operands = [(module.a_quantizer, {-1, 3}), (module.b_quantizer, {-1, 3} if module.transpose_b else {-2, 2})]
         else:
@@ -179,24 +197,36 @@ def _matmul_forward(module: QuantMatMul, a: torch.Tensor, b: torch.Tensor) -> to
 
 
 @contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Evaluation mode while the block runs; every submodule's own training flag back after."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.train(flag)
+
+
+@contextlib.contextmanager
 def export_forwards(model: nn.Module) -> Iterator[None]:
     """Swap the forward of every quant point, quantized layer and attention matmul for its Q/DQ form while
     the block runs (restored after, also on error)."""
     swapped = []  # grids and weight codes are computed here, before tracing, so they enter as constants
-    for module in model.modules():
-        forward: Any = None
-        if isinstance(module, QuantPoint):
-            forward = partial(_point_forward, module, qdq_params(module) if module.mode == "quant" else None)
-        elif isinstance(module, QuantLinear):
-            forward = partial(_linear_forward, module, _weight(module, transpose=True))
-        elif isinstance(module, QuantConv2d):
-            forward = partial(_conv_forward, module, _weight(module, transpose=False))
-        elif isinstance(module, QuantMatMul):
-            forward = partial(_matmul_forward, module)
-        if forward is not None:
-            module.forward = forward
-            swapped.append(module)
     try:
+        for module in model.modules():
+            forward: Any = None
+            if isinstance(module, QuantPoint):
+                forward = partial(_point_forward, module, qdq_params(module) if module.mode == "quant" else None)
+            elif isinstance(module, QuantLinear):
+                forward = partial(_linear_forward, module, _weight(module, transpose=True))
+            elif isinstance(module, QuantConv2d):
+                forward = partial(_conv_forward, module, _weight(module, transpose=False))
+            elif isinstance(module, QuantMatMul):
+                forward = partial(_matmul_forward, module)
+            if forward is not None:
+                module.forward = forward
+                swapped.append(module)
         yield
     finally:
         for module in swapped:
@@ -210,25 +240,20 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor,
     `example_input` is one batch of model inputs (its values do not matter, its shape does); with
     `dynamic_batch` the file takes any batch size. Nothing is written when the model cannot be exported.
     """
-    if opset < MIN_OPSET:
-        raise ExportError(f"opset {opset} is too old: per-channel QuantizeLinear / DequantizeLinear need opset "
-                          f">= {MIN_OPSET}; use opset={DEFAULT_OPSET} (the default)")
+    check_opset(opset)
     problems = export_problems(model)
     if problems:
         raise ExportError("cannot export this model as Q/DQ ONNX:\n  " + "\n  ".join(problems))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    was_training = model.training
-    model.eval()
+    if any(t.device.type != "cpu" for t in (*model.parameters(), *model.buffers())):
+        model = copy.deepcopy(model).cpu()  # the grids and codes are CPU constants: trace on the CPU
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     buffer = io.BytesIO()
-    try:
-        with export_forwards(model), warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and constant notices
-            torch.onnx.export(model, (example_input,), buffer, input_names=["input"], output_names=["logits"],
-                              dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
-    finally:
-        model.train(was_training)
+    with evaluating(model), export_forwards(model), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and constant notices
+        torch.onnx.export(model, (example_input.cpu(),), buffer, input_names=["input"], output_names=["logits"],
+                          dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
     with written_atomically(path) as tmp:
         tmp.write_bytes(buffer.getvalue())
     points = list(iter_points(model))

@@ -14,7 +14,7 @@ STORAGE = {True: (torch.int8, -128, 127), False: (torch.uint8, 0, 255)}  # signe
 class QDQParams:
     """One uniform grid as ONNX stores it: `scale` (float32) and `zero_point` (int8 / uint8) scalars for a
     per-tensor grid, vectors along `axis` (non-negative) for a per-channel one; `qmin`, `qmax` the grid's
-    codes, narrower than the storage type's below 8 bits; `noise` an addend before quantizing."""
+    codes, narrower than the storage type's below 8 bits; `noise` an addend before quantizing, along `noise_axis`."""
 
     scale: torch.Tensor
     zero_point: torch.Tensor
@@ -22,6 +22,7 @@ class QDQParams:
     qmax: int
     axis: int | None = None
     noise: torch.Tensor | None = None
+    noise_axis: int = -1  # the noise's channel axis (its own, whatever the grid's granularity)
 
     @property
     def narrow(self) -> bool:
@@ -60,7 +61,7 @@ class QuantDequant(torch.autograd.Function):
         rank = x.dim()
         scale, zero_point = p.shaped(p.scale, rank), p.shaped(p.zero_point.float(), rank)
         if p.noise is not None:
-            x = x + p.shaped(p.noise.float(), rank)
+            x = x + p.shaped(p.noise.float(), rank, p.noise_axis % rank)
         codes = torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, p.qmin, p.qmax)
         return (codes - zero_point) * scale
 
@@ -68,7 +69,7 @@ class QuantDequant(torch.autograd.Function):
     def symbolic(g, x, p: QDQParams):  # noqa: ANN001, ANN205
         rank = x.type().dim()
         if p.noise is not None:
-            x = g.op("Add", x, g.op("Constant", value_t=p.shaped(p.noise.float(), rank)))
+            x = g.op("Add", x, g.op("Constant", value_t=p.shaped(p.noise.float(), rank, p.noise_axis % rank)))
         if p.narrow:
             lo, hi = p.bounds(rank)
             if p.axis is None:

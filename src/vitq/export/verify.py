@@ -9,6 +9,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from .onnx_model import evaluating
+
 COMPUTE = ("MatMul", "Gemm", "Conv")
 
 
@@ -30,38 +32,36 @@ def session(path: str | Path, threads: int | None = None, optimize: bool = True,
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _input(batch: Any) -> torch.Tensor:
+def model_input(batch: Any) -> torch.Tensor:
+    """The image tensor of a batch (the first element of a tuple or list): what an exported model takes."""
     x = batch[0] if isinstance(batch, (tuple, list)) else batch
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"an exported model takes one image tensor; this data gives {type(x).__name__} batches "
-                        "(the export covers classification models)")
+        raise ValueError(f"an exported model takes one image tensor; this data gives {type(x).__name__} batches. "
+                         "stage=analyze and stage=export take tasks whose batches start with an image tensor "
+                         "(classification); from Python, vitq.analyze(model, batches, forward=...) takes any "
+                         "forward that returns tensors")
     return x
 
 
 def compare(path: str | Path, model: nn.Module, batches: Iterable[Any],
-            model_input: Callable[[Any], torch.Tensor] = _input) -> dict[str, float]:
+            model_input: Callable[[Any], torch.Tensor] = model_input) -> dict[str, float]:
     """Run the file and `model` on the same batches: top-1 agreement (%), logit SQNR of the file against the
     model (dB), the largest absolute logit difference and how many images were compared."""
     sess = session(path)
     name = sess.get_inputs()[0].name
-    was_training = model.training
-    model.eval()
     agree = images = 0
     signal = noise = 0.0
     largest = 0.0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                x = model_input(batch)
-                ref = model(x).float()
-                out = torch.from_numpy(sess.run(None, {name: x.numpy()})[0]).float()
-                agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
-                images += x.shape[0]
-                signal += float(ref.double().pow(2).sum())
-                noise += float((ref.double() - out.double()).pow(2).sum())
-                largest = max(largest, float((ref - out).abs().max()))
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():
+        for batch in batches:
+            x = model_input(batch)
+            ref = model(x).float().cpu()
+            out = torch.from_numpy(sess.run(None, {name: x.cpu().numpy()})[0]).float()
+            agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
+            images += x.shape[0]
+            signal += float(ref.double().pow(2).sum())  # pooled over batches (report/sqnr.py is a floor above)
+            noise += float((ref.double() - out.double()).pow(2).sum())
+            largest = max(largest, float((ref - out).abs().max()))
     if images == 0:
         raise ValueError("no batches to compare the export on")
     sqnr = math.inf if noise == 0 else 10 * math.log10(signal / noise)

@@ -84,6 +84,8 @@ class Method:
     name: ClassVar[str] = "ptq"
     stages: ClassVar[tuple[str, ...]] = ("calibrate",)  # stages between float and test
     Options: ClassVar[type] = NoOptions  # a dataclass; each field is a switch `quant.<field>`
+    # grids the method itself places, and the override that makes those points uniform (named by the export)
+    grid_switches: ClassVar[dict[str, str]] = {}
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options = self.parse_options(options or {})

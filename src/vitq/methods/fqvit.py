@@ -34,6 +34,7 @@ class FQViTOptions:
 @register_method
 class FQViT(Method):
     name = "fqvit"
+    grid_switches = {"log2": "quant.lis=false"}
     Options = FQViTOptions
 
     def specs(self, specs: dict[str, PointSpec], scope: str) -> dict[str, PointSpec]:

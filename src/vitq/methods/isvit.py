@@ -150,6 +150,7 @@ class ISViTOptions:
 @register_method
 class ISViT(Method):
     name = "isvit"
+    grid_switches = {"sulq": "quant.sulq=false"}
     stages = ("calibrate", "reconstruct")
     Options = ISViTOptions
 

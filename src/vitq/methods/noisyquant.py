@@ -86,7 +86,7 @@ class NoisyGrid(nn.Module):
         return self.inner(x + self.shaped_noise(x))
 
     def export_params(self) -> dict:
-        return {**self.inner.export_params(), "noise": self.noise.detach().clone()}
+        return {**self.inner.export_params(), "noise": self.noise.detach().clone(), "noise_axis": self.channel_axis}
 
     def extra_repr(self) -> str:
         return f"noise amplitude {float(self.noise.abs().max()):.4g}"

@@ -115,8 +115,9 @@ def write_csv(report: Report, path: str | Path) -> Path:
     return path
 
 
-def read_top(path: str | Path, k: int) -> list[str]:
-    """The k top-ranked point names of a `write_csv` file, rank 1 first."""
+def read_top(path: str | Path, k: int, narrower_than: int | None = None) -> list[str]:
+    """The k top-ranked point names of a `write_csv` file, rank 1 first; with `narrower_than`, among the
+    points quantized to fewer bits than that."""
     path = Path(path)
     if k < 0:
         raise ValueError(f"k must be 0 or more, got {k}")
@@ -133,9 +134,11 @@ def read_top(path: str | Path, k: int) -> list[str]:
     ranked = []
     for i, row in enumerate(rows, start=2):
         try:
-            ranked.append((int(row["rank"]), row["name"]))
+            rank, bits = int(row["rank"]), row.get("bits")
         except (TypeError, ValueError):
             raise ValueError(f"{path}, line {i}: rank {row['rank']!r} is not an integer") from None
+        if narrower_than is None or not bits or int(float(bits)) < narrower_than:
+            ranked.append((rank, row["name"]))
     return [name for _, name in sorted(ranked)[:k]]
 
 
