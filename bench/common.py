@@ -34,6 +34,20 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
+def peak_mib() -> float:
+    """This process's peak resident memory in MiB (VmHWM: unlike getrusage's maxrss, which Linux carries over
+    exec from the process that started it, its own)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def load_average() -> str:
     return " / ".join(f"{v:.1f}" for v in os.getloadavg())
 

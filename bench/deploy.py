@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from bench.common import OUT, ROOT, load_average
+from bench.common import OUT, ROOT, load_average, peak_mib
 
 ONLY = ("deploy",)
 DIR = OUT / "deploy"
@@ -76,17 +76,6 @@ def build() -> dict[str, Path]:
         vitq.export_onnx(q, paths[case], x[:1])
     ort_static(paths["fp32"], paths["ort_static"], [x[i:i + 8] for i in range(0, len(x), 8)])
     return paths
-
-
-def peak_mib() -> float:
-    """This process's peak resident memory (VmHWM: unlike getrusage's maxrss, not carried over from the
-    process that started it)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def time_child(path: str, batch: int, runs: int) -> dict:

@@ -1,8 +1,8 @@
 """Per-point sensitivity put to use (`--only sensitivity`): vit_cifar at W4A4 MinMax, the k points the analysis
 ranks most sensitive kept at 8 bits, against k points drawn at random (several draws), top-1 on cifar10-eval.
 
-The analysis runs on 256 training images drawn apart from the calibration images (seed 1, as `stage=analyze`
-by default); the evaluation images play no part in choosing the points.
+The analysis runs on 256 training images, a draw independent of the calibration draw (seed 1, as
+`stage=analyze` by default); the evaluation images play no part in choosing the points.
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def report(data: dict) -> list[str]:
     lines = ["## Sensitivity analysis: keeping the top-k points wider", "",
              f"`python -m bench.run --only sensitivity`: vit_cifar, MinMax W4A4 ({d['base_top1']:.2f} % top-1 on "
              f"{d['images']} cifar10-eval images; {d['points']} quantized points, logit SQNR {d['all_sqnr_db']:.2f} dB). "
-             "`vitq.analyze` on 256 training images (seed 1, not the calibration draw) ranks the points by the SQNR "
+             "`vitq.analyze` on 256 training images (seed 1, a draw independent of the calibration draw, seed 0) ranks the points by the SQNR "
              "recovered when each alone stays float; the k highest are kept at 8 bits (`analyze.apply`), against "
              f"{DRAWS} draws of k points at random. Each cell: top-1 gain over the all-W4A4 model with its paired 95% "
              "interval.", "", "![top-k](figures/sensitivity_topk.png)", "",

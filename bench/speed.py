@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from bench.common import ROOT
+from bench.common import ROOT, peak_mib
 
 ONLY = ("speed",)
 SPEED_CASES = {"float": None, "minmax": ("minmax", {}), "fqvit": ("fqvit", {}), "repq": ("repq", {})}
@@ -26,8 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def child(case: str, calib: int, evaluate: int, batch: int, trim: bool) -> dict:
     """One measurement in a fresh process so that its peak RSS is its own."""
-    import resource
-
     import timm
 
     import vitq
@@ -55,7 +53,7 @@ def child(case: str, calib: int, evaluate: int, batch: int, trim: bool) -> dict:
         for i in range(0, evaluate, batch):
             model(eval_x[i:i + batch])
         result["eval_seconds"] = time.perf_counter() - start
-    result["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result["peak_gib"] = peak_mib() / 1024
     return result
 
 
