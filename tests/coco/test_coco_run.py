@@ -143,6 +143,15 @@ def test_task_selects_the_cascade_detector_by_default(tmp_path):
 
 
 @needs_mmdet
+@pytest.mark.parametrize("stage", ["analyze", "export"])
+def test_deployment_stages_refuse_a_detector_before_calibrating(synthetic_coco, tmp_path, stage):
+    out = tmp_path / stage
+    with pytest.raises(ValueError, match="stage=analyze and stage=export take tasks whose batches start with an "
+                                         "image tensor"):
+        run(coco_cfg(tmp_path, synthetic_coco, "quant=minmax", f"stage={stage}", *SMALL), out)
+    assert (out / "FAILED").is_file() and not (out / "quantized.ckpt").exists()
+
+
 def test_a_detector_without_weights_names_the_checkpoint_setting(synthetic_coco, tmp_path):
     with pytest.raises(ValueError, match=r"no float weights for cascade_mask_rcnn_swin_t on coco: pass "
                                          r"model\.checkpoint=<an mmdet 3 or Swin-repository checkpoint"):

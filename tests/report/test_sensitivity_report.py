@@ -126,3 +126,10 @@ def test_a_point_name_becomes_a_pattern_matching_only_itself():
     assert fnmatchcase(name, glob_escape(name))
     assert not fnmatchcase("odd0.point*", glob_escape(name)) and not fnmatchcase("odd[0].pointX", glob_escape(name))
     assert keep_overrides(["blocks.0.attn.qkv.input"]) == [{"pattern": "blocks.0.attn.qkv.input", "bits": 8}]
+
+
+def test_read_top_can_skip_points_already_wide_enough(tmp_path):
+    table = tmp_path / "sensitivity.csv"
+    table.write_text("rank,name,bits\n2,b,4\n1,a,8\n3,c,4\n")
+    assert read_top(table, 2) == ["a", "b"]
+    assert read_top(table, 2, narrower_than=8) == ["b", "c"]  # a is at 8 bits already

@@ -33,6 +33,7 @@ from .finetune import resume_plan
 from .float_model import cache_dir
 from .lifecycle import RunInterrupted, acquire, release, signals_end_the_run
 from .context import STAGES, RunContext
+from ..export.verify import model_input
 from .deploy import check_exportable
 from .stages import pipeline
 from .tasks import get_task
@@ -214,6 +215,8 @@ def _run(cfg: DictConfig, out_dir: Path, loggers: list[Logger], requeued: bool =
     task = get_task(str(settings.task["name"]).lower())(settings.task, settings.model)  # checks the data now
     probe = task.create_model(pretrained=False)
     vitq.quantize(probe, recipe)  # the recipe fits the model (point names do not depend on the weights)
+    if settings.stage in ("analyze", "export"):  # an image-tensor task, checked on one batch before any stage
+        model_input(next(iter(task.test_loader())))
     if settings.stage == "export" and not settings.from_checkpoint:  # (a checkpoint's recipe is checked at export)
         check_exportable(probe, settings.export.opset)  # its grids and bits, in seconds rather than after calibrating
     if settings.stage == "summary":
