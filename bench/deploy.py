@@ -78,6 +78,18 @@ def build() -> dict[str, Path]:
     return paths
 
 
+def timed(call: Callable[[], object], batch: int, runs: int) -> dict:
+    """One warm-up call, then the median latency of `runs` calls, the throughput and this process's peak."""
+    call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    latency = sorted(times)[len(times) // 2]
+    return {"latency_ms": 1000 * latency, "images_per_s": batch / latency, "peak_mib": peak_mib()}
+
+
 def time_child(path: str, batch: int, runs: int) -> dict:
     """One file at one batch size in this (fresh) process: median latency of `runs` timed runs after one
     warm-up, throughput, and the process's peak RSS."""
@@ -87,14 +99,7 @@ def time_child(path: str, batch: int, runs: int) -> dict:
 
     sess = session(path, threads=os.cpu_count())
     feed = {"input": np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)}
-    sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - start)
-    latency = sorted(times)[len(times) // 2]
-    return {"latency_ms": 1000 * latency, "images_per_s": batch / latency, "peak_mib": peak_mib()}
+    return timed(lambda: sess.run(None, feed), batch, runs)
 
 
 def torch_child(case: str, batch: int, runs: int) -> dict:
@@ -111,15 +116,8 @@ def torch_child(case: str, batch: int, runs: int) -> dict:
         vitq.quantize(model, "int8_trt" if case == "int8_trt" else "minmax")
         vitq.calibrate(model, lambda m: [m(x[i:i + 8]) for i in range(0, len(x), 8)])
     feed = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    times = []
     with torch.inference_mode():
-        model(feed)
-        for _ in range(runs):
-            start = time.perf_counter()
-            model(feed)
-            times.append(time.perf_counter() - start)
-    latency = sorted(times)[len(times) // 2]
-    return {"latency_ms": 1000 * latency, "images_per_s": batch / latency, "peak_mib": peak_mib()}
+        return timed(lambda: model(feed), batch, runs)
 
 
 def _child(args: list[str]) -> dict:

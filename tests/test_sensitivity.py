@@ -15,7 +15,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 import vitq
 from vitq.quant import Kind, iter_points, set_mode
 from vitq.quant.modules import QuantLayerNorm, QuantSoftmax
-from vitq.sensitivity import SQNRMeter, flatten_outputs
+from vitq.report.sqnr import SQNRMeter
+from vitq.sensitivity import flatten_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -21,12 +21,14 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from .export import evaluating
 from .models import units as model_units
 from .quant.modules import QuantLayerNorm, QuantSoftmax
 from .quant.ops import iter_points
 from .quant.points import Kind, QuantPoint
 from .quant.state import is_calibrated, quant_state
 from .report.sensitivity import hydra_override as _hydra_override
+from .report.sqnr import SQNRMeter
 from .report.sensitivity import keep_overrides
 
 Forward = Callable[[nn.Module, Any], Any]
@@ -64,33 +66,6 @@ def flatten_outputs(outputs: Any) -> torch.Tensor:
         dtype = torch.promote_types(dtype, leaf.dtype if leaf.is_floating_point() else torch.float64)
     device = leaves[0].device
     return torch.cat([leaf.to(device=device, dtype=dtype) for leaf in leaves])
-
-
-def sqnr_from_sums(signal: float, noise: float) -> float:
-    """10 log10(signal / noise) in dB: +inf when the outputs are equal, -inf for a zero reference."""
-    if noise == 0:
-        return math.inf
-    if signal == 0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
-
-
-class SQNRMeter:
-    """Signal and noise energy summed over all batches (float64), so the SQNR is the pooled one, not a
-    mean of per-batch dBs (one batch that happens to match exactly would make that +inf)."""
-
-    def __init__(self) -> None:
-        self.signal = 0.0
-        self.noise = 0.0
-
-    def add(self, reference: torch.Tensor, output: torch.Tensor) -> None:
-        ref, out = reference.double(), output.to(reference.device).double()
-        self.signal += float(ref.pow(2).sum())
-        self.noise += float((out - ref).pow(2).sum())
-
-    @property
-    def db(self) -> float:
-        return sqnr_from_sums(self.signal, self.noise)
 
 
 def gain_db(all_but: float, everything: float) -> float:
@@ -243,23 +218,20 @@ def _held(qmodel: nn.Module, fp_model: nn.Module | None) -> Iterator[None]:
     come back afterwards, also when a pass raises."""
     modes = [(p, p.mode) for p in qmodel.modules() if isinstance(p, QuantPoint)]
     kernels = [(m, m.integer) for m in qmodel.modules() if isinstance(m, (QuantLayerNorm, QuantSoftmax))]
-    # every module's flag, not the root's: a caller may hold some submodules in another mode
-    training = [(m, m.training) for model in (qmodel, fp_model) if model is not None for m in model.modules()]
     try:
         for m, _ in kernels:  # the kernels need both neighbours quantized, which most configurations are not
             m.integer = False
-        for model in (qmodel, fp_model):
-            if model is not None:
-                model.eval()
-        with torch.no_grad():
-            yield
+        with contextlib.ExitStack() as stack:  # every module's training flag back, not only the roots'
+            for model in (qmodel, fp_model):
+                if model is not None:
+                    stack.enter_context(evaluating(model))
+            with torch.no_grad():
+                yield
     finally:
         for p, mode in modes:
             p.mode = mode  # as it was, without set_mode's side effects (an observing point's batch count)
         for m, integer in kernels:
             m.integer = integer
-        for m, was in training:
-            m.training = was
 
 
 class _Progress:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_only
 
 import vitq
 
@@ -72,7 +72,7 @@ def analyze_stage(ctx: RunContext) -> None:
         return ctx.task.eval_module(_Replay(outputs), "analyze").outcomes(batch)[primary].float()
 
     device = ctx.make_trainer().strategy.root_device  # the trainer's device (a GPU with trainer=gpu)
-    batches = [_to(b, device) for b in analysis_batches(ctx)]
+    batches = [move_data_to_device(b, device) for b in analysis_batches(ctx)]
     ctx.qmodel.to(device), ctx.fp_model.to(device)
     try:
         report = vitq.analyze(ctx.qmodel, batches, forward=lambda m, b: m(model_input(b)), fp_model=ctx.fp_model,
@@ -113,15 +113,14 @@ def export_stage(ctx: RunContext) -> None:
     from ..export import compare, export_onnx, structure_problems
 
     e = ctx.run.export
-    loader = ctx.task.test_loader()
-    example = model_input(next(iter(loader)))[:1]
+    batches = _first_images(ctx.task.test_loader(), e.check_samples)  # the check's images; the first is the example
+    example = model_input(batches[0])[:1]
     report = export_onnx(ctx.qmodel, ctx.out_dir / "model.onnx", example, opset=e.opset)
     result: dict[str, Any] = {"onnx": str(report.path), "bytes": report.bytes, "qdq_points": len(report.qdq_points),
                               "int8_weights": len(report.int8_weights), "float_points": len(report.float_points)}
     if e.float_export:
         fp = export_onnx(ctx.fp_model, ctx.out_dir / "model.fp32.onnx", example, opset=e.opset)
         result.update(fp32_bytes=fp.bytes, size_ratio=round(report.bytes / fp.bytes, 4))
-    batches = _first_images(loader, e.check_samples)
     result.update(compare(report.path, ctx.qmodel, batches, model_input=model_input))
     problems, quantized = structure_problems(report.path)
     result.update(quantized_compute_nodes=quantized, structure_problems=problems)
@@ -136,12 +135,6 @@ def export_stage(ctx: RunContext) -> None:
     for problem in problems:
         print(f"  not int8: {problem}")
     ctx.artifacts["result"] = result
-
-
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(t.to(device) if torch.is_tensor(t) else t for t in batch)
-    return batch.to(device) if torch.is_tensor(batch) else batch
 
 
 def _first_images(loader: Any, count: int | None) -> list[Any]:
