@@ -23,7 +23,7 @@ from .models import adapter_option_fields, find_roots, rewrite
 from .models import units as model_units
 from .models.registry import check_adapter_options
 from .quant.checkpoint import check_finite, read_quantized
-from .quant.modules import QuantWeight
+from .quant.modules import QuantSoftmax, QuantWeight
 from .quant.ops import iter_points, keep_float_weights, set_mode
 from .quant.points import Kind, QuantPoint
 from .quant.recipe import BINDINGS, Recipe
@@ -81,7 +81,7 @@ def place(model: nn.Module, recipe: Recipe, inplace: bool = True) -> nn.Module:
 
 
 def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: bool = True,
-              whole_set: bool | None = None) -> nn.Module:
+              whole_set: bool | None = None, batches: int | None = None) -> nn.Module:
     """Observe activations while `forward_loop(model)` pushes calibration data through, then freeze.
 
     What the activation points see is the recipe's `calib_flow`: `float` (every point passes float values
@@ -96,6 +96,9 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
     process feeds the whole set in a float flow too (fewer batches than processes,
     `vitq.distributed.shard_or_replicate`); None: whole for a quantized flow, a shard for a float one.
     The recipe's method hooks run after observing and after freezing (searches, reparameterization).
+    `batches`, how many batches `forward_loop` feeds (in one process's order), tells modules that act on
+    the last calibration batch which one it is (FQ-ViT's LIS during calibration; None: every batch);
+    a method that needs the batches in order (`Method.calibrates_in_order`) gets the whole set everywhere.
     """
     state = quant_state(model)
     method = state.recipe.method_impl()
@@ -108,7 +111,10 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
         if getattr(m, "integer", False):
             m.integer = False
     points = [(n, p) for n, p in configured if p.observer is not None]  # fixed grids need no data
-    whole = flow != "float" if whole_set is None else whole_set
+    whole = (flow != "float" or method.calibrates_in_order()) if whole_set is None else whole_set
+    for m in model.modules():
+        if isinstance(m, QuantSoftmax):
+            m.calibration_lis = None if m.calibration_lis is None else (-1 if batches is None else batches - 1)
     for _, p in points:
         p.observer.reset()
         p.observer.shard = (0, 1) if whole else None  # batch keys: one process's order on every rank

@@ -59,19 +59,21 @@ def _setup(cfgs: tuple[dict, dict]):
 
 def _calibrate_all(task, model, loader, whole) -> dict[str, dict[str, torch.Tensor]]:  # noqa: ANN001
     """Every recipe's calibrated state dict, calibrating over `loader` (sharded when distributed), or over
-    `whole` (every batch, on every rank) for a recipe whose calibration flow is quantized."""
+    `whole` (every batch, on every rank) for a recipe whose calibration flow is quantized or that acts on
+    the last batch (FQ-ViT's LIS during calibration: `batches` names it)."""
     out = {}
     for key, (name, overrides) in RECIPES.items():
         recipe = vitq.recipe(name, **overrides)
         qmodel = vitq.quantize(copy.deepcopy(model), recipe)
         module = task.calibration_module(qmodel)
-        batches = loader if recipe.calib_flow == "float" else whole
+        in_order = recipe.calib_flow != "float" or recipe.method_impl().calibrates_in_order()
+        batches = whole if in_order else loader
 
         def loop(m: torch.nn.Module, module=module, batches=batches) -> None:  # noqa: ANN001
             for i, batch in enumerate(batches):
                 module.validation_step(batch, i)
 
-        vitq.calibrate(qmodel, loop)
+        vitq.calibrate(qmodel, loop, batches=len(whole))
         out[key] = {k: v.clone() for k, v in qmodel.state_dict().items()}
     return out
 

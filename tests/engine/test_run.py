@@ -162,11 +162,12 @@ def test_fqvit_integer_run(first_run, fqvit_run):
     _, _, row = first_run
     out, got = fqvit_run
     assert got["scope"] == "full" and got["attn_bits"] == 4
-    assert got["setting"] == "W8/A8/Attn4-log2 full +ptf integer:exact"
+    assert got["setting"] == "W8/A8/Attn4-log2 full +ptf +embed integer:exact"
     assert got["fp_top1"] == row["fp_top1"]  # same cached float model and metrics
-    # measured: quant top-1 27/256 = 10.55%, delta -4.69 (12 images) on the barely trained float model
-    assert got["quant_top1"] == pytest.approx(10.546875, abs=2 * IMAGE)
-    assert -7.0 < got["delta_top1"] < -3.0
+    # measured: quant top-1 39/256 = 15.23%, delta +0.00 [-3.12, +2.73] on the barely trained float model
+    # (27/256 before FQ-ViT's embedding points, last-batch PTF search and LIS during calibration)
+    assert got["quant_top1"] == pytest.approx(15.234375, abs=2 * IMAGE)
+    assert -2.0 < got["delta_top1"] < 2.0
     assert (out / "layernorm_ranges.png").stat().st_size > 10_000
     ranges = json.loads((out / "layernorm_ranges.json").read_text())
     assert {r["name"] for r in ranges} >= {"blocks.0.norm1", "blocks.0.norm2", "norm"}

@@ -98,3 +98,184 @@ def test_weights_use_the_codes_half_span_step():
     w = q.blocks[0].mlp.fc1
     want = w.weight.detach().abs().amax(1) / 127.5
     assert torch.allclose(w.weight_quantizer.quantizer.scale.reshape(-1), want, rtol=1e-6)
+
+
+def _code_ptf_alpha(calib: list[torch.Tensor], bits: int = 8) -> list[int]:
+    """FQ-ViT's `PtfObserver.get_quantization_params` (ptf.py:31-63), written out from its definition: the
+    range is the running min/max of every batch, the factor search scores the last batch only, channel by
+    channel, the L2 error of the grids with steps s8/8, s8/4, s8/2, s8 (first of equal errors wins)."""
+    lo = min(float(b.double().min()) for b in calib)
+    hi = max(float(b.double().max()) for b in calib)
+    qmax = 2**bits - 1
+    s8 = (hi - lo) / qmax
+    zp = min(max(-round(lo / s8), 0), qmax)
+    last = calib[-1].double()
+    alphas = []
+    for j in range(last.shape[-1]):
+        d = last[..., j]
+        scores = []
+        for a in range(4):
+            s = s8 / 2 ** (3 - a)
+            q = ((d / s + zp).round().clamp(0, qmax) - zp) * s
+            scores.append(float((q - d).pow(2).sum()))
+        alphas.append(scores.index(min(scores)))
+    return alphas
+
+
+def test_ptf_factor_search_scores_the_last_calibration_batch():
+    """The block-0 LayerNorm input of a one-block ViT, two calibration batches: the alphas vitq chooses are
+    the code's, computed from the captured inputs by the definition above; `ptf_sample=tokens` (a sample
+    spanning both batches) chooses differently on this data."""
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(4, 3, 32, 32, generator=g) * s for s in (4.0, 0.5)]
+    fp = _vit()
+    seen = []
+    h = fp.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    with torch.no_grad():
+        for b in batches:
+            fp(b)
+    h.remove()
+    want = _code_ptf_alpha(seen)
+    q = vitq.quantize(_vit(), vitq.recipe("fqvit"))
+    vitq.calibrate(q, lambda m: [m(b) for b in batches])
+    got = q.blocks[0].norm1.input_quantizer.quantizer.alpha
+    assert got.tolist() == want
+    sampled = vitq.quantize(_vit(), vitq.recipe("fqvit", ptf_sample="tokens"))
+    vitq.calibrate(sampled, lambda m: [m(b) for b in batches])
+    assert sampled.blocks[0].norm1.input_quantizer.quantizer.alpha.tolist() != want
+    with pytest.raises(ValueError, match="ptf_sample"):
+        vitq.recipe("fqvit", ptf_sample="first_batch")
+
+
+def test_final_layernorm_runs_the_codes_integer_arithmetic_into_the_head_input():
+    """FQ-ViT's `forward_features` ends with `self.norm(x, blocks[-1].qact4.quantizer, qact2.quantizer)`, the
+    integer LayerNorm (mode 'int') producing codes of `qact2`, the head's input quantizer. vitq's logits are
+    the head applied to the class token of `integer_fqvit.layernorm_codes` on the final PTF codes, decoded on
+    the head input's grid (a float LayerNorm there differs)."""
+    from vitq.quant import integer_fqvit
+
+    g = torch.Generator().manual_seed(4)
+    calib, x = torch.randn(8, 3, 32, 32, generator=g), torch.randn(6, 3, 32, 32, generator=g)
+    q = vitq.quantize(_vit(depth=2), vitq.recipe("fqvit"))
+    vitq.calibrate(q, lambda m: m(calib))
+    assert q.norm.integer == "fqvit" and q.norm.out_point is q.head.input_quantizer
+    seen = []
+    h = q.norm.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        got = q(x)
+    h.remove()
+    ptf, out = q.norm.input_quantizer.quantizer, q.head.input_quantizer.quantizer
+    codes = torch.round(seen[0] / ptf.scale) + ptf.zero_point  # the input's PTF codes (on the grid already)
+    ln = integer_fqvit.layernorm_codes(codes.double(), int(ptf.zero_point[0]), ptf.alpha, float(ptf.base_scale),
+                                       q.norm.weight, q.norm.bias, float(out.scale), int(out.zero_point),
+                                       out.qmin, out.qmax)
+    token = ((ln[:, 0] - float(out.zero_point)) * float(out.scale)).float()
+    with torch.no_grad():
+        want = q.head(token)
+        q.norm.integer = False
+        floating = q(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert not torch.allclose(floating, want, atol=1e-3)
+
+
+def test_distilled_and_pooled_heads_keep_a_float_final_layernorm():
+    """The pair needs the head to read the LayerNorm's output token by token, on its own grid: a distilled
+    model's second head reads token 1 on another grid, average pooling mixes tokens."""
+    from vitq.models.registry import ADAPTERS
+
+    vit = ADAPTERS.get("vit")
+    torch.manual_seed(0)
+    kw = dict(pretrained=False, img_size=32, patch_size=8, depth=1, num_classes=10)
+    distilled = vitq.quantize(timm.create_model("deit_tiny_distilled_patch16_224", **kw), vitq.recipe("fqvit"))
+    pooled = vitq.quantize(timm.create_model("vit_tiny_patch16_224", global_pool="avg", fc_norm=False, **kw),
+                           vitq.recipe("fqvit"))
+    assert vit.head_norm(distilled) is None and vit.head_norm(pooled) is None
+    assert vit.head_norm(vitq.quantize(_vit(), vitq.recipe("fqvit"))) == ("norm", "head")
+
+
+def _minmax_fake_quant(t: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Per-tensor asymmetric MinMax from the definition (range widened to include 0, FQ-ViT's uint8 grid)."""
+    lo, hi = min(float(t.min()), 0.0), max(float(t.max()), 0.0)
+    s = (hi - lo) / (2**bits - 1)
+    zp = round(-lo / s)
+    return ((t / s).round() + zp).clamp(0, 2**bits - 1).sub(zp).mul(s)
+
+
+def test_token_and_position_embeddings_are_quantized_before_their_sum():
+    """FQ-ViT's `qact_embed(cat(cls, patches)) + qact_pos(pos_embed)`, then `qact1` (vit_quant.py:389-391):
+    with `embedding_points` the input of block 0's PTF point is that sum of two MinMax-quantized tensors,
+    computed here from the float patch embedding vitq itself quantizes; without it (other recipes, or
+    `quant.embedding_points=false`) the plain float sum."""
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    q = vitq.quantize(_vit(), vitq.recipe("fqvit"))
+    assert {"tokens", "pos_embed"} <= {n for n, p in vitq.iter_points(q) if p.configured}
+    vitq.calibrate(q, lambda m: m(x))
+    got, patches = [], []
+    hooks = [q.blocks[0].register_forward_pre_hook(lambda m, a: got.append(a[0])),
+             q.patch_embed.register_forward_hook(lambda m, a, out: patches.append(out))]
+    with torch.no_grad():
+        q(x)
+    for h in hooks:
+        h.remove()
+    tokens = torch.cat([q.cls_token.expand(4, -1, -1), patches[0]], dim=1).detach()
+    want = _minmax_fake_quant(tokens) + _minmax_fake_quant(q.pos_embed.detach())
+    torch.testing.assert_close(got[0], want, rtol=0, atol=1e-6)
+    off = vitq.quantize(_vit(), vitq.recipe("fqvit", embedding_points=False))
+    assert not {"tokens", "pos_embed"} & {n for n, _ in vitq.iter_points(off)}
+    full = vitq.quantize(_vit(), vitq.recipe("minmax", scope="full"))
+    assert not {"tokens", "pos_embed"} & {n for n, _ in vitq.iter_points(full)}
+
+
+def test_embedding_points_refuse_a_vit_that_adds_positions_another_way():
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                          num_classes=10, no_embed_class=True)
+    with pytest.raises(ValueError, match="embedding_points=false"):
+        vitq.quantize(m, vitq.recipe("fqvit"))
+
+
+def _code_lis(scores: torch.Tensor, seen: list[torch.Tensor], bits: int = 4) -> torch.Tensor:
+    """FQ-ViT's `QIntSoftmax` on float scores in its last calibration batch: `qact_attn1`'s uint8 MinMax step
+    from every batch seen (`seen`), the scores divided by it unrounded into `int_softmax`, then LIS (code k
+    dequantizes to 2^-k, codes past 2^bits - 1 to 0). The i-exp kernel is checked against hand-worked cases
+    in tests/quant/test_integer_fqvit.py."""
+    from vitq.quant import integer_fqvit
+
+    lo = min(min(float(s.double().min()) for s in seen), 0.0)
+    hi = max(max(float(s.double().max()) for s in seen), 0.0)
+    step = (hi - lo) / 255
+    zp = min(max(round(-lo / step), 0), 255)
+    codes = integer_fqvit.softmax_codes(scores.double() / step + zp, zp, step, bits).double()
+    return torch.where(codes > 2**bits - 1, torch.zeros_like(codes), torch.exp2(-codes))
+
+
+@pytest.mark.parametrize("batches, bits", [(2, 4), (None, 8)])
+def test_the_last_calibration_batch_passes_the_codes_integer_lis_probabilities(batches, bits):
+    """FQ-ViT's `qact_attn1` sets its step only in the last calibration batch, and from then on
+    `log_int_softmax(attn, qact_attn1.quantizer.scale)` runs the integer LIS softmax (models/ptq/layers.py,
+    `QIntSoftmax.forward`): the attn·v points calibrate on those probabilities in that batch. With
+    `batches` given, batch 0 passes the float softmax and batch 1 the code's LIS; without it, every batch is
+    taken as the last."""
+    g = torch.Generator().manual_seed(6)
+    data = [torch.randn(4, 3, 32, 32, generator=g) * s for s in (1.0, 2.0)]
+    q = vitq.quantize(_vit(), vitq.recipe("fqvit", attn_bits=bits))
+    scores, probs = [], []
+
+    def keep(m, a, out):  # noqa: ANN001
+        scores.append(a[0].detach().clone())
+        probs.append(out.detach().clone())
+
+    h = q.blocks[0].attn.softmax.register_forward_hook(keep)
+    vitq.calibrate(q, lambda m: [m(b) for b in data], batches=batches)
+    h.remove()
+    if batches == 2:
+        torch.testing.assert_close(probs[0], scores[0].softmax(-1))
+    else:
+        assert torch.equal(probs[0], _code_lis(scores[0], scores[:1], bits).float())
+    assert torch.equal(probs[1], _code_lis(scores[1], scores, bits).float())
+    off = vitq.quantize(_vit(), vitq.recipe("fqvit", lis_in_calibration=False))
+    probs.clear()
+    h = off.blocks[0].attn.softmax.register_forward_hook(lambda m, a, out: probs.append(out) and None)
+    vitq.calibrate(off, lambda m: [m(b) for b in data], batches=batches)
+    h.remove()
+    torch.testing.assert_close(probs[1], scores[1].softmax(-1))

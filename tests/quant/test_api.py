@@ -528,7 +528,7 @@ def test_fqvit_checkpoint_round_trip_keeps_ptf_log2_and_integer(data, tmp_path):
     q = vitq.quantize(_float_model(), FQVIT)
     vitq.calibrate(q, _loop(calib))
     switched = vitq.set_integer(q)
-    assert switched == 12 * 2 + 12  # norm1, norm2 and the softmax of each of the 12 blocks (not the final norm)
+    assert switched == 12 * 2 + 12 + 1  # norm1, norm2 and the softmax of each of the 12 blocks, and the final norm
     path = vitq.save_quantized(q, tmp_path / "fq.ckpt")
     fresh = vitq.load_quantized(_float_model(seed=5), path)
     assert {n: m.integer for n, m in fresh.named_modules() if getattr(m, "integer", False)} == \
@@ -542,13 +542,13 @@ def test_recalibration_on_the_same_data_is_identical(float_model, data):
     calib, _ = data
     q = vitq.quantize(float_model, {**FQVIT, "integer": True}, inplace=False)
     vitq.calibrate(q, _loop(calib))
-    assert sum(bool(getattr(m, "integer", False)) for m in q.modules()) == 12 * 2 + 12
+    assert sum(bool(getattr(m, "integer", False)) for m in q.modules()) == 12 * 2 + 12 + 1  # and the final norm
     first = {n: p.quantizer.scale.clone() for n, p in iter_points(q) if hasattr(p.quantizer, "scale")}
     vitq.calibrate(q, _loop(calib))  # observers must again see float activations
     second = {n: p.quantizer.scale for n, p in iter_points(q) if hasattr(p.quantizer, "scale")}
     assert first.keys() == second.keys()
     assert all(torch.equal(first[n], second[n]) for n in first)
-    assert sum(bool(getattr(m, "integer", False)) for m in q.modules()) == 12 * 2 + 12  # the method switched them back on
+    assert sum(bool(getattr(m, "integer", False)) for m in q.modules()) == 12 * 2 + 12 + 1  # the method switched them back on
 
 
 def test_per_channel_attention_operands_are_per_head_feature(float_model, data):

@@ -99,8 +99,8 @@ def test_layernorm_bias_and_output_zero_point():
 
 
 def test_quant_fqvit_runs_the_codes_arithmetic_by_default():
-    """`quant=fqvit` switches norm1, norm2 and the softmax of every block to FQ-ViT's arithmetic, as the code's
-    model_quant does with PTF and LIS; the logits differ from the float-LayerNorm simulation and from the
+    """`quant=fqvit` switches norm1, norm2 and the softmax of every block, and the final LayerNorm, to FQ-ViT's
+    arithmetic, as the code's model_quant does with PTF and LIS; the logits differ from the float-LayerNorm simulation and from the
     exact kernels, and a checkpoint keeps the arithmetic."""
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
@@ -110,7 +110,7 @@ def test_quant_fqvit_runs_the_codes_arithmetic_by_default():
     vitq.calibrate(q, lambda m: m(x))
     kinds = {n: m.integer for n, m in q.named_modules() if isinstance(m, (QuantLayerNorm, QuantSoftmax))}
     assert kinds == {**{f"blocks.{i}.{k}": "fqvit" for i in range(2) for k in ("norm1", "norm2", "attn.softmax")},
-                     "norm": False}
+                     "norm": "fqvit"}
     with torch.no_grad():
         out = {"fqvit": q(x)}
         for arithmetic in ("exact", None):

@@ -79,15 +79,16 @@ def calibrate_stage(ctx: RunContext) -> None:
     module = ctx.task.calibration_module(ctx.qmodel)
     start = time.perf_counter()
     trainer = ctx.make_trainer(use_distributed_sampler=False)
-    if ctx.recipe.calib_flow == "float":
+    if ctx.recipe.calib_flow == "float" and not ctx.recipe.method_impl().calibrates_in_order():
         loader, whole = shard_or_replicate(ctx.calib_loader, processes(trainer), "the calibration loader")
         if whole:
             log.info("calibration: %d image(s) in batches of %d make fewer batches than the %d processes, so every "
                      "process runs all of them (the statistics of one process, nothing to merge)",
                      ctx.run.calib.num_samples, ctx.calib_loader.batch_size, processes(trainer))
-    else:  # every process sees every batch, in order: its points fit what the quantized upstream gives
-        loader, whole = ctx.calib_loader, True
-    vitq.calibrate(ctx.qmodel, lambda m: trainer.validate(module, dataloaders=loader, verbose=False), whole_set=whole)
+    else:  # every process sees every batch, in order: its points fit what the quantized upstream gives,
+        loader, whole = ctx.calib_loader, True  # or a module acts on the last batch
+    vitq.calibrate(ctx.qmodel, lambda m: trainer.validate(module, dataloaders=loader, verbose=False), whole_set=whole,
+                   batches=len(ctx.calib_loader))
     ctx.timings["calibrate"] = time.perf_counter() - start
 
 

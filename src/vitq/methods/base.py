@@ -117,6 +117,11 @@ class Method:
     def prepare(self, model: nn.Module) -> None:
         """Points are placed from the recipe; change what the method needs before data is seen."""
 
+    def calibrates_in_order(self) -> bool:
+        """True when calibration must see every batch in one process's order (a module acts on the last
+        batch): under DDP every process then feeds the whole set instead of a shard."""
+        return False
+
     def after_observe(self, model: nn.Module) -> None:
         """Statistics are collected, nothing is frozen yet."""
 
@@ -209,6 +214,9 @@ class WithAddons(Method):
     def prepare(self, model: nn.Module) -> None:
         for hook in (self.method, *self.addons):
             hook.prepare(model)
+
+    def calibrates_in_order(self) -> bool:
+        return self.method.calibrates_in_order()
 
     def after_observe(self, model: nn.Module) -> None:
         for hook in (self.method, *self.addons):

@@ -13,9 +13,10 @@ import dataclasses
 
 from torch import nn
 
-from ..quant.modules import arithmetic_named
+from ..quant.modules import QuantSoftmax, arithmetic_named
 from ..quant.ops import INTEGER_ARITHMETIC, set_integer
 from ..quant.points import Kind, PointSpec
+from ..quant.sample_observers import PTF_SAMPLES
 from .base import Method, register_method
 
 
@@ -29,6 +30,12 @@ class FQViTOptions:
     # PTF's layer-wise range: running min/max whatever the calibrator, as the code's PtfObserver (config.py
     # sets OBSERVER_A_LN = 'ptf' when ptf is on); calibrator: the range of quant.observer
     ptf_range: str = "minmax"
+    # the tokens PTF's factor search scores: last_batch, every token of the last calibration batch (the code's
+    # PtfObserver on its last_calibrate batch) | tokens, a 4096-token sample spanning the calibration set
+    ptf_sample: str = "last_batch"
+    # the code's last calibration batch runs the integer LIS softmax (its qact_attn1 step is set by then), so
+    # the points after the attention probabilities calibrate on them; false: on the float softmax
+    lis_in_calibration: bool = True
 
 
 @register_method
@@ -48,14 +55,25 @@ class FQViT(Method):
         specs = dict(specs)
         if o.ptf_range not in ("minmax", "calibrator"):
             raise ValueError(f"quant.ptf_range={o.ptf_range!r}: choose minmax (FQ-ViT's code) or calibrator")
+        if o.ptf_sample not in PTF_SAMPLES:
+            raise ValueError(f"quant.ptf_sample={o.ptf_sample!r}: choose last_batch (FQ-ViT's code) or tokens")
         if o.ptf and Kind.NORM_INPUT in specs:
             ptf = dataclasses.replace(specs[Kind.NORM_INPUT], quantizer="ptf")
             if o.ptf_range == "minmax" and ptf.observer != "minmax":
                 ptf = dataclasses.replace(ptf, observer="minmax", observer_args={})
-            specs[Kind.NORM_INPUT] = ptf
+            specs[Kind.NORM_INPUT] = dataclasses.replace(ptf, observer_args={**ptf.observer_args,
+                                                                             "sample": o.ptf_sample})
         if o.lis and Kind.SOFTMAX_OUTPUT in specs:
             specs[Kind.SOFTMAX_OUTPUT] = dataclasses.replace(specs[Kind.SOFTMAX_OUTPUT], quantizer="log2")
         return specs
+
+    def calibrates_in_order(self) -> bool:
+        return self.options.lis and self.options.lis_in_calibration
+
+    def prepare(self, model: nn.Module) -> None:
+        for m in model.modules():
+            if isinstance(m, QuantSoftmax):
+                m.calibration_lis = -1 if self.calibrates_in_order() else None
 
     def arithmetic(self) -> str | None:
         """The integer arithmetic the options ask for (None: float LayerNorm and softmax)."""

@@ -90,6 +90,12 @@ class Adapter:
         one Linear (used by reparameterization and the integer LayerNorm)."""
         raise NotImplementedError
 
+    def head_norm(self, root: nn.Module) -> tuple[str, str] | None:
+        """(final LayerNorm, head) when the head's input is that LayerNorm's output token by token (a class
+        token taken, nothing pooled): the integer LayerNorm then produces the head's input codes, as
+        FQ-ViT's final `QIntLayerNorm` feeds `qact2`. Not a reparameterization pair. None: no such pair."""
+        return None
+
     def twin_for(self, module: nn.Module) -> type | None:
         cls = type(module)
         return self.twins.get(cls) or BASE_TWINS.get(cls)
@@ -173,7 +179,8 @@ def rewrite(model: nn.Module, options: Mapping[str, Any] | None = None) -> list[
             hook = getattr(module, "after_rewrite", None)
             if callable(hook):
                 hook(options)
-        for norm_name, consumer_name in adapter.norm_pairs(root):
+        head = adapter.head_norm(root)
+        for norm_name, consumer_name in [*adapter.norm_pairs(root), *([head] if head else [])]:
             root.get_submodule(norm_name).feeds(root.get_submodule(consumer_name).input_quantizer)
     return [adapter.family for _, _, adapter in roots]
 

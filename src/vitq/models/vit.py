@@ -1,6 +1,7 @@
 """Adapter for timm VisionTransformer (ViT, DeiT, DeiT with distillation token)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import torch
@@ -8,6 +9,7 @@ from timm.layers import Attention, LayerNorm as TimmLayerNorm
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..quant.modules import QuantLayerNorm, QuantMatMul, QuantSoftmax, Twin
+from ..quant.points import Kind, QuantPoint
 from .registry import (Adapter, AttentionOptions, place_qkv_points, quantize_after_activation,
                        register_adapter)
 
@@ -66,11 +68,48 @@ class QuantBlock(Twin, Block):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2.normalize(x))))
 
 
+@dataclasses.dataclass
+class ViTOptions(AttentionOptions):
+    """`embedding_points`: quantize the token embeddings (class token included) and the position embedding
+    before their sum, as FQ-ViT's `qact_embed` and `qact_pos` (`vit_quant.py:389-391`); the sum is then
+    quantized at blocks.0.norm1.input (its `qact1`). Needs the position embedding added after the class
+    token is prepended (timm's default, not `no_embed_class` or `dynamic_img_size`)."""
+
+    embedding_points: bool = False
+
+
+class QuantVisionTransformer(Twin, VisionTransformer):
+    """The root, with optional points on the two summands of the position embedding (`ViTOptions`)."""
+
+    def _add_points(self) -> None:
+        self.tokens_quantizer: QuantPoint | None = QuantPoint(Kind.LINEAR_OUTPUT)
+        self.pos_embed_quantizer: QuantPoint | None = QuantPoint(Kind.LINEAR_OUTPUT)
+
+    def after_rewrite(self, options: Mapping[str, Any]) -> None:
+        if not options.get("embedding_points", False):
+            self.tokens_quantizer = self.pos_embed_quantizer = None
+        elif self.pos_embed is None or self.no_embed_class or self.dynamic_img_size:
+            raise ValueError("quant.embedding_points=true quantizes the position embedding and the tokens it is "
+                             "added to, but this ViT adds it another way (no_embed_class, dynamic_img_size or no "
+                             "position embedding): set quant.embedding_points=false")
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tokens_quantizer is None:
+            return super()._pos_embed(x)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        x = self.tokens_quantizer(torch.cat([*prefix, x], dim=1))
+        return self.pos_drop(x + self.pos_embed_quantizer(self.pos_embed))
+
+
 class ViTAdapter(Adapter):
     family = "vit"
-    Options = AttentionOptions
+    Options = ViTOptions
     roots = (VisionTransformer,)
-    twins = {Attention: QuantAttention, Block: QuantBlock, TimmLayerNorm: QuantLayerNorm}
+    twins = {VisionTransformer: QuantVisionTransformer, Attention: QuantAttention, Block: QuantBlock,
+             TimmLayerNorm: QuantLayerNorm}
+
+    def describe(self, options: Mapping[str, Any]) -> str:
+        return "+embed" if options.get("embedding_points", False) else ""
 
     def units(self, root: VisionTransformer) -> list[str]:
         return ["patch_embed", *(f"blocks.{i}" for i in range(len(root.blocks))), "head"]
@@ -81,6 +120,13 @@ class ViTAdapter(Adapter):
             if isinstance(block, Block):
                 pairs += [(f"blocks.{i}.norm1", f"blocks.{i}.attn.qkv"), (f"blocks.{i}.norm2", f"blocks.{i}.mlp.fc1")]
         return pairs
+
+    def head_norm(self, root: VisionTransformer) -> tuple[str, str] | None:
+        # a distilled model's second head reads token 1 of the same output on a grid of its own
+        token = root.global_pool == "token" and isinstance(root.fc_norm, torch.nn.Identity) \
+            and getattr(root, "head_dist", None) is None
+        return ("norm", "head") if token and isinstance(root.norm, QuantLayerNorm) \
+            and isinstance(getattr(root.head, "input_quantizer", None), QuantPoint) else None
 
 
 register_adapter(ViTAdapter())

@@ -208,6 +208,10 @@ class QuantSoftmax(nn.Module):
     """
 
     integer: bool | str = False  # as QuantLayerNorm's: "fqvit", "exact" (or True), False
+    # FQ-ViT's calibration (`lis_in_calibration`): while the scores are observed, the calibration batch with
+    # this index (-1: every batch) passes on the code's integer LIS probabilities instead of the float
+    # softmax; None: never. `vitq.calibrate` sets the index from its batch count.
+    calibration_lis: int | None = None
 
     def __init__(self, dim: int = -1) -> None:
         super().__init__()
@@ -241,6 +245,26 @@ class QuantSoftmax(nn.Module):
             table = q_out.from_codes(torch.arange(q_out.qmax + 2, dtype=x.dtype, device=x.device))
             return table.index_select(0, codes.reshape(-1)).view(codes.shape)
         x = self.input_quantizer(x)
+        if self._lis_batch():
+            return self._calibration_lis(x, mask)
         if mask is not None:
             x = x + mask
         return self.output_quantizer(x.softmax(dim=self.dim))
+
+    def _lis_batch(self) -> bool:
+        inp, out = self.input_quantizer, self.output_quantizer
+        return (self.calibration_lis is not None and inp.mode == "observe" and out.configured
+                and out.spec.quantizer == "log2" and inp.spec.quantizer == "uniform" and not inp.spec.per_channel
+                and self.calibration_lis in (-1, inp.batches_seen - 1))
+
+    @torch.no_grad()
+    def _calibration_lis(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """FQ-ViT's `QIntSoftmax` in its last calibration batch: `qact_attn1` has just fitted its step on every
+        batch (this one included) but passes the float scores, which `int_softmax` divides by that step
+        unrounded; the log2 codes dequantize to what the downstream points observe."""
+        grid = self.input_quantizer.quantizer.probe()
+        self.input_quantizer.observer.fit(grid)
+        zp, scale, out = float(grid.zero_point.reshape(-1)[0]), float(grid.scale.reshape(-1)[0]), self.output_quantizer.quantizer
+        codes = integer_fqvit.softmax_codes(x.double() / scale + zp, int(zp), scale, out.bits, mask)
+        return out.from_codes(torch.arange(out.qmax + 2, dtype=x.dtype, device=x.device)).index_select(
+            0, codes.reshape(-1)).view(codes.shape)

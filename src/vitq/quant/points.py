@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .observers import Observer, make_observer, observer_for
+from .observers import Observer, observer_for
 from .quantizers import Grid, check_bits, get_grid
 
 
@@ -80,7 +80,8 @@ class PointSpec:
         grid = get_grid(self.quantizer)
         if grid.observed:  # build the observer once now, so a bad name or argument fails early
             try:
-                make_observer(self.observer, axis=None, **dict(self.observer_args))
+                axis = (-1 if self.axis is None else self.axis) if self.per_channel else None
+                observer_for(grid.from_spec(self, axis, -1), self, axis, -1)
             except TypeError as e:
                 raise ValueError(f"observer {self.observer!r} does not take these arguments: {e}") from None
 

@@ -10,6 +10,7 @@ from .observers import GRID_OBSERVERS, OBSERVERS, MinMaxObserver, Observer, make
 from .quantizers import Grid, UniformQuantizer
 
 
+PTF_SAMPLES = ("last_batch", "tokens")  # the tokens PTF's factor search scores (PTFObserver)
 KEY_RANGE = 2**62  # token keys are uniform integers below this: ties are negligible (unlike float32's 2^24 values)
 
 
@@ -139,17 +140,24 @@ class QuantileObserver(TokenSampleMixin, Observer):
 class PTFObserver(TokenSampleMixin, Observer):
     """FQ-ViT's Power-of-Two Factor: the layer-wise range comes from an inner calibrator (minmax, ema,
     percentile or omse); each channel then takes the factor 2^alpha (alpha in 0..K) with the lowest L2
-    error on a token sample spanning the calibration set (FQ-ViT searches on its last batch)."""
+    error on the search tokens: `sample="last_batch"` every token of the last calibration batch (FQ-ViT's
+    code: `PtfObserver.get_quantization_params` runs on the `last_calibrate` batch), `"tokens"` a sample of
+    up to `max_tokens` spanning the calibration set.
+
+    In last_batch mode the kept tokens' `keys` are their global batch index, so a merge keeps the batch
+    with the highest index, wherever it was observed: N processes search the tokens one process does."""
 
     reductions = {"sample": "cat", "keys": "cat"}
 
     def __init__(self, axis: int | None = -1, calibrator: str = "minmax", max_tokens: int | None = 4096,
-                 **calibrator_args) -> None:  # noqa: ANN003
+                 sample: str = "tokens", **calibrator_args) -> None:  # noqa: ANN003
         super().__init__(-1 if axis is None else axis)
         if calibrator == "ptf":
             raise ValueError("PTF needs a layer-wise calibrator: minmax, ema, percentile or omse")
+        if sample not in PTF_SAMPLES:
+            raise ValueError(f"PTF search sample {sample!r} is unknown: choose last_batch (FQ-ViT's code) or tokens")
         self.inner = make_observer(calibrator, axis=None, channel_axis=self.axis, **calibrator_args)
-        self.max_tokens = max_tokens
+        self.max_tokens, self.sample = max_tokens, sample
 
     @property
     def shard(self) -> tuple[int, int] | None:
@@ -167,10 +175,21 @@ class PTFObserver(TokenSampleMixin, Observer):
 
     def observe(self, x: torch.Tensor) -> None:
         self.inner.observe(x)
-        self._add_tokens(x, self._next_batch())
+        batch = self._next_batch()
+        if self.sample == "tokens":
+            self._add_tokens(x, batch)
+            return
+        x = x.detach()
+        tokens = x.movedim(self.axis % x.dim(), -1).reshape(-1, x.shape[self.axis]).t().float()
+        self.state["sample"] = tokens
+        self.state["keys"] = torch.full((tokens.shape[1],), batch, dtype=torch.long, device=tokens.device)
 
     def _after_merge(self) -> None:
-        self._trim_sample()
+        if self.sample == "tokens":
+            self._trim_sample()
+            return
+        last = self.state["keys"] == self.state["keys"].max()
+        self.state["sample"], self.state["keys"] = self.state["sample"][:, last], self.state["keys"][last]
 
     def merge_(self, other: "Observer") -> "Observer":
         self.inner.merge_(other.inner)  # type: ignore[attr-defined]
