@@ -407,3 +407,40 @@ def test_drop_and_input_mix_take_the_quantized_value_with_the_given_probability(
     q_in.finish()
     (mixed,), _ = fp_in.get(torch.arange(4), torch.device("cpu"), other=q_in, mix=0.5)
     assert abs(float(mixed.mean()) - 0.5) < 0.005
+
+
+@pytest.mark.parametrize("draw", ["permutation", "replacement"])
+def test_mini_batches_are_distinct_samples_or_independent_draws(draw):
+    """BRECQ and I&S-ViT take `randperm(n)[:batch_size]` (distinct samples, at most n); QDrop's code takes
+    `randint(0, n, (batch_size,))` (independent draws, always batch_size, repeats allowed). With n = 4 and
+    3 per batch, independent draws give all-distinct batches with probability 4*3*2 / 4^3 = 0.375: 200
+    steps without a repeat would happen with probability 0.375^200."""
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(options=ReconstructOptions(batch_size=3, draw=draw, adaround=True),
+                           data=SimpleNamespace(sizes=[4]))
+    batches = [UnitObjective.sample(fake, step)[1] for step in range(200)]
+    assert all(len(b) == 3 and 0 <= int(b.min()) and int(b.max()) < 4 for b in batches)
+    repeats = sum(len(set(b.tolist())) < 3 for b in batches)
+    assert (repeats == 0) if draw == "permutation" else (repeats > 0)
+    small = SimpleNamespace(options=ReconstructOptions(batch_size=32, draw=draw, adaround=True),
+                            data=SimpleNamespace(sizes=[5]))
+    assert len(UnitObjective.sample(small, 0)[1]) == (5 if draw == "permutation" else 32)
+    assert vitq.recipe("qdrop").method_impl().reconstruct_passes(None)[0].draw == "replacement"
+    with pytest.raises(ValueError, match="draw"):
+        ReconstructOptions(draw="bootstrap", adaround=True)
+
+
+def test_adaround_starts_at_the_weight_even_on_grid_points():
+    """QDrop's and BRECQ's `init_alpha`: sigmoid(alpha) (zeta - gamma) + gamma = rest, the fractional part,
+    with no clamp of rest: a weight exactly on a grid point (rest 0) starts with the gate at 0, so the
+    soft-rounded weight is the weight itself (clamping rest to 1e-4 moved it by 1e-4 steps)."""
+    grid = UniformQuantizer(4, symmetric=False)
+    grid.set_range(torch.tensor([-1.0]), torch.tensor([2.0]))
+    s, z = float(grid.scale), float(grid.zero_point)
+    codes = torch.tensor([[1.0, 5.0, 7.0], [2.0, 9.0, 14.0]])
+    w = torch.cat([(codes - z) * s, (codes - z + 0.25) * s], dim=1)  # on the grid, and a quarter step above
+    rounding = AdaRoundQuantizer(grid, w)
+    rest = rounding.gate()
+    torch.testing.assert_close(rest[:, :3], torch.zeros(2, 3), rtol=0, atol=1e-6)
+    torch.testing.assert_close(rest[:, 3:], torch.full((2, 3), 0.25), rtol=0, atol=1e-5)

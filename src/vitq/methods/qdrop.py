@@ -24,6 +24,9 @@ class QDropOptions:
     lsq_lr: float = 4e-5  # activation steps
     reg_weight: float = 0.01  # lambda of the rounding regularizer (beta 20 -> 2 after the warm-up)
     warmup: float = 0.2
+    # a step's mini-batch: replacement, independent draws (QDrop's `torch.randint`, recon.py:147) |
+    # permutation, distinct samples (BRECQ's randperm, the former default)
+    recon_draw: str = "replacement"
 
 
 @register_method
@@ -40,4 +43,4 @@ class QDrop(Method):
                                    mix_prob=o.keep_prob, adaround=True, adaround_lr=o.adaround_lr,
                                    adaround_schedule=o.adaround_schedule,
                                    reg_weight=o.reg_weight, warmup=o.warmup, lsq=True, lsq_lr=o.lsq_lr,
-                                   drop_prob=1.0 - o.keep_prob)]
+                                   drop_prob=1.0 - o.keep_prob, draw=o.recon_draw)]

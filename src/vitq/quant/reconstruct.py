@@ -62,6 +62,9 @@ class ReconstructOptions:
     # applied to [B, N, C] tokens, as I&S-ViT's code does), and averaged over the rest
     loss_sum: str = "channels"
     seed: int = 0
+    # a step's mini-batch: permutation, batch_size distinct samples (BRECQ's and I&S-ViT's
+    # `randperm(n)[:batch_size]`) | replacement, batch_size independent draws (QDrop's `randint(0, n, ...)`)
+    draw: str = "permutation"
     progress: bool = True  # a progress bar per unit (the plain loop; Lightning draws its own)
 
     def __post_init__(self) -> None:
@@ -74,6 +77,9 @@ class ReconstructOptions:
                 raise ValueError(f"reconstruction {name}={getattr(self, name)} must be in [0, 1]")
         if self.loss_sum not in ("channels", "tokens"):
             raise ValueError(f"reconstruction loss_sum={self.loss_sum!r}: choose channels or tokens")
+        if self.draw not in ("permutation", "replacement"):
+            raise ValueError(f"reconstruction draw={self.draw!r}: choose permutation (BRECQ, I&S-ViT) or replacement "
+                             "(QDrop)")
         if self.adaround_schedule not in ("constant", "cosine"):
             raise ValueError(f"reconstruction adaround_schedule={self.adaround_schedule!r}: choose constant or cosine")
         if not (self.adaround or self.lsq or self.tune_weights):
@@ -186,12 +192,15 @@ class UnitObjective(nn.Module):
         """The group and the sample indices (within it) of one step: fixed by (seed, step, rank), so a
         resumed or repeated run draws the same batches, and ranks draw different ones. A mini-batch comes
         from one group (one input form); the group is drawn with probability proportional to its size, so
-        every cached sample is equally likely. With one group the draw is a plain permutation."""
+        every cached sample is equally likely. Within the group, `draw` takes distinct samples (the first of
+        a permutation) or independent ones."""
         g = torch.Generator().manual_seed(self.options.seed * 1_000_003 + step * 1009 + rank)
         sizes = self.data.sizes
         group = 0 if len(sizes) == 1 else int(torch.multinomial(torch.tensor(sizes, dtype=torch.float), 1,
                                                                  generator=g))
         n = sizes[group]
+        if self.options.draw == "replacement":
+            return group, torch.randint(0, n, (self.options.batch_size,), generator=g)
         return group, torch.randperm(n, generator=g)[: min(self.options.batch_size, n)]
 
     def inputs(self, index: torch.Tensor, device: torch.device, train: bool, group: int = 0) -> tuple[tuple, dict]:

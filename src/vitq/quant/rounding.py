@@ -32,7 +32,7 @@ class AdaRoundQuantizer(nn.Module):
         scale, zp = grid._shape(grid.scale, w), grid._shape(grid.zero_point, w)
         ratio = w / scale
         floor = torch.floor(ratio)
-        rest = (ratio - floor).clamp(1e-4, 1 - 1e-4)
+        rest = ratio - floor  # in [0, 1): the logit below is finite there (BRECQ's and QDrop's init_alpha)
         self.register_buffer("floor", floor)
         self.register_buffer("scale", scale.detach().clone())
         self.register_buffer("zero_point", zp.detach().clone())
