@@ -94,3 +94,31 @@ def test_a_section_sharing_data_does_not_replace_an_unmeasured_sections_text(tmp
     assert "old mnist table" in page
     assert run.readme_summary(data) is None
     assert run.readme_summary({**data, "measured": {n: "x" for n in ("accuracy", "search", "finetune")}})
+
+
+def test_recon_rows_refreshes_only_the_named_rows_in_place(monkeypatch) -> None:
+    """`--only reconstruct --recon-rows qdrop` measures the qdrop rows again, keeps every other row where it
+    was, and the page says which rows were measured when."""
+    from bench import reconstruct
+
+    labels = list(reconstruct.recon_recipes())
+    old = [{**_row(label, 40.0, -12.0, [-13.0, -11.0]), "reconstruct_units": []} for label in labels]
+    asked = []
+
+    def fake_rows(model, recipes, on_row=None):  # noqa: ANN001
+        asked.extend(recipes)
+        return [{**_row(label, 50.0, -2.9, [-3.5, -2.3]), "reconstruct_units": []} for label in recipes]
+
+    monkeypatch.setattr(reconstruct, "accuracy_rows", fake_rows)
+    data = {"reconstruct": old, "measured": {"reconstruct": "ad04551 (2026-12-07)"}}
+    reconstruct.measure(data, run.parse_args(["--only", "reconstruct", "--recon-rows", "qdrop"]), lambda: None)
+    assert asked == [label for label in labels if "qdrop" in label] and len(asked) == 3
+    assert [r["label"] for r in data["reconstruct"]] == labels
+    assert {r["label"] for r in data["reconstruct"] if r["quant_top1"] == 50.0} == set(asked)
+    data["measured"]["reconstruct"] = "a12fa92 (2026-12-07)"
+    text = "\n".join(reconstruct.report(data))
+    assert "recon-qdrop-w3a3, recon-qdrop-w4a4, recon-qdrop-w6a6 measured again" in text
+    assert "at a12fa92 (2026-12-07), the others in one invocation at ad04551 (2026-12-07)" in text
+    with pytest.raises(SystemExit, match="no reconstruction row"):
+        reconstruct.measure({"reconstruct": old}, run.parse_args(["--only", "reconstruct", "--recon-rows", "brecq"]),
+                            lambda: None)
