@@ -264,7 +264,8 @@ class QuantSoftmax(nn.Module):
         unrounded; the log2 codes dequantize to what the downstream points observe."""
         grid = self.input_quantizer.quantizer.probe()
         self.input_quantizer.observer.fit(grid)
-        zp, scale, out = float(grid.zero_point.reshape(-1)[0]), float(grid.scale.reshape(-1)[0]), self.output_quantizer.quantizer
+        zp, scale = float(grid.zero_point.reshape(-1)[0]), float(grid.scale.reshape(-1)[0])
+        out = self.output_quantizer.quantizer
         codes = integer_fqvit.softmax_codes(x.double() / scale + zp, int(zp), scale, out.bits, mask)
         return out.from_codes(torch.arange(out.qmax + 2, dtype=x.dtype, device=x.device)).index_select(
             0, codes.reshape(-1)).view(codes.shape)
