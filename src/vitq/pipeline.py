@@ -111,6 +111,10 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
         if getattr(m, "integer", False):
             m.integer = False
     points = [(n, p) for n, p in configured if p.observer is not None]  # fixed grids need no data
+    if whole_set is False and method.calibrates_in_order():
+        raise ValueError(f"whole_set=False shards the calibration batches, but {state.recipe.method} acts on the last "
+                         "calibration batch, which every process must see in order: leave whole_set unset (or True) "
+                         "and feed every process the whole calibration set")
     whole = (flow != "float" or method.calibrates_in_order()) if whole_set is None else whole_set
     for m in model.modules():
         if isinstance(m, QuantSoftmax):
