@@ -178,5 +178,7 @@ def readme(data: dict) -> str:
     if not cells:
         return ""
     fp = next(iter(by.values()))["fp_top1"]
+    longer = [f"a {e}-epoch row" for label, e in LONG.items() if f"{label}-ft{e}" in by]
     return (f"\nQuantization-aware finetuning on vit_cifar ({EPOCHS} epochs, top-1 %, float {fp:.2f}): " + ", ".join(cells)
-            + "; intervals, training time and a 10-epoch row in docs/results.md.\n")
+            + f"; intervals{', training time and ' + ', '.join(longer) if longer else ' and training time'} in "
+            "docs/results.md.\n")
