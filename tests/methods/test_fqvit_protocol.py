@@ -4,6 +4,8 @@ after GELU (`Mlp.forward`: fc1 -> act -> qact1), and PTF's layer-wise range from
 the calibrator (`OBSERVER_A_LN = 'ptf'`)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -193,9 +195,11 @@ def test_distilled_and_pooled_heads_keep_a_float_final_layernorm():
     assert vit.head_norm(vitq.quantize(_vit(), vitq.recipe("fqvit"))) == ("norm", "head")
 
 
-def _minmax_fake_quant(t: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """Per-tensor asymmetric MinMax from the definition (range widened to include 0, FQ-ViT's uint8 grid)."""
-    lo, hi = min(float(t.min()), 0.0), max(float(t.max()), 0.0)
+def _minmax_fake_quant(t: torch.Tensor, seen: torch.Tensor | None = None, bits: int = 8) -> torch.Tensor:
+    """Per-tensor asymmetric MinMax from the definition (range of `seen`, default `t`, widened to include 0:
+    FQ-ViT's uint8 grid), applied to `t`."""
+    seen = t if seen is None else seen
+    lo, hi = min(float(seen.min()), 0.0), max(float(seen.max()), 0.0)
     s = (hi - lo) / (2**bits - 1)
     zp = round(-lo / s)
     return ((t / s).round() + zp).clamp(0, 2**bits - 1).sub(zp).mul(s)
@@ -204,9 +208,11 @@ def _minmax_fake_quant(t: torch.Tensor, bits: int = 8) -> torch.Tensor:
 def test_token_and_position_embeddings_are_quantized_before_their_sum():
     """FQ-ViT's `qact_embed(cat(cls, patches)) + qact_pos(pos_embed)`, then `qact1` (vit_quant.py:389-391):
     with `embedding_points` the input of block 0's PTF point is that sum of two MinMax-quantized tensors,
-    computed here from the float patch embedding vitq itself quantizes; without it (other recipes, or
-    `quant.embedding_points=false`) the plain float sum."""
+    their grids from the float tokens of calibration (quantization is off then), applied to the tokens of the
+    quantized patch embedding; without it (other recipes, or `quant.embedding_points=false`) the plain float
+    sum."""
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    fp = _vit()
     q = vitq.quantize(_vit(), vitq.recipe("fqvit"))
     assert {"tokens", "pos_embed"} <= {n for n, p in vitq.iter_points(q) if p.configured}
     vitq.calibrate(q, lambda m: m(x))
@@ -218,7 +224,9 @@ def test_token_and_position_embeddings_are_quantized_before_their_sum():
     for h in hooks:
         h.remove()
     tokens = torch.cat([q.cls_token.expand(4, -1, -1), patches[0]], dim=1).detach()
-    want = _minmax_fake_quant(tokens) + _minmax_fake_quant(q.pos_embed.detach())
+    with torch.no_grad():
+        calib_tokens = torch.cat([fp.cls_token.expand(4, -1, -1), fp.patch_embed(x)], dim=1)
+    want = _minmax_fake_quant(tokens, calib_tokens) + _minmax_fake_quant(q.pos_embed.detach())
     torch.testing.assert_close(got[0], want, rtol=0, atol=1e-6)
     off = vitq.quantize(_vit(), vitq.recipe("fqvit", embedding_points=False))
     assert not {"tokens", "pos_embed"} & {n for n, _ in vitq.iter_points(off)}
@@ -288,3 +296,27 @@ def test_a_sharded_calibration_is_refused_when_the_last_batch_matters():
         vitq.calibrate(q, lambda m: m(x), whole_set=False)
     off = vitq.quantize(_vit(), vitq.recipe("fqvit", lis_in_calibration=False))
     vitq.calibrate(off, lambda m: m(x), whole_set=False)  # no module acts on the last batch: shards are fine
+
+
+def test_a_distilled_deit_quantizes_its_distillation_token_with_the_others():
+    """DeiT's distillation token is prepended after the class token (timm's `VisionTransformerDistilled`):
+    `tokens` quantizes [cls, dist, patches] before the position embedding is added."""
+    torch.manual_seed(0)
+    m = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                          num_classes=10).eval()
+    fp = copy.deepcopy(m)
+    q = vitq.quantize(m, vitq.recipe("fqvit"))
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    vitq.calibrate(q, lambda mm: mm(x))
+    got, patches = [], []
+    hooks = [q.blocks[0].register_forward_pre_hook(lambda mod, a: got.append(a[0])),
+             q.patch_embed.register_forward_hook(lambda mod, a, out: patches.append(out))]
+    with torch.no_grad():
+        q(x)
+    for h in hooks:
+        h.remove()
+    tokens = torch.cat([q.cls_token.expand(3, -1, -1), q.dist_token.expand(3, -1, -1), patches[0]], dim=1).detach()
+    with torch.no_grad():
+        calib_tokens = torch.cat([fp.cls_token.expand(3, -1, -1), fp.dist_token.expand(3, -1, -1), fp.patch_embed(x)], 1)
+    want = _minmax_fake_quant(tokens, calib_tokens) + _minmax_fake_quant(q.pos_embed.detach())
+    torch.testing.assert_close(got[0], want, rtol=0, atol=1e-6)

@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 import torch
 from timm.layers import Attention, LayerNorm as TimmLayerNorm
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..quant.modules import QuantLayerNorm, QuantMatMul, QuantSoftmax, Twin
@@ -78,8 +79,9 @@ class ViTOptions(AttentionOptions):
     embedding_points: bool = False
 
 
-class QuantVisionTransformer(Twin, VisionTransformer):
-    """The root, with optional points on the two summands of the position embedding (`ViTOptions`)."""
+class EmbeddingPoints(Twin):
+    """A ViT root with optional points on the two summands of the position embedding (`ViTOptions`); the
+    prefix tokens (class, distillation, register) are quantized with the patch tokens, as `qact_embed`."""
 
     def _add_points(self) -> None:
         self.tokens_quantizer: QuantPoint | None = QuantPoint(Kind.LINEAR_OUTPUT)
@@ -96,17 +98,26 @@ class QuantVisionTransformer(Twin, VisionTransformer):
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.tokens_quantizer is None:
             return super()._pos_embed(x)
-        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        tokens = (self.cls_token, getattr(self, "dist_token", None), getattr(self, "reg_token", None))
+        prefix = [t.expand(x.shape[0], -1, -1) for t in tokens if t is not None]
         x = self.tokens_quantizer(torch.cat([*prefix, x], dim=1))
         return self.pos_drop(x + self.pos_embed_quantizer(self.pos_embed))
+
+
+class QuantVisionTransformer(EmbeddingPoints, VisionTransformer):
+    pass
+
+
+class QuantVisionTransformerDistilled(EmbeddingPoints, VisionTransformerDistilled):
+    pass
 
 
 class ViTAdapter(Adapter):
     family = "vit"
     Options = ViTOptions
     roots = (VisionTransformer,)
-    twins = {VisionTransformer: QuantVisionTransformer, Attention: QuantAttention, Block: QuantBlock,
-             TimmLayerNorm: QuantLayerNorm}
+    twins = {VisionTransformer: QuantVisionTransformer, VisionTransformerDistilled: QuantVisionTransformerDistilled,
+             Attention: QuantAttention, Block: QuantBlock, TimmLayerNorm: QuantLayerNorm}
 
     def describe(self, options: Mapping[str, Any]) -> str:
         return "+embed" if options.get("embedding_points", False) else ""
