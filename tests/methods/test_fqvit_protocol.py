@@ -205,6 +205,23 @@ def _minmax_fake_quant(t: torch.Tensor, seen: torch.Tensor | None = None, bits: 
     return ((t / s).round() + zp).clamp(0, 2**bits - 1).sub(zp).mul(s)
 
 
+def _check_embedding_sum(fp: torch.nn.Module, q: torch.nn.Module, x: torch.Tensor, prefix: tuple[str, ...]) -> None:
+    """Block 0's input equals MinMax(tokens) + MinMax(pos_embed): the tokens' grid from the float model's
+    prefix + patch tokens (calibration runs with quantization off), applied to the quantized model's."""
+    vitq.calibrate(q, lambda m: m(x))
+    got, patches = [], []
+    hooks = [q.blocks[0].register_forward_pre_hook(lambda m, a: got.append(a[0])),
+             q.patch_embed.register_forward_hook(lambda m, a, out: patches.append(out))]
+    with torch.no_grad():
+        q(x)
+        calib_tokens = torch.cat([*(getattr(fp, t).expand(len(x), -1, -1) for t in prefix), fp.patch_embed(x)], 1)
+    for h in hooks:
+        h.remove()
+    tokens = torch.cat([*(getattr(q, t).expand(len(x), -1, -1) for t in prefix), patches[0]], dim=1).detach()
+    want = _minmax_fake_quant(tokens, calib_tokens) + _minmax_fake_quant(q.pos_embed.detach())
+    torch.testing.assert_close(got[0], want, rtol=0, atol=1e-6)
+
+
 def test_token_and_position_embeddings_are_quantized_before_their_sum():
     """FQ-ViT's `qact_embed(cat(cls, patches)) + qact_pos(pos_embed)`, then `qact1` (vit_quant.py:389-391):
     with `embedding_points` the input of block 0's PTF point is that sum of two MinMax-quantized tensors,
@@ -215,19 +232,7 @@ def test_token_and_position_embeddings_are_quantized_before_their_sum():
     fp = _vit()
     q = vitq.quantize(_vit(), vitq.recipe("fqvit"))
     assert {"tokens", "pos_embed"} <= {n for n, p in vitq.iter_points(q) if p.configured}
-    vitq.calibrate(q, lambda m: m(x))
-    got, patches = [], []
-    hooks = [q.blocks[0].register_forward_pre_hook(lambda m, a: got.append(a[0])),
-             q.patch_embed.register_forward_hook(lambda m, a, out: patches.append(out))]
-    with torch.no_grad():
-        q(x)
-    for h in hooks:
-        h.remove()
-    tokens = torch.cat([q.cls_token.expand(4, -1, -1), patches[0]], dim=1).detach()
-    with torch.no_grad():
-        calib_tokens = torch.cat([fp.cls_token.expand(4, -1, -1), fp.patch_embed(x)], dim=1)
-    want = _minmax_fake_quant(tokens, calib_tokens) + _minmax_fake_quant(q.pos_embed.detach())
-    torch.testing.assert_close(got[0], want, rtol=0, atol=1e-6)
+    _check_embedding_sum(fp, q, x, ("cls_token",))
     off = vitq.quantize(_vit(), vitq.recipe("fqvit", embedding_points=False))
     assert not {"tokens", "pos_embed"} & {n for n, _ in vitq.iter_points(off)}
     full = vitq.quantize(_vit(), vitq.recipe("minmax", scope="full"))
@@ -306,17 +311,5 @@ def test_a_distilled_deit_quantizes_its_distillation_token_with_the_others():
                           num_classes=10).eval()
     fp = copy.deepcopy(m)
     q = vitq.quantize(m, vitq.recipe("fqvit"))
-    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-    vitq.calibrate(q, lambda mm: mm(x))
-    got, patches = [], []
-    hooks = [q.blocks[0].register_forward_pre_hook(lambda mod, a: got.append(a[0])),
-             q.patch_embed.register_forward_hook(lambda mod, a, out: patches.append(out))]
-    with torch.no_grad():
-        q(x)
-    for h in hooks:
-        h.remove()
-    tokens = torch.cat([q.cls_token.expand(3, -1, -1), q.dist_token.expand(3, -1, -1), patches[0]], dim=1).detach()
-    with torch.no_grad():
-        calib_tokens = torch.cat([fp.cls_token.expand(3, -1, -1), fp.dist_token.expand(3, -1, -1), fp.patch_embed(x)], 1)
-    want = _minmax_fake_quant(tokens, calib_tokens) + _minmax_fake_quant(q.pos_embed.detach())
-    torch.testing.assert_close(got[0], want, rtol=0, atol=1e-6)
+    _check_embedding_sum(fp, q, torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7)),
+                         ("cls_token", "dist_token"))
