@@ -241,9 +241,7 @@ class QuantSoftmax(nn.Module):
             q_in, q_out = self.input_quantizer.quantizer, self.output_quantizer.quantizer
             kernel = integer_fqvit.softmax_codes if self.integer == "fqvit" else int_softmax_log2_codes
             codes = kernel(_codes(q_in, x), int(q_in.zero_point), float(q_in.scale), q_out.bits, mask)
-            # dequantize by lookup: entry k is q_out.from_codes(k) for every code 0 .. qmax + 1
-            table = q_out.from_codes(torch.arange(q_out.qmax + 2, dtype=x.dtype, device=x.device))
-            return table.index_select(0, codes.reshape(-1)).view(codes.shape)
+            return self._log2_values(codes, x)
         x = self.input_quantizer(x)
         if self._lis_batch():
             return self._calibration_lis(x, mask)
@@ -265,7 +263,12 @@ class QuantSoftmax(nn.Module):
         grid = self.input_quantizer.quantizer.probe()
         self.input_quantizer.observer.fit(grid)
         zp, scale = float(grid.zero_point.reshape(-1)[0]), float(grid.scale.reshape(-1)[0])
+        bits = self.output_quantizer.quantizer.bits
+        codes = integer_fqvit.softmax_codes(x.double() / scale + zp, int(zp), scale, bits, mask)
+        return self._log2_values(codes, x)
+
+    def _log2_values(self, codes: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Dequantize log2 codes by lookup: entry k is the output grid's value of code k, 0 .. qmax + 1."""
         out = self.output_quantizer.quantizer
-        codes = integer_fqvit.softmax_codes(x.double() / scale + zp, int(zp), scale, out.bits, mask)
-        return out.from_codes(torch.arange(out.qmax + 2, dtype=x.dtype, device=x.device)).index_select(
-            0, codes.reshape(-1)).view(codes.shape)
+        table = out.from_codes(torch.arange(out.qmax + 2, dtype=like.dtype, device=like.device))
+        return table.index_select(0, codes.reshape(-1)).view(codes.shape)
