@@ -118,6 +118,33 @@ def accuracy_rows(model_key: str, recipes: dict[str, list[str]],
     return rows
 
 
+def rows_to_refresh(data: dict, section: str, option: str, words_arg: str | None, recipes: dict[str, list[str]],
+                    old: list[dict]) -> dict[str, list[str]]:
+    """The recipes to measure: all of them, or (`option` given words) those whose label holds one of the
+    comma-separated words, the stored rows `old` keeping the others; `data[section + "_refreshed"]` records
+    which rows were measured again, on top of which commit's, for the report (`invocations`)."""
+    words = [w for w in (words_arg or "").split(",") if w]
+    if not words:
+        data.pop(f"{section}_refreshed", None)
+        return recipes
+    chosen = {k: v for k, v in recipes.items() if any(w in k for w in words)}
+    if not chosen or not old:
+        raise SystemExit(f"{option} {words_arg}: no {section} row to refresh (rows: {', '.join(recipes)}; the store "
+                         "must hold the others)")
+    data[f"{section}_refreshed"] = {"rows": sorted(chosen),
+                                    "others_at": data.get("measured", {}).get(section, "an earlier commit")}
+    return chosen
+
+
+def invocations(data: dict, section: str, option: str, command: str) -> str:
+    """How a section's rows were measured: in one invocation of `command`, or some of them again later."""
+    refreshed = data.get(f"{section}_refreshed")
+    if not refreshed:
+        return f"every row measured in one invocation (`python -m bench.run {command}`)"
+    return (f"the rows {', '.join(refreshed['rows'])} measured again by `python -m bench.run {command} {option} ...` "
+            f"at {data.get('measured', {}).get(section, '?')}, the others in one invocation at {refreshed['others_at']}")
+
+
 def merge_rows(old: list[dict], fresh: list[dict]) -> list[dict]:
     """Rows of a section refreshed by label: the old ones not measured again, then the fresh ones."""
     labels = {r["label"] for r in fresh}

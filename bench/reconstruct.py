@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from bench.common import accuracy_rows, bits_header, cell
+from bench.common import accuracy_rows, bits_header, cell, invocations, rows_to_refresh
 
 ONLY = ("reconstruct",)
 # CPU scale: 256 calibration images (= the reconstruction set), mini-batches of 32, 100 iterations per
@@ -49,18 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def measure(data: dict, args: argparse.Namespace, save: Callable[[], None]) -> None:
     torch.set_num_threads(1)  # a shared 2-core machine: one thread, every row in this one process
-    recipes = recon_recipes()
-    words = [w for w in (getattr(args, "recon_rows", None) or "").split(",") if w]
-    old = data.get("reconstruct", []) if words else []
-    if words:
-        recipes = {k: v for k, v in recipes.items() if any(w in k for w in words)}
-        if not recipes or not old:
-            raise SystemExit(f"--recon-rows {args.recon_rows}: no reconstruction row to refresh (rows: "
-                             f"{', '.join(recon_recipes())}; the store must hold the others)")
-        data["reconstruct_refreshed"] = {"rows": sorted(recipes), "others_at": data.get("measured", {}).get(
-            "reconstruct", "an earlier commit")}
-    else:
-        data.pop("reconstruct_refreshed", None)
+    old = data.get("reconstruct", [])
+    recipes = rows_to_refresh(data, "reconstruct", "--recon-rows", getattr(args, "recon_rows", None),
+                              recon_recipes(), old)
+    if "reconstruct_refreshed" not in data:
+        old = []
 
     def keep(rows: list[dict]) -> None:
         fresh = {r["label"]: r for r in rows}
@@ -79,7 +72,7 @@ def report(data: dict) -> list[str]:
     r0 = rows[0]
     lines = ["## Block reconstruction: QDrop, I&S-ViT and its ablation (vit_cifar, scope `matmul`)", "",
              f"Float top-1 {r0['fp_top1']:.2f} % on {r0['eval_samples']} evaluation images (cifar10-eval); "
-             f"{_invocations(data)}, one intra-op thread. "
+             f"{invocations(data, 'reconstruct', '--recon-rows', '--only reconstruct')}, one intra-op thread. "
              "Quantized top-1 % (delta [95% CI]). CPU scale: QDrop and I&S-ViT calibrate and reconstruct on 256 "
              "images of cifar10-small/train (the paper: 1024), mini-batches of 32 (the paper: 64; QDrop 32), 100 "
              "iterations per unit and pass at W3A3/W4A4 and 20 at W6A6 (the paper: 1000/200; QDrop 20000); every "
@@ -100,15 +93,6 @@ def report(data: dict) -> list[str]:
                          f"= {isv['quant_top1'] - mm['quant_top1']:+.2f} points (MinMax is {-mm['delta_top1']:.2f} "
                          "points below float, the most any method can gain over it).")
     return lines + _cost(rows) + [""]
-
-
-def _invocations(data: dict) -> str:
-    refreshed = data.get("reconstruct_refreshed")
-    if not refreshed:
-        return "every row measured in one invocation (`python -m bench.run --only reconstruct`)"
-    return (f"the rows {', '.join(refreshed['rows'])} measured again by `python -m bench.run --only reconstruct "
-            f"--recon-rows ...` at {data.get('measured', {}).get('reconstruct', '?')}, the others in one invocation "
-            f"at {refreshed['others_at']}")
 
 
 def _cost(rows: list[dict]) -> list[str]:

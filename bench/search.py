@@ -7,7 +7,8 @@ from typing import Callable
 
 import torch
 
-from bench.common import BITS, MODELS, OUT, accuracy_rows, bits_header, cell, load_average
+from bench.common import (BITS, MODELS, OUT, accuracy_rows, bits_header, cell, invocations, load_average,
+                          rows_to_refresh)
 
 ONLY = ("search",)
 # label -> overrides. RepQ-ViT stands for "the best uniform recipe": the strongest of vitq's uniform-input
@@ -57,25 +58,37 @@ def paired_deltas(model_key: str, rows: list[dict]) -> list[dict]:
     return out
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--search-rows", default=None,
+                        help="search: measure again only the rows whose label holds one of these comma-separated "
+                             "words (e.g. noisy after a change to NoisyQuant), keeping the others and their run "
+                             "directories (the paired intervals read them)")
+
+
 def measure(data: dict, args: argparse.Namespace, save: Callable[[], None]) -> None:
     torch.set_num_threads(1)  # calibration times of every compared row under the same setting
     search = data.setdefault("search", {})
     for key in [k for k in args.models.split(",") if k == "cifar"]:
-        rows = accuracy_rows(key, search_recipes())
-        search[key] = {"rows": rows, "deltas": paired_deltas(key, rows), "argv": " ".join(sys.argv[1:]),
-                       "load": load_average()}
+        old = search.get(key, {}).get("rows", [])
+        recipes = rows_to_refresh(data, "search", "--search-rows", getattr(args, "search_rows", None),
+                                  search_recipes(), old)
+        fresh = {r["label"]: r for r in accuracy_rows(key, recipes)}
+        rows = [fresh.pop(r["label"], r) for r in old] if "search_refreshed" in data else []
+        rows += list(fresh.values())
+        argv = search.get(key, {}).get("argv") if "search_refreshed" in data else " ".join(sys.argv[1:])
+        search[key] = {"rows": rows, "deltas": paired_deltas(key, rows), "argv": argv, "load": load_average()}
         save()
 
 
-def _section(key: str, block: dict) -> list[str]:
+def _section(data: dict, key: str, block: dict) -> list[str]:
     rows, deltas = block["rows"], block["deltas"]
     by = {r["label"]: r for r in rows}
     model, task, _ = MODELS[key]
     fp = rows[0]["fp_top1"] if rows else float("nan")
     lines = [f"## Liu et al. 2021 and NoisyQuant on {model} ({task})", "",
-             f"`python -m bench.run {block['argv']}`, all rows in that one invocation with one intra-op thread "
+             f"{invocations(data, 'search', '--search-rows', block['argv'])}, with one intra-op thread "
              f"(`torch.set_num_threads(1)`) on the shared 2-core machine (load average {block['load']}), so the "
-             "calibration seconds compare with each other but are noisy. Scope `matmul`, 256 calibration images "
+             "calibration seconds compare with each other (within one invocation) but are noisy. Scope `matmul`, 256 calibration images "
              "(RepQ-ViT: 32), float top-1 " f"{fp:.2f} % on {rows[0]['eval_samples'] if rows else 0} evaluation "
              "images. Top-1 % (delta vs float [95% CI]); calibration seconds in the second column of each cell.",
              "", *bits_header(BITS, "recipe")]
@@ -101,7 +114,7 @@ def _section(key: str, block: dict) -> list[str]:
 
 
 def report(data: dict) -> list[str]:
-    return [line for key, block in data.get("search", {}).items() for line in _section(key, block)]
+    return [line for key, block in data.get("search", {}).items() for line in _section(data, key, block)]
 
 
 def readme(data: dict) -> str:

@@ -119,6 +119,40 @@ def test_recon_rows_refreshes_only_the_named_rows_in_place(monkeypatch) -> None:
     text = "\n".join(reconstruct.report(data))
     assert "recon-qdrop-w3a3, recon-qdrop-w4a4, recon-qdrop-w6a6 measured again" in text
     assert "at a12fa92 (2026-12-07), the others in one invocation at ad04551 (2026-12-07)" in text
-    with pytest.raises(SystemExit, match="no reconstruction row"):
+    with pytest.raises(SystemExit, match="no reconstruct row"):
         reconstruct.measure({"reconstruct": old}, run.parse_args(["--only", "reconstruct", "--recon-rows", "brecq"]),
                             lambda: None)
+
+
+def test_search_rows_refreshes_only_the_named_rows_and_recomputes_every_interval(monkeypatch) -> None:
+    """`--only search --search-rows noisy` measures the NoisyQuant rows again, keeps the others in place, pairs
+    every comparison again (the intervals read the run directories) and says which rows were measured when."""
+    from bench import search
+
+    labels = list(search.search_recipes())
+    old = [{**_row(label, 40.0, -12.0, [-13.0, -11.0]), "calib_seconds": 1.0} for label in labels]
+    asked, paired = [], []
+
+    def fake_rows(model, recipes, on_row=None):  # noqa: ANN001
+        asked.extend(recipes)
+        return [{**_row(label, 50.0, -2.9, [-3.5, -2.3]), "calib_seconds": 9.0} for label in recipes]
+
+    monkeypatch.setattr(search, "accuracy_rows", fake_rows)
+    monkeypatch.setattr(search, "paired_deltas", lambda key, rows: paired.append([r["label"] for r in rows]) or [])
+    data = {"search": {"cifar": {"rows": old, "argv": "--only search --models cifar", "load": "1"}},
+            "measured": {"search": "ad04551 (2026-12-07)"}}
+    search.measure(data, run.parse_args(["--only", "search", "--models", "cifar", "--search-rows", "noisy"]),
+                   lambda: None)
+    assert asked == [label for label in labels if "noisy" in label] and len(asked) == 12
+    assert [r["label"] for r in data["search"]["cifar"]["rows"]] == labels == paired[0]
+    assert {r["label"] for r in data["search"]["cifar"]["rows"] if r["quant_top1"] == 50.0} == set(asked)
+    data["measured"]["search"] = "b000000 (2026-12-08)"
+    text = "\n".join(search.report(data))
+    assert "noisyquant-w8a8, omse+noisy-w4a4" in text and "linear-sym-w4a4," not in text
+    assert ("measured again by `python -m bench.run --only search --models cifar --search-rows ...` at b000000 "
+            "(2026-12-08), the others in one invocation at ad04551 (2026-12-07)") in text
+    with pytest.raises(SystemExit, match="no search row"):
+        search.measure({"search": {}}, run.parse_args(["--only", "search", "--models", "cifar", "--search-rows",
+                                                       "noisy"]), lambda: None)
+    search.measure(data, run.parse_args(["--only", "search", "--models", "cifar"]), lambda: None)
+    assert "search_refreshed" not in data and len(asked) == 12 + len(labels)

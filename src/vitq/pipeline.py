@@ -95,7 +95,9 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
     engine does): nothing is merged, and the final check compares the ranks. `whole_set=True` says every
     process feeds the whole set in a float flow too (fewer batches than processes,
     `vitq.distributed.shard_or_replicate`); None: whole for a quantized flow, a shard for a float one.
-    The recipe's method hooks run after observing and after freezing (searches, reparameterization).
+    The recipe's method hooks run after observing and after freezing (searches, reparameterization); a
+    method that searches layer by layer on what the searched layers before it give (NoisyQuant's
+    `noisy_flow: sequential`) calls `forward_loop` again from its `replay` hook.
     `batches`, how many batches `forward_loop` feeds (in one process's order), tells modules that act on
     the last calibration batch which one it is (FQ-ViT's LIS during calibration; None: every batch);
     a method that needs the batches in order (`Method.calibrates_in_order`) gets the whole set everywhere.
@@ -112,9 +114,10 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
             m.integer = False
     points = [(n, p) for n, p in configured if p.observer is not None]  # fixed grids need no data
     if whole_set is False and method.calibrates_in_order():
-        raise ValueError(f"whole_set=False shards the calibration batches, but {state.recipe.method} acts on the last "
-                         "calibration batch, which every process must see in order: leave whole_set unset (or True) "
-                         "and feed every process the whole calibration set")
+        raise ValueError(f"whole_set=False shards the calibration batches, but {state.recipe.method} needs every "
+                         "calibration batch in one order (it acts on the last batch, or searches layer by layer on "
+                         "the whole set): leave whole_set unset (or True) and feed every process the whole "
+                         "calibration set")
     whole = (flow != "float" or method.calibrates_in_order()) if whole_set is None else whole_set
     for m in model.modules():
         if isinstance(m, QuantSoftmax):
@@ -147,6 +150,7 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], sync: 
             p.freeze()
         set_mode(model, "quant")
         method.after_freeze(model)
+        method.replay(model, forward_loop)
         if sync:  # every rank must hold the parameters one process would have computed
             check_same_on_ranks({f"{n}.{k}": v for n, p in points for k, v in p.quantizer.state_dict().items()},
                                 "calibrated quantizer parameters")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 from torch import nn
 
@@ -76,7 +76,8 @@ class Method:
 
     Order of the hooks: `specs` (when the recipe is read) -> `prepare` (points placed, before any data)
     -> observing -> `after_observe` (searches over collected statistics) -> freeze, mode `quant` ->
-    `after_freeze` (reparameterize, fold, switch kernels). A method that changes a point's layout records
+    `after_freeze` (reparameterize, fold, switch kernels) -> `replay` (searches that run the calibration data
+    through the model again, each layer after the layers before it are final). A method that changes a point's layout records
     it in `model.vitq.recipe` (an override), so the saved recipe describes the final model. A reloaded
     checkpoint is placed from its stored recipe without `prepare`, then `after_load` runs.
     """
@@ -128,6 +129,10 @@ class Method:
     def after_freeze(self, model: nn.Module) -> None:
         """Every point has its parameters and is in `quant` mode."""
 
+    def replay(self, model: nn.Module, forward_loop: Callable[[nn.Module], Any]) -> None:
+        """After `after_freeze`: `forward_loop(model)` feeds the calibration data again (as often as the
+        method needs), for searches that must see the outputs of the already-searched layers before them."""
+
     def before_load(self, model: nn.Module, state: Mapping[str, Any]) -> None:
         """Points are placed from a checkpoint's recipe; add what the method created during calibration
         (wrappers, buffers) so that the checkpoint's state dict loads strictly."""
@@ -177,7 +182,13 @@ class Addon:
     def after_observe(self, model: nn.Module) -> None:
         pass
 
+    def calibrates_in_order(self) -> bool:
+        return False
+
     def after_freeze(self, model: nn.Module) -> None:
+        pass
+
+    def replay(self, model: nn.Module, forward_loop: Callable[[nn.Module], Any]) -> None:
         pass
 
     def before_load(self, model: nn.Module, state: Mapping[str, Any]) -> None:
@@ -216,7 +227,7 @@ class WithAddons(Method):
             hook.prepare(model)
 
     def calibrates_in_order(self) -> bool:
-        return self.method.calibrates_in_order()
+        return any(hook.calibrates_in_order() for hook in (self.method, *self.addons))
 
     def after_observe(self, model: nn.Module) -> None:
         for hook in (self.method, *self.addons):
@@ -225,6 +236,10 @@ class WithAddons(Method):
     def after_freeze(self, model: nn.Module) -> None:
         for hook in (self.method, *self.addons):
             hook.after_freeze(model)
+
+    def replay(self, model: nn.Module, forward_loop: Callable[[nn.Module], Any]) -> None:
+        for hook in (self.method, *self.addons):
+            hook.replay(model, forward_loop)
 
     def before_load(self, model: nn.Module, state: Mapping[str, Any]) -> None:
         for hook in (self.method, *self.addons):

@@ -35,6 +35,7 @@ class Capture:
     max_rows: int
     keep_output: bool = False
     max_tokens: int | None = None  # or stop once this many vectors (rows x positions) are kept
+    always: bool = False  # record in any mode (a replay of the calibration data through the quantized model)
     cache: ArgCache = field(default_factory=lambda: ArgCache(device=None, dtype=torch.float32))
     outputs: list[torch.Tensor] = field(default_factory=list)
     handle: Any = None
@@ -56,7 +57,7 @@ class Capture:
         self.record(module, args, kwargs, output)
 
     def record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self.full or not _observing(module) or not any(isinstance(a, torch.Tensor) for a in args):
+        if self.full or not (self.always or _observing(module)) or not any(isinstance(a, torch.Tensor) for a in args):
             return
         if self.cache.add(args, kwargs, batch_size(args, kwargs), new_form=not self.cache.groups) < 0:
             return  # a call of another form (e.g. another image size): keep the calls of the first form
@@ -99,14 +100,14 @@ def _observing(module: nn.Module) -> bool:
 
 
 def attach(modules: Iterable[nn.Module], max_rows: int, owner: str, keep_output: bool = False,
-           max_tokens: int | None = None) -> None:
+           max_tokens: int | None = None, always: bool = False) -> None:
     """Start recording the inputs (and output) of each module during the next calibration pass, whole
     calls until `max_rows` rows (or `max_tokens` vectors along the last axis) are kept."""
     if max_rows < 1 or (max_tokens is not None and max_tokens < 1):
         raise ValueError(f"the search needs at least one cached sample, got max_rows={max_rows}")
     for module in modules:
         detach(module, owner)
-        cap = Capture(max_rows, keep_output, max_tokens)
+        cap = Capture(max_rows, keep_output, max_tokens, always)
         cap.handle = module.register_forward_hook(cap, with_kwargs=True)
         module.__dict__.setdefault(_KEY, {})[owner] = cap
 
@@ -118,6 +119,19 @@ def captured(module: nn.Module, owner: str, what: str) -> Capture:
         raise RuntimeError(f"{what}: no cached calibration inputs; calibrate a model freshly made by "
                            "vitq.quantize (the search records layer inputs during that calibration pass)")
     return cap
+
+
+@torch.no_grad()
+def replayed_input(model: nn.Module, module: nn.Module, forward_loop: Callable[[nn.Module], Any], owner: str,
+                   what: str) -> torch.Tensor:
+    """The first input `module` receives, over every call, while `forward_loop(model)` feeds the calibration
+    data through the model as it now is (quantized: the searched layers before it in place)."""
+    attach([module], 1 << 62, owner, always=True)
+    try:
+        forward_loop(model)
+        return captured(module, owner, what).args[0]
+    finally:
+        detach(module, owner)
 
 
 def remap_inputs(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:

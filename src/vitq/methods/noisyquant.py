@@ -17,6 +17,12 @@ output-MSE clip search, then the noise). For each Linear whose input is quantize
   searched first the same way, without noise: the step s * f for f in [noisy_clip_floor, 1]
   (`noisy_clip_candidates` values; the code's absmax * ii / 1000, ii = 1000 .. 1), ties keeping the wider.
 
+Where a layer's searches take their tokens (`noisy_flow`): `sequential` (the code's two forwards, the
+default) runs the calibration data through the quantized model again for each layer in module order: a
+first round refits the input point on what the searched layers before it give and searches its clip, a
+second searches its noise with the noise of the layers before it in place. `captured` records every
+layer's input during the calibration forward and searches afterwards (one forward, no replay).
+
 The paper's noise is uniform; the authors' released code, whose published numbers these are, draws
 `randn * 2 - 1`. vitq follows the code by default (docs/methods.md, protocol card).
 """
@@ -24,13 +30,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
 
 from ..quant.modules import QuantLinear
-from ..quant.points import Kind, PointSpec
+from ..quant.points import Kind, PointSpec, QuantPoint
 from . import capture
 from .base import Addon, register_addon
 
@@ -53,6 +59,9 @@ class NoisyOptions:
     # code qmin, as fast_quant.py:43) or grid (the grid as inference applies it)
     noisy_clip_score: str = "code"
     noisy_samples: Optional[int] = None  # tokens per layer the searches score; null: every calibration token
+    # where the searches' tokens come from: sequential (the code: the data replayed per layer, the layers before
+    # it searched) or captured (recorded in the calibration forward, searched afterwards)
+    noisy_flow: str = "sequential"
 
 
 class NoisyGrid(nn.Module):
@@ -115,6 +124,9 @@ class NoisyQuant(Addon):
             raise ValueError(f"quant.noisy_target={o.noisy_target!r}: choose quantized_weights (the code) or float")
         if o.noisy_clip_score not in ("code", "grid"):
             raise ValueError(f"quant.noisy_clip_score={o.noisy_clip_score!r}: choose code or grid")
+        if o.noisy_flow not in ("sequential", "captured"):
+            raise ValueError(f"quant.noisy_flow={o.noisy_flow!r}: choose sequential (the code's forwards, layer by "
+                             "layer) or captured (one calibration forward)")
 
     def specs(self, specs: dict[str, PointSpec], scope: str) -> dict[str, PointSpec]:
         spec = specs.get(Kind.LINEAR_INPUT)
@@ -127,27 +139,62 @@ class NoisyQuant(Addon):
                              "recipe (minmax, omse, percentile, repq, liu21)")
         return specs
 
+    def calibrates_in_order(self) -> bool:
+        return self.options.noisy_flow == "sequential"  # every process replays the whole set
+
     def prepare(self, model: nn.Module) -> None:
-        capture.attach([m for _, m in noisy_layers(model)], 1 << 30, self.name,
-                       keep_output=self.options.noisy_target == "float", max_tokens=self.options.noisy_samples)
+        if self.options.noisy_flow == "captured":
+            capture.attach([m for _, m in noisy_layers(model)], 1 << 30, self.name,
+                           keep_output=self.options.noisy_target == "float", max_tokens=self.options.noisy_samples)
 
     def after_freeze(self, model: nn.Module) -> None:
+        if self.options.noisy_flow != "captured":
+            return
+        o = self.options
         try:
             for index, (name, layer) in enumerate(noisy_layers(model)):
-                o = self.options
                 cap = capture.captured(layer, self.name, name)
                 x = tokens(cap.args[0], o.noisy_samples, o.noisy_seed)
                 y = tokens(cap.output, o.noisy_samples, o.noisy_seed) if o.noisy_target == "float" \
                     else quantized_weight_output(layer, x)
                 if o.noisy_clip:
                     search_clip(layer, x, y, o.noisy_clip_candidates, o.noisy_clip_floor, o.noisy_clip_score == "code")
-                step = input_step(layer)
-                u = base_noise(layer.in_features, o.noisy_seed, index, o.noisy_noise).to(step.device) * step
-                k = search_amplitude(layer, x, y, u, o.noisy_candidates, o.noisy_range)
-                add_noise(layer, k * u)
-                log.info("noisyquant %s: amplitude %.3g input steps", name, k)
+                self._search_noise(index, name, layer, x, y)
         finally:
             capture.detach_all(model, self.name)
+        self._share(model)
+
+    def replay(self, model: nn.Module, forward_loop: Callable[[nn.Module], Any]) -> None:
+        """The code's two forwards, one layer at a time (its searches run inside the forward, on one batch):
+        each layer's tokens are what the calibration data gives with the layers before it already final."""
+        if self.options.noisy_flow != "sequential":
+            return
+        o, layers = self.options, noisy_layers(model)
+        rounds = (["clip"] if o.noisy_clip else []) + ["noise"]
+        total = len(rounds) * len(layers)
+        for r, what in enumerate(rounds):  # a log line per replay (Lightning's bar, if any, shows each forward)
+            for index, (name, layer) in enumerate(layers):
+                log.info("noisyquant %s search %d/%d: %s", what, r * len(layers) + index + 1, total, name)
+                seen = capture.replayed_input(model, layer, forward_loop, self.name, name)
+                x = tokens(seen, o.noisy_samples, o.noisy_seed)
+                y = quantized_weight_output(layer, x) if o.noisy_target != "float" else float_output(layer, x)
+                if what == "clip":
+                    refit(layer.input_quantizer, seen)  # the code: the clip range from the input's absmax
+                    search_clip(layer, x, y, o.noisy_clip_candidates, o.noisy_clip_floor, o.noisy_clip_score == "code")
+                else:
+                    self._search_noise(index, name, layer, x, y)
+        self._share(model)
+
+    def _search_noise(self, index: int, name: str, layer: QuantLinear, x: torch.Tensor, y: torch.Tensor) -> None:
+        o = self.options
+        step = input_step(layer)
+        u = base_noise(layer.in_features, o.noisy_seed, index, o.noisy_noise).to(step.device) * step
+        k = search_amplitude(layer, x, y, u, o.noisy_candidates, o.noisy_range)
+        add_noise(layer, k * u)
+        log.info("noisyquant %s: amplitude %.3g input steps", name, k)
+
+    @staticmethod
+    def _share(model: nn.Module) -> None:
         grids = [(layer, layer.input_quantizer.quantizer) for _, layer in noisy_layers(model)]
         capture.broadcast_from_rank0([t for layer, g in grids for t in (layer.bias, g.noise, g.scale, g.zero_point)])
 
@@ -200,6 +247,21 @@ def quantized_weight_output(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor
     """q(W) x + B on float tokens: the code's search target (its weights are quantized before the search)."""
     bias = 0.0 if layer.bias is None else layer.bias.detach()
     return x @ _qweight(layer).t() + bias
+
+
+@torch.no_grad()
+def float_output(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """W x + B on the tokens: the float layer (`noisy_target=float`)."""
+    bias = 0.0 if layer.bias is None else layer.bias.detach()
+    return x @ layer.weight.detach().t() + bias
+
+
+@torch.no_grad()
+def refit(point: QuantPoint, x: torch.Tensor) -> None:
+    """Fit the point's grid to `x` alone with its own observer (MinMax: the code's absmax / qmax)."""
+    point.observer.reset()
+    point.observe(x)
+    point.freeze()
 
 
 def _qweight(layer: QuantLinear) -> torch.Tensor:
