@@ -35,6 +35,11 @@ def test_one_vit_block_has_the_codes_quantizers():
         "norm1.input", "attn.qkv.input", "attn.qkv.weight", "attn.qkv.output", "attn.softmax.input",
         "attn.softmax.output", "attn.proj.input", "attn.proj.weight", "attn.proj.output", "norm2.input",
         "mlp.fc1.input", "mlp.fc1.weight", "mlp.fc2.input", "mlp.fc2.weight", "mlp.fc2.output"])
+    # outside the blocks: qact_input, the patch projection's weight and qact, qact_embed, qact_pos, the last
+    # block's qact4 (norm.input), qact2 (head.input) and the head's weight; the head has no QAct after it
+    outside = sorted(n for n, p in vitq.iter_points(q) if p.configured and not n.startswith("blocks."))
+    assert outside == sorted(["patch_embed.proj.input", "patch_embed.proj.weight", "patch_embed.proj.output",
+                              "tokens", "pos_embed", "norm.input", "head.input", "head.weight"])
     # the operand layout (PTQ4ViT / RepQ-ViT) keeps q, k, v as matmul inputs instead, and never both
     ops = vitq.quantize(_vit(), vitq.recipe("fqvit", attention_points="operands"))
     names = {n for n, p in vitq.iter_points(ops) if p.configured}
@@ -191,8 +196,8 @@ def test_distilled_and_pooled_heads_keep_a_float_final_layernorm():
     distilled = vitq.quantize(timm.create_model("deit_tiny_distilled_patch16_224", **kw), vitq.recipe("fqvit"))
     pooled = vitq.quantize(timm.create_model("vit_tiny_patch16_224", global_pool="avg", fc_norm=False, **kw),
                            vitq.recipe("fqvit"))
-    assert vit.head_norm(distilled) is None and vit.head_norm(pooled) is None
-    assert vit.head_norm(vitq.quantize(_vit(), vitq.recipe("fqvit"))) == ("norm", "head")
+    assert vit.output_norms(distilled) == [] and vit.output_norms(pooled) == []
+    assert vit.output_norms(vitq.quantize(_vit(), vitq.recipe("fqvit"))) == [("norm", "head")]
 
 
 def _minmax_fake_quant(t: torch.Tensor, seen: torch.Tensor | None = None, bits: int = 8) -> torch.Tensor:

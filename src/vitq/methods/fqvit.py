@@ -13,7 +13,7 @@ import dataclasses
 
 from torch import nn
 
-from ..quant.modules import QuantSoftmax, arithmetic_named
+from ..quant.modules import QuantLayerNorm, QuantSoftmax, arithmetic_named
 from ..quant.ops import INTEGER_ARITHMETIC, set_integer
 from ..quant.points import Kind, PointSpec
 from ..quant.sample_observers import PTF_SAMPLES
@@ -83,3 +83,7 @@ class FQViT(Method):
         arithmetic = self.arithmetic()
         if arithmetic is not None:  # checks every kernel's grid now, not at the first evaluation batch
             set_integer(model, arithmetic=arithmetic, strict=arithmetic == "exact")
+            if not self.options.ptf:  # the code's INT_NORM is its ptf switch: no LayerNorm runs integer then,
+                for m in model.modules():  # also where a plain input grid would allow it (Swin's stage inputs)
+                    if isinstance(m, QuantLayerNorm):
+                        m.integer = False

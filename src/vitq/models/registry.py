@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from torch import nn
 
 from ..quant.modules import QuantConv2d, QuantLayerNorm, QuantLinear
-from ..quant.points import SCOPES, Kind
+from ..quant.points import SCOPES, Kind, QuantPoint
 from ..registry import Registry
 
 BASE_TWINS: dict[type[nn.Module], type] = {
@@ -90,11 +90,12 @@ class Adapter:
         one Linear (used by reparameterization and the integer LayerNorm)."""
         raise NotImplementedError
 
-    def head_norm(self, root: nn.Module) -> tuple[str, str] | None:
-        """(final LayerNorm, head) when the head's input is that LayerNorm's output token by token (a class
-        token taken, nothing pooled): the integer LayerNorm then produces the head's input codes, as
-        FQ-ViT's final `QIntLayerNorm` feeds `qact2`. Not a reparameterization pair. None: no such pair."""
-        return None
+    def output_norms(self, root: nn.Module) -> list[tuple[str, str]]:
+        """(LayerNorm, point) pairs that are not reparameterization pairs: the integer LayerNorm produces the
+        codes of the named point (a QuantPoint, or a module's `input_quantizer`), as FQ-ViT's `QIntLayerNorm`
+        feeds the QAct after it: a ViT's final LayerNorm into the head's input when the head reads the class
+        token; Swin's stage boundaries under `quant.stage_points`."""
+        return []
 
     def twin_for(self, module: nn.Module) -> type | None:
         cls = type(module)
@@ -179,9 +180,10 @@ def rewrite(model: nn.Module, options: Mapping[str, Any] | None = None) -> list[
             hook = getattr(module, "after_rewrite", None)
             if callable(hook):
                 hook(options)
-        head = adapter.head_norm(root)
-        for norm_name, consumer_name in [*adapter.norm_pairs(root), *([head] if head else [])]:
-            root.get_submodule(norm_name).feeds(root.get_submodule(consumer_name).input_quantizer)
+        for norm_name, consumer_name in [*adapter.norm_pairs(root), *adapter.output_norms(root)]:
+            consumer = root.get_submodule(consumer_name)
+            root.get_submodule(norm_name).feeds(consumer if isinstance(consumer, QuantPoint)
+                                                else consumer.input_quantizer)
     return [adapter.family for _, _, adapter in roots]
 
 

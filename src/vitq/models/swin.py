@@ -1,12 +1,14 @@
 """Adapter for timm SwinTransformer: window attention with relative position bias and shift masks."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, WindowAttention
 
-from ..quant.modules import QuantMatMul, QuantSoftmax, Twin
+from ..quant.modules import QuantLayerNorm, QuantMatMul, QuantSoftmax, Twin
+from ..quant.points import Kind, QuantPoint
 from .registry import (Adapter, AttentionOptions, place_qkv_points, quantize_after_activation,
                        register_adapter)
 
@@ -58,12 +60,53 @@ class QuantPatchMerging(Twin, PatchMerging):
     """PatchMerging whose LayerNorm (over four concatenated channel groups) feeds the reduction layer."""
 
 
+@dataclass
+class SwinOptions(AttentionOptions):
+    """`stage_points`: quantize a stage's input once, on a plain per-tensor grid, and the final LayerNorm's
+    output before pooling, as FQ-ViT's `swin_quant.py`: the patch embedding's LayerNorm reads `qact_before_norm`
+    and writes `patch_embed.qact`, which is the first block's input (its `norm1` reads it: no PTF point
+    there); a PatchMerging's reduction output (`downsample.qact2`) is the next block's input in the same
+    way; the final LayerNorm writes `qact2`, pooled, then `qact3` (the head's input). Each of those
+    LayerNorms runs integer into the point after it."""
+
+    stage_points: bool = False
+
+
+class QuantSwinTransformer(Twin, SwinTransformer):
+    """Swin root with an optional point on the final LayerNorm's output (before the average pooling)."""
+
+    def _add_points(self) -> None:
+        self.norm_output_quantizer: QuantPoint | None = QuantPoint(Kind.LINEAR_OUTPUT)
+
+    def after_rewrite(self, options: Mapping[str, Any]) -> None:
+        if not options.get("stage_points", False):
+            self.norm_output_quantizer = None
+            return
+        entries = [getattr(self.patch_embed, "proj", None)]  # their outputs are quantized as a block's input
+        entries += [stage.downsample.reduction for stage in self.layers if isinstance(stage.downsample, PatchMerging)]
+        for layer in entries:
+            if getattr(layer, "output_quantizer", None) is not None:
+                layer.output_quantizer = None
+        norms = [self.patch_embed.norm] + [stage.blocks[0].norm1 for stage in self.layers if len(stage.blocks)]
+        for norm in norms:
+            if isinstance(norm, QuantLayerNorm):
+                norm.input_quantizer.kind = Kind.LINEAR_OUTPUT  # a plain activation grid, not PTF
+                norm.uniform_input = True
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.layers(self.patch_embed(x)))
+        return x if self.norm_output_quantizer is None else self.norm_output_quantizer(x)
+
+
 class SwinAdapter(Adapter):
     family = "swin"
-    Options = AttentionOptions
+    Options = SwinOptions
     roots = (SwinTransformer,)
-    twins = {WindowAttention: QuantWindowAttention, PatchMerging: QuantPatchMerging,
-             SwinTransformerBlock: QuantSwinBlock}
+    twins = {SwinTransformer: QuantSwinTransformer, WindowAttention: QuantWindowAttention,
+             PatchMerging: QuantPatchMerging, SwinTransformerBlock: QuantSwinBlock}
+
+    def describe(self, options: Mapping[str, Any]) -> str:
+        return "+stages" if options.get("stage_points", False) else ""
 
     def units(self, root: SwinTransformer) -> list[str]:
         names = ["patch_embed"]
@@ -81,6 +124,14 @@ class SwinAdapter(Adapter):
             for j in range(len(stage.blocks)):
                 b = f"layers.{i}.blocks.{j}"
                 pairs += [(f"{b}.norm1", f"{b}.attn.qkv"), (f"{b}.norm2", f"{b}.mlp.fc1")]
+        return pairs
+
+    def output_norms(self, root: SwinTransformer) -> list[tuple[str, str]]:
+        if getattr(root, "norm_output_quantizer", None) is None:
+            return []
+        pairs = [("norm", "norm_output_quantizer")] if isinstance(root.norm, QuantLayerNorm) else []
+        if isinstance(root.patch_embed.norm, QuantLayerNorm) and len(root.layers[0].blocks):
+            pairs.append(("patch_embed.norm", "layers.0.blocks.0.norm1"))
         return pairs
 
 

@@ -132,12 +132,12 @@ class ViTAdapter(Adapter):
                 pairs += [(f"blocks.{i}.norm1", f"blocks.{i}.attn.qkv"), (f"blocks.{i}.norm2", f"blocks.{i}.mlp.fc1")]
         return pairs
 
-    def head_norm(self, root: VisionTransformer) -> tuple[str, str] | None:
+    def output_norms(self, root: VisionTransformer) -> list[tuple[str, str]]:
         # a distilled model's second head reads token 1 of the same output on a grid of its own
         token = root.global_pool == "token" and isinstance(root.fc_norm, torch.nn.Identity) \
             and getattr(root, "head_dist", None) is None
-        return ("norm", "head") if token and isinstance(root.norm, QuantLayerNorm) \
-            and isinstance(getattr(root.head, "input_quantizer", None), QuantPoint) else None
+        return [("norm", "head")] if token and isinstance(root.norm, QuantLayerNorm) \
+            and isinstance(getattr(root.head, "input_quantizer", None), QuantPoint) else []
 
 
 register_adapter(ViTAdapter())

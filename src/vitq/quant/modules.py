@@ -114,9 +114,21 @@ class QuantLayerNorm(Twin, nn.LayerNorm):
     """
 
     integer: bool | str = False
+    # the adapter placed a plain per-tensor grid at the input (FQ-ViT's Swin: a LayerNorm after the patch
+    # embedding or entering a stage reads a uniform QAct); the integer kernel reads it as PTF with every
+    # factor 2^0, as the code's channel mask of ones
+    uniform_input: bool = False
 
     def _add_points(self) -> None:
         self.input_quantizer = QuantPoint(Kind.NORM_INPUT)
+
+    def input_grid(self) -> tuple[int, torch.Tensor, float]:
+        """(zero point, per-channel power-of-two factors alpha, finest step) of the input grid."""
+        q = self.input_quantizer.quantizer
+        zp = int(q.zero_point.reshape(-1)[0])
+        if getattr(q, "alpha", None) is not None:  # PTF
+            return zp, q.alpha, float(q.base_scale)
+        return zp, torch.zeros(self.normalized_shape[-1], device=q.scale.device), float(q.scale)
 
     def feeds(self, point: QuantPoint) -> None:
         object.__setattr__(self, "out_point", point)  # a reference, not a child module
@@ -124,7 +136,9 @@ class QuantLayerNorm(Twin, nn.LayerNorm):
     def can_run_integer(self) -> bool:
         out = getattr(self, "out_point", None)
         inp = self.input_quantizer
-        return (inp.mode == "quant" and inp.spec is not None and inp.spec.quantizer == "ptf"
+        grid = inp.spec is not None and (inp.spec.quantizer == "ptf" or (
+            self.uniform_input and inp.spec.quantizer == "uniform" and not inp.spec.per_channel))
+        return (inp.mode == "quant" and grid
                 and out is not None and out.mode == "quant" and out.spec.quantizer == "uniform"
                 and not out.spec.per_channel and self.weight is not None)
 
@@ -134,8 +148,8 @@ class QuantLayerNorm(Twin, nn.LayerNorm):
         if arithmetic == "fqvit":
             return None
         ptf, out = self.input_quantizer.quantizer, self.out_point.quantizer
-        x_max = int(max(ptf.qmax - float(ptf.zero_point.max()), float(ptf.zero_point.max()) - ptf.qmin)) \
-            << int(ptf.alpha.max())
+        zp, alpha, _ = self.input_grid()
+        x_max = int(max(ptf.qmax - zp, zp - ptf.qmin)) << int(alpha.max())
         g_max = int(torch.round(self.weight.detach().double().abs().max() / float(out.scale)
                                 * (1 << LN_FRACTION_BITS)))
         try:
@@ -148,10 +162,12 @@ class QuantLayerNorm(Twin, nn.LayerNorm):
         """Fixed-point constants of the integer kernel, computed once and reused until a parameter or a
         quantizer changes (tracked by tensor identity and version)."""
         ptf, out = self.input_quantizer.quantizer, self.out_point.quantizer
-        key = _tensor_key(self.weight, self.bias, ptf.alpha, ptf.zero_point, out.scale, out.zero_point)
+        zp, alpha, _ = self.input_grid()
+        key = _tensor_key(self.weight, self.bias, getattr(ptf, "alpha", ptf.scale), ptf.scale, ptf.zero_point,
+                          out.scale, out.zero_point)
         cache = self.__dict__.get("_int_cache")
         if cache is None or not _same_key(cache[0], key):
-            consts = ln_constants(int(ptf.zero_point[0]), ptf.alpha, self.weight, self.bias, float(out.scale),
+            consts = ln_constants(zp, alpha, self.weight, self.bias, float(out.scale),
                                   int(out.zero_point), out.qmin, out.qmax, ptf.qmin, ptf.qmax)
             cache = (key, consts)
             self.__dict__["_int_cache"] = cache
@@ -161,14 +177,14 @@ class QuantLayerNorm(Twin, nn.LayerNorm):
         """LayerNorm of an input that is already quantized (a block quantizes its residual stream)."""
         if self.integer == "fqvit":
             ptf, out = self.input_quantizer.quantizer, self.out_point.quantizer
-            codes = integer_fqvit.layernorm_codes(
-                _codes(ptf, x), int(ptf.zero_point.reshape(-1)[0]), ptf.alpha, float(ptf.base_scale), self.weight,
-                self.bias, float(out.scale), int(out.zero_point), out.qmin, out.qmax)
+            zp, alpha, base = self.input_grid()
+            codes = integer_fqvit.layernorm_codes(_codes(ptf, x), zp, alpha, base, self.weight, self.bias,
+                                                  float(out.scale), int(out.zero_point), out.qmin, out.qmax)
             return out.from_codes(codes.to(x.dtype))
         if self.integer:
             ptf, out = self.input_quantizer.quantizer, self.out_point.quantizer
             k = self.integer_constants()
-            codes = int_layernorm(_codes(ptf, x), k.zero_point, ptf.alpha, self.weight, self.bias,
+            codes = int_layernorm(_codes(ptf, x), k.zero_point, self.input_grid()[1], self.weight, self.bias,
                                   float(out.scale), k.out_zero_point, out.qmin, out.qmax, constants=k,
                                   dtype=x.dtype)
             return out.from_codes(codes)

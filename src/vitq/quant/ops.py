@@ -49,8 +49,8 @@ def set_integer(model: nn.Module, enabled: bool = True, arithmetic: str = "fqvit
 
     `arithmetic` is "fqvit" (FQ-ViT's code: floating-point LayerNorm statistics with an 8-bit dyadic
     multiplier, i-exp with floored constants; `integer_fqvit.py`) or "exact" (vitq's int64 kernels,
-    `integer.py`). A LayerNorm switches where its input is PTF and it feeds a per-tensor uniform
-    quantizer, a softmax where its scores are uniform per tensor and its probabilities log2 (FQ-ViT's code
+    `integer.py`). A LayerNorm switches where its input is PTF (or a per-tensor uniform grid its adapter
+    placed for it: `QuantLayerNorm.uniform_input`) and it feeds a per-tensor uniform quantizer, a softmax where its scores are uniform per tensor and its probabilities log2 (FQ-ViT's code
     does the same per module: `INT_NORM` with PTF, `INT_SOFTMAX` with LIS). Every kernel's calibrated grid
     is checked first: one the arithmetic cannot represent fails here, named, instead of at the first
     evaluation batch. With `strict`, a model where nothing can switch is an error.
