@@ -124,8 +124,8 @@ def captured(module: nn.Module, owner: str, what: str) -> Capture:
 @torch.no_grad()
 def replayed_input(model: nn.Module, module: nn.Module, forward_loop: Callable[[nn.Module], Any], owner: str,
                    what: str) -> torch.Tensor:
-    """The first input `module` receives, over every call, while `forward_loop(model)` feeds the calibration
-    data through the model as it now is (quantized: the searched layers before it in place)."""
+    """The first input `module` receives (its calls of the first call's form) while `forward_loop(model)`
+    feeds the data through the model as it now is (quantized: the searched layers before it in place)."""
     attach([module], 1 << 62, owner, always=True)
     try:
         forward_loop(model)
