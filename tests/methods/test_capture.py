@@ -50,3 +50,13 @@ def test_keyword_tensors_are_kept_per_call_inputs_are_float32_and_remap_maps_eve
     assert torch.equal(cap.args[0], torch.cat(xs[:2]).float() + 0.5)
     capture.detach_all(m, "t")
     assert "_vitq_capture" not in m.__dict__
+
+
+def test_replayed_input_records_every_batch_outside_calibration_and_leaves_no_hook():
+    """A replay runs the model in its quantized state (no point observes): the record is taken anyway, over
+    every batch the loop feeds, and nothing stays attached afterwards."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    batches = [torch.randn(2, 4), torch.randn(5, 4)]
+    seen = capture.replayed_input(model, model[2], lambda m: [m(b) for b in batches], "t", "model.2")
+    torch.testing.assert_close(seen, torch.relu(model[0](torch.cat(batches))))
+    assert not model[2]._forward_hooks and capture._KEY not in model[2].__dict__
