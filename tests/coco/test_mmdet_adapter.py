@@ -88,10 +88,10 @@ def block_points(model) -> dict[str, Counter]:
 def test_same_point_names_and_kinds_as_timm_swin(recipe, one_thread):
     import timm
 
-    # FQ-ViT's stage-boundary points follow its timm-style Swin code, which has no detector: the mmdet
+    # FQ-ViT's stage-boundary and bias points follow its timm-style Swin code, which has no detector: the mmdet
     # backbone keeps the residual layout, the one timm's Swin has with stage_points off
     timm_model = vitq.quantize(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False),
-                               vitq.recipe(recipe, stage_points=False))
+                               vitq.recipe(recipe, stage_points=False, bias_points=False))
     mm = vitq.quantize(mmdet_swin(), recipe)
     a, b = block_points(timm_model), block_points(mm)
     assert a["block"] == b["block"] and a["downsample"] == b["downsample"] and a["patch_embed"] == b["patch_embed"]

@@ -4,7 +4,8 @@ stage boundaries: the patch embedding's LayerNorm reads a plain uint8 grid (`qac
 reduction output (`downsample.qact2`) is the next stage's first input the same way; the final LayerNorm
 writes `qact2` before the pooling, and `qact3` (the head's input) follows it. Each of those LayerNorms runs
 the code's integer arithmetic (`QIntLayerNorm` mode 'int', whose channel mask is all ones on a per-tensor
-grid) into the point after it."""
+grid) into the point after it. `quant.bias_points` adds the code's quantizers on the attention scores before
+the relative position bias and on the bias table (`qact_attn1`, `qact_table`)."""
 from __future__ import annotations
 
 import pytest
@@ -28,8 +29,8 @@ def _grids(q: torch.nn.Module) -> dict[str, str]:
 
 
 def test_stage_points_put_one_plain_grid_at_each_stage_input_and_one_after_the_final_norm():
-    on = _grids(vitq.quantize(_swin(), vitq.recipe("fqvit")))
-    off = _grids(vitq.quantize(_swin(), vitq.recipe("fqvit", stage_points=False)))
+    on = _grids(vitq.quantize(_swin(), vitq.recipe("fqvit", bias_points=False)))
+    off = _grids(vitq.quantize(_swin(), vitq.recipe("fqvit", stage_points=False, bias_points=False)))
     for name in ("patch_embed.proj.output", "layers.1.downsample.reduction.output"):
         assert name in off and name not in on  # the block's input point is that tensor's one quantizer
     for name in ("patch_embed.norm.input", "layers.0.blocks.0.norm1.input", "layers.1.blocks.0.norm1.input"):
@@ -41,8 +42,8 @@ def test_stage_points_put_one_plain_grid_at_each_stage_input_and_one_after_the_f
     assert set(on) - set(off) == {"norm_output"}
     assert set(off) - set(on) == {"patch_embed.proj.output", "layers.1.downsample.reduction.output"}
     swin = ADAPTERS.get("swin")  # the result row's setting names the layout
-    assert swin.describe(vitq.recipe("fqvit").adapter_options) == "+stages"
-    assert swin.describe(vitq.recipe("fqvit", stage_points=False).adapter_options) == ""
+    assert swin.describe(vitq.recipe("fqvit", bias_points=False).adapter_options) == "+stages"
+    assert swin.describe(vitq.recipe("fqvit", stage_points=False, bias_points=False).adapter_options) == ""
 
 
 def _decoded(codes: torch.Tensor, point: torch.nn.Module) -> torch.Tensor:
@@ -92,7 +93,7 @@ def test_stage_layernorms_run_the_codes_integer_arithmetic_into_the_point_after_
 @pytest.mark.parametrize("recipe", ["repq", "isvit", "minmax"])
 def test_other_recipes_keep_the_residual_layout(recipe):
     q = vitq.quantize(_swin(), vitq.recipe(recipe))
-    assert q.norm_output_quantizer is None
+    assert q.norm_output_quantizer is None and q.layers[0].blocks[0].attn.scores_quantizer is None
     assert not q.patch_embed.norm.uniform_input
 
 
@@ -104,3 +105,32 @@ def test_without_ptf_no_layernorm_runs_integer_as_the_codes_int_norm_follows_ptf
     norms = [m for m in q.modules() if isinstance(m, QuantLayerNorm)]
     assert norms and not any(m.integer for m in norms)
     assert q.layers[0].blocks[0].attn.softmax.integer == "fqvit"  # INT_SOFTMAX follows lis
+
+
+def test_bias_points_quantize_the_scores_and_the_table_before_their_sum():
+    """swin_quant.py:190-204: attn = qact_attn1(q k^T); attn = qact2(attn + qact_table(table)[index]); the
+    mask after. vitq: `attn.scores`, `attn.bias_table`, then `attn.softmax.input` on their sum."""
+    g = torch.Generator().manual_seed(5)
+    calib, x = torch.randn(8, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g)
+    q = vitq.quantize(_swin(), vitq.recipe("fqvit"))
+    vitq.calibrate(q, lambda m: m(calib))
+    attn = q.layers[0].blocks[0].attn
+    table = attn.relative_position_bias_table.detach()
+    lo, hi = min(float(table.min()), 0.0), max(float(table.max()), 0.0)  # uint8 MinMax, 0 included
+    assert float(attn.bias_table_quantizer.quantizer.scale) == pytest.approx((hi - lo) / 255, rel=1e-6)
+    raw, into = [], []
+    h1 = attn.matmul_qk.register_forward_hook(lambda m, a, out: raw.append(out))
+    h2 = attn.softmax.register_forward_pre_hook(lambda m, a: into.append(a[0]))
+    with torch.no_grad():
+        q(x)
+        n = attn.window_area
+        bias = attn.bias_table_quantizer(table)[attn.relative_position_index.view(-1)].view(n, n, -1)
+        want = attn.scores_quantizer(raw[0]) + bias.permute(2, 0, 1).unsqueeze(0)
+    h1.remove()
+    h2.remove()
+    torch.testing.assert_close(into[0], want, rtol=0, atol=1e-6)
+    floating = raw[0] + table[attn.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+    assert not torch.allclose(into[0], floating, atol=1e-4)  # the two points change the sum
+    off = vitq.quantize(_swin(), vitq.recipe("fqvit", bias_points=False))
+    assert off.layers[0].blocks[0].attn.scores_quantizer is None
+    assert ADAPTERS.get("swin").describe(vitq.recipe("fqvit").adapter_options) == "+stages+bias"

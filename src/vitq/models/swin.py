@@ -21,15 +21,29 @@ class QuantWindowAttention(Twin, WindowAttention):
         self.matmul_qk = QuantMatMul(transpose_b=True)
         self.softmax = QuantSoftmax(dim=-1)  # replaces the float nn.Softmax
         self.matmul_av = QuantMatMul(a_kind=None)
+        # FQ-ViT's qact_attn1 (the scores before the bias) and qact_table (the bias table), `bias_points`
+        self.scores_quantizer: QuantPoint | None = QuantPoint(Kind.SOFTMAX_INPUT)
+        self.bias_table_quantizer: QuantPoint | None = QuantPoint(Kind.LINEAR_OUTPUT)
 
     def after_rewrite(self, options: Mapping[str, Any]) -> None:
         place_qkv_points(self, options)
+        if not options.get("bias_points", False):
+            self.scores_quantizer = self.bias_table_quantizer = None
+
+    def _get_rel_pos_bias(self) -> torch.Tensor:
+        table = self.relative_position_bias_table
+        if self.bias_table_quantizer is not None:
+            table = self.bias_table_quantizer(table)
+        bias = table[self.relative_position_index.view(-1)].view(self.window_area, self.window_area, -1)
+        return bias.permute(2, 0, 1).unsqueeze(0)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B_, N, _ = x.shape
         qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         attn = self.matmul_qk(q * self.scale, k)
+        if self.scores_quantizer is not None:
+            attn = self.scores_quantizer(attn)
         attn = attn + self._get_rel_pos_bias()
         if mask is None:
             attn = self.softmax(attn)
@@ -70,6 +84,9 @@ class SwinOptions(AttentionOptions):
     LayerNorms runs integer into the point after it."""
 
     stage_points: bool = False
+    # the attention scores quantized before the relative position bias is added, and the bias table itself
+    # (FQ-ViT's `qact_attn1`, `qact_table`, swin_quant.py:190-204); the sum is `softmax.input` (its qact2)
+    bias_points: bool = False
 
 
 class QuantSwinTransformer(Twin, SwinTransformer):
@@ -106,7 +123,7 @@ class SwinAdapter(Adapter):
              PatchMerging: QuantPatchMerging, SwinTransformerBlock: QuantSwinBlock}
 
     def describe(self, options: Mapping[str, Any]) -> str:
-        return "+stages" if options.get("stage_points", False) else ""
+        return "".join(w for w, key in (("+stages", "stage_points"), ("+bias", "bias_points")) if options.get(key))
 
     def units(self, root: SwinTransformer) -> list[str]:
         names = ["patch_embed"]
