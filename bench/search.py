@@ -86,7 +86,7 @@ def _section(data: dict, key: str, block: dict) -> list[str]:
     model, task, _ = MODELS[key]
     fp = rows[0]["fp_top1"] if rows else float("nan")
     lines = [f"## Liu et al. 2021 and NoisyQuant on {model} ({task})", "",
-             f"{invocations(data, 'search', '--search-rows', block['argv'])}, with one intra-op thread "
+             f"{_capitalized(invocations(data, 'search', '--search-rows', block['argv']))}, with one intra-op thread "
              f"(`torch.set_num_threads(1)`) on the shared 2-core machine (load average {block['load']}), so the "
              "calibration seconds compare with each other (within one invocation) but are noisy. Scope `matmul`, 256 calibration images "
              "(RepQ-ViT: 32), float top-1 " f"{fp:.2f} % on {rows[0]['eval_samples'] if rows else 0} evaluation "
@@ -111,6 +111,10 @@ def _section(data: dict, key: str, block: dict) -> list[str]:
                      f"{d['delta']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] | {d['calib_seconds']:.1f} "
                      f"({d['base_calib_seconds']:.1f}) | {note} |")
     return lines + [""]
+
+
+def _capitalized(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def report(data: dict) -> list[str]:
