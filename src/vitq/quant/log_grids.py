@@ -1,5 +1,5 @@
-"""The log-domain grids for attention probabilities: FQ-ViT's log2 (fixed, no calibration) and RepQ-ViT's
-log-sqrt2 (a calibrated scale)."""
+"""The log-domain grids for attention probabilities: FQ-ViT's log2 (fixed, no calibration), RepQ-ViT's
+log-sqrt2 (a calibrated scale) and AdaLog's adaptive base."""
 from __future__ import annotations
 
 import torch
@@ -134,4 +134,79 @@ class LogSqrt2Quantizer(Grid):
         return y.clamp_(min=0).mul_(-0.5).exp2_().mul_(self.scale).masked_fill_(beyond, 0.0)
 
 
-__all__ = ["Log2Quantizer", "LogSqrt2Quantizer", "log_round"]
+@register_grid("adalog")
+class AdaLogQuantizer(Grid):
+    """AdaLog's adaptive-base log grid (Wu et al., ECCV 2024; GoatWu/AdaLog `quantizers/logarithm.py`): base
+    2^(q/r) with r = 37 fixed and an integer q (37: plain log2), codes k = round(-log2(x/s) r/q) in 0..2^b-1
+    (x/s clamped to [1e-15, 1] first, as the code). Dequantized in the code's hardware form
+    s 2^-floor(kq/r) LUT[(kq) mod r], LUT[j] = round(2^(-j/r) D) / D with D = 2^(b+1) - 2, so a level is a
+    shift of a (b+1)-bit table entry; a code that would reach 2^b dequantizes to 0. `q` and `s` are set by
+    the method's search (`set_base`, `set_range`)."""
+
+    kinds = frozenset({"softmax_output"})
+    observed = False
+    R = 37
+
+    def __init__(self, bits: int = 4, q: int = 37) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.qmax = 2**bits - 1
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("q", torch.tensor([float(q)]))
+
+    @classmethod
+    def from_spec(cls, spec, axis: int | None, channel_axis: int) -> "AdaLogQuantizer":  # noqa: ANN001
+        if axis is not None:
+            raise ValueError("the adalog quantizer is per tensor: set per_channel: false")
+        return cls(spec.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, adalog base 2^({int(self.q)}/{self.R})"
+
+    def probe(self) -> "AdaLogQuantizer":
+        return AdaLogQuantizer(self.bits, int(self.q))
+
+    def export_params(self) -> dict:
+        return {"grid": "adalog", "bits": self.bits, "scale": self.scale.detach().clone(), "q": int(self.q),
+                "r": self.R}
+
+    @torch.no_grad()
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        hi = torch.as_tensor(hi, dtype=torch.float32).reshape(-1).max()
+        self.scale = hi.clamp_min(EPS).reshape(1).to(self.scale.device)
+
+    @torch.no_grad()
+    def set_base(self, q: int) -> None:
+        """The base 2^(q/37), q an integer (the code searches 10..137)."""
+        if int(q) != q or q < 1:
+            raise ValueError(f"AdaLog's q must be a positive integer (base 2^(q/37)), got {q!r}")
+        self.q.fill_(float(q))
+
+    def table(self) -> torch.Tensor:
+        """LUT[j] = round(2^(-j/r) D) / D for the residues j = 0..r-1, D = 2^(b+1) - 2."""
+        d = 2.0 ** (self.bits + 1) - 2
+        j = torch.arange(self.R, dtype=torch.float64, device=self.scale.device)
+        return (torch.round(torch.exp2(-j / self.R) * d) / d).to(self.scale.dtype)
+
+    def to_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes 0..2^b-1, or 2^b for values that dequantize to zero."""
+        ratio = (x / self.scale).clamp(min=1e-15, max=1.0)
+        raw = torch.round(-torch.log2(ratio) * self.R / self.q)
+        return torch.where(raw > self.qmax, torch.full_like(raw, self.qmax + 1), raw)
+
+    def from_codes(self, k: torch.Tensor) -> torch.Tensor:
+        kq = (k.clamp(0, self.qmax) * self.q).round()  # integers
+        shift, residue = torch.div(kq, self.R, rounding_mode="floor"), torch.remainder(kq, self.R)
+        level = torch.exp2(-shift) * self.table()[residue.long()] * self.scale
+        return torch.where(k > self.qmax, torch.zeros_like(level), level)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            return self.forward(x.float()).to(x.dtype)
+        deq = self.from_codes(self.to_codes(x.detach()))
+        if torch.is_grad_enabled() and x.requires_grad:
+            return x + (deq - x).detach()  # straight-through
+        return deq
+
+
+__all__ = ["AdaLogQuantizer", "Log2Quantizer", "LogSqrt2Quantizer", "log_round"]

@@ -58,7 +58,7 @@ class PointSpec:
     observer_args: dict = field(default_factory=dict)
     learnable: bool = False
     enable: bool = True
-    quantizer: str = "uniform"  # a registered grid: uniform | ptf | log2 | log_sqrt2 (see GRIDS)
+    quantizer: str = "uniform"  # a registered grid: uniform | ptf | log2 | log_sqrt2 | adalog (see GRIDS)
     max_factor: int = 3  # PTF: channel factors 2^0 .. 2^K
     # the range always holds 0 (widened if need be, zero point within the codes), or, false, the calibrated
     # [min, max] as it is, the zero point wherever it falls (RepQ-ViT's and I&S-ViT's quantizers)
