@@ -79,3 +79,14 @@ def test_recipe_places_it_at_the_attention_probabilities_and_it_reloads(tmp_path
     assert int(again.blocks[0].attn.softmax.output_quantizer.quantizer.q) == 29
     with torch.no_grad():
         assert torch.equal(again(x), q(x))
+
+
+@pytest.mark.parametrize("name", ["adalog", "log_sqrt2"])
+def test_the_per_tensor_log_grids_refuse_a_per_channel_spec(name):
+    from types import SimpleNamespace
+
+    from vitq.quant.quantizers import get_grid
+
+    with pytest.raises(ValueError, match=f"the {name} quantizer is per tensor: set per_channel: false"):
+        get_grid(name).from_spec(SimpleNamespace(bits=4), -1, -1)
+    assert get_grid(name).from_spec(SimpleNamespace(bits=4), None, -1).bits == 4

@@ -57,9 +57,7 @@ class SULQuantizer(Grid):
 
     @classmethod
     def from_spec(cls, spec: PointSpec, axis: int | None, channel_axis: int) -> "SULQuantizer":
-        if axis is not None:
-            raise ValueError("the sulq quantizer is per tensor: set per_channel: false")
-        return cls(spec.bits)
+        return cls.per_tensor(spec, axis)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, shift-uniform-log2, eta={float(self.eta):g}"
@@ -93,12 +91,7 @@ class SULQuantizer(Grid):
         return torch.exp2(torch.round(-(self.lo + q * self.step))) - self.eta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32:
-            return self.forward(x.float()).to(x.dtype)
-        deq = self.from_codes(self.to_codes(x.detach()))
-        if torch.is_grad_enabled() and x.requires_grad:
-            return x + (deq - x).detach()  # straight-through
-        return deq
+        return self.fake_quant(x)
 
 
 class SULQObserver(RangeSampleObserver):

@@ -95,9 +95,7 @@ class LogSqrt2Quantizer(Grid):
 
     @classmethod
     def from_spec(cls, spec, axis: int | None, channel_axis: int) -> "LogSqrt2Quantizer":  # noqa: ANN001
-        if axis is not None:
-            raise ValueError("the log_sqrt2 quantizer is per tensor: set per_channel: false")
-        return cls(spec.bits)
+        return cls.per_tensor(spec, axis)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, log-sqrt2"
@@ -156,9 +154,7 @@ class AdaLogQuantizer(Grid):
 
     @classmethod
     def from_spec(cls, spec, axis: int | None, channel_axis: int) -> "AdaLogQuantizer":  # noqa: ANN001
-        if axis is not None:
-            raise ValueError("the adalog quantizer is per tensor: set per_channel: false")
-        return cls(spec.bits)
+        return cls.per_tensor(spec, axis)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, adalog base 2^({int(self.q)}/{self.R})"
@@ -201,12 +197,7 @@ class AdaLogQuantizer(Grid):
         return torch.where(k > self.qmax, torch.zeros_like(level), level)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32:
-            return self.forward(x.float()).to(x.dtype)
-        deq = self.from_codes(self.to_codes(x.detach()))
-        if torch.is_grad_enabled() and x.requires_grad:
-            return x + (deq - x).detach()  # straight-through
-        return deq
+        return self.fake_quant(x)
 
 
 __all__ = ["AdaLogQuantizer", "Log2Quantizer", "LogSqrt2Quantizer", "log_round"]

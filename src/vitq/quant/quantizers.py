@@ -65,8 +65,23 @@ class Grid(nn.Module):
         layout's channel axis (needed by grids that are per channel by construction)."""
         raise NotImplementedError
 
+    @classmethod
+    def per_tensor(cls, spec: Any, axis: int | None) -> "Grid":
+        """`cls(spec.bits)` for a grid with one set of parameters per tensor; a per-channel spec is refused."""
+        if axis is not None:
+            raise ValueError(f"the {cls.grid_name} quantizer is per tensor: set per_channel: false")
+        return cls(spec.bits)
+
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """`from_codes(to_codes(x))` in float32 with a straight-through gradient, for grids without a faster
+        forward of their own."""
+        if x.dtype != torch.float32:
+            return self.fake_quant(x.float()).to(x.dtype)
+        deq = self.from_codes(self.to_codes(x.detach()))
+        return x + (deq - x).detach() if torch.is_grad_enabled() and x.requires_grad else deq
 
     def probe(self) -> "Grid":
         """A copy of this grid laid out as [C, N] (per-channel axis 0), for search calibrators."""
