@@ -77,9 +77,9 @@ class Method:
     Order of the hooks: `specs` (when the recipe is read) -> `prepare` (points placed, before any data)
     -> observing -> `after_observe` (searches over collected statistics) -> freeze, mode `quant` ->
     `after_freeze` (reparameterize, fold, switch kernels) -> `replay` (searches that run the calibration data
-    through the model again, each layer after the layers before it are final). A method that changes a point's layout records
-    it in `model.vitq.recipe` (an override), so the saved recipe describes the final model. A reloaded
-    checkpoint is placed from its stored recipe without `prepare`, then `after_load` runs.
+    through the model again, each layer after the layers before it are final). A method that changes a
+    point's layout records it in `model.vitq.recipe` (an override), so the saved recipe describes the final
+    model. A reloaded checkpoint is placed from its stored recipe without `prepare`, then `after_load` runs.
     """
 
     name: ClassVar[str] = "ptq"

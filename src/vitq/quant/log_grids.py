@@ -76,14 +76,9 @@ class Log2Quantizer(Grid):
         return max(1.0 / (1.5 * 2.0**self.qmax - 0.5), 2.0**-128)  # below 2^-128, 1/x overflows float32
 
 
-@register_grid("log_sqrt2")
-class LogSqrt2Quantizer(Grid):
-    """Base-sqrt(2) log quantizer for attention probabilities (RepQ-ViT): q = clamp(round(-2 log2(x/D)),
-    0, 2^b - 1), dequantized as D 2^(-q/2); raw codes at or beyond 2^b dequantize to 0.
-
-    D (`scale`) comes from a calibrator: `set_range(lo, hi)` takes D = hi, so a quantile search over
-    candidate clips scores this grid directly.
-    """
+class ScaledLogGrid(Grid):
+    """A log grid for attention probabilities with one calibrated scale D (its levels are D times powers of
+    a base): `set_range(lo, hi)` takes D = hi, so a search over candidate clips scores the grid directly."""
 
     kinds = frozenset({"softmax_output"})
 
@@ -92,6 +87,20 @@ class LogSqrt2Quantizer(Grid):
         self.bits = check_bits(bits)
         self.qmax = 2**bits - 1
         self.register_buffer("scale", torch.ones(1))
+
+    @torch.no_grad()
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        hi = torch.as_tensor(hi, dtype=torch.float32).reshape(-1).max()
+        self.scale = hi.clamp_min(EPS).reshape(1).to(self.scale.device)
+
+
+@register_grid("log_sqrt2")
+class LogSqrt2Quantizer(ScaledLogGrid):
+    """Base-sqrt(2) log quantizer for attention probabilities (RepQ-ViT): q = clamp(round(-2 log2(x/D)),
+    0, 2^b - 1), dequantized as D 2^(-q/2); raw codes at or beyond 2^b dequantize to 0.
+
+    D (`scale`) comes from a calibrator (a quantile search over candidate clips, through `set_range`).
+    """
 
     @classmethod
     def from_spec(cls, spec, axis: int | None, channel_axis: int) -> "LogSqrt2Quantizer":  # noqa: ANN001
@@ -105,11 +114,6 @@ class LogSqrt2Quantizer(Grid):
 
     def export_params(self) -> dict:
         return {"grid": "log_sqrt2", "bits": self.bits, "scale": self.scale.detach().clone()}
-
-    @torch.no_grad()
-    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        hi = torch.as_tensor(hi, dtype=torch.float32).reshape(-1).max()
-        self.scale = hi.clamp_min(EPS).reshape(1).to(self.scale.device)
 
     def to_codes(self, x: torch.Tensor) -> torch.Tensor:
         """Codes 0..2^b-1, or 2^b for values that dequantize to zero (x <= 0 included)."""
@@ -133,7 +137,7 @@ class LogSqrt2Quantizer(Grid):
 
 
 @register_grid("adalog")
-class AdaLogQuantizer(Grid):
+class AdaLogQuantizer(ScaledLogGrid):
     """AdaLog's adaptive-base log grid (Wu et al., ECCV 2024; GoatWu/AdaLog `quantizers/logarithm.py`): base
     2^(q/r) with r = 37 fixed and an integer q (37: plain log2), codes k = round(-log2(x/s) r/q) in 0..2^b-1
     (x/s clamped to [1e-15, 1] first, as the code). Dequantized in the code's hardware form
@@ -141,16 +145,16 @@ class AdaLogQuantizer(Grid):
     shift of a (b+1)-bit table entry; a code that would reach 2^b dequantizes to 0. `q` and `s` are set by
     the method's search (`set_base`, `set_range`)."""
 
-    kinds = frozenset({"softmax_output"})
     observed = False
     R = 37
 
     def __init__(self, bits: int = 4, q: int = 37) -> None:
-        super().__init__()
-        self.bits = check_bits(bits)
-        self.qmax = 2**bits - 1
-        self.register_buffer("scale", torch.ones(1))
+        super().__init__(bits)
         self.register_buffer("q", torch.tensor([float(q)]))
+        # LUT[j] = round(2^(-j/r) D) / D for the residues j = 0..r-1, D = 2^(b+1) - 2: fixed by the bits
+        d = 2.0 ** (self.bits + 1) - 2
+        j = torch.arange(self.R, dtype=torch.float64)
+        self.register_buffer("table", (torch.round(torch.exp2(-j / self.R) * d) / d).float(), persistent=False)
 
     @classmethod
     def from_spec(cls, spec, axis: int | None, channel_axis: int) -> "AdaLogQuantizer":  # noqa: ANN001
@@ -167,22 +171,11 @@ class AdaLogQuantizer(Grid):
                 "r": self.R}
 
     @torch.no_grad()
-    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        hi = torch.as_tensor(hi, dtype=torch.float32).reshape(-1).max()
-        self.scale = hi.clamp_min(EPS).reshape(1).to(self.scale.device)
-
-    @torch.no_grad()
     def set_base(self, q: int) -> None:
         """The base 2^(q/37), q an integer (the code searches 10..137)."""
         if int(q) != q or q < 1:
             raise ValueError(f"AdaLog's q must be a positive integer (base 2^(q/37)), got {q!r}")
         self.q.fill_(float(q))
-
-    def table(self) -> torch.Tensor:
-        """LUT[j] = round(2^(-j/r) D) / D for the residues j = 0..r-1, D = 2^(b+1) - 2."""
-        d = 2.0 ** (self.bits + 1) - 2
-        j = torch.arange(self.R, dtype=torch.float64, device=self.scale.device)
-        return (torch.round(torch.exp2(-j / self.R) * d) / d).to(self.scale.dtype)
 
     def to_codes(self, x: torch.Tensor) -> torch.Tensor:
         """Codes 0..2^b-1, or 2^b for values that dequantize to zero."""
@@ -193,11 +186,11 @@ class AdaLogQuantizer(Grid):
     def from_codes(self, k: torch.Tensor) -> torch.Tensor:
         kq = (k.clamp(0, self.qmax) * self.q).round()  # integers
         shift, residue = torch.div(kq, self.R, rounding_mode="floor"), torch.remainder(kq, self.R)
-        level = torch.exp2(-shift) * self.table()[residue.long()] * self.scale
+        level = torch.exp2(-shift) * self.table[residue.long()] * self.scale
         return torch.where(k > self.qmax, torch.zeros_like(level), level)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fake_quant(x)
 
 
-__all__ = ["AdaLogQuantizer", "Log2Quantizer", "LogSqrt2Quantizer", "log_round"]
+__all__ = ["AdaLogQuantizer", "Log2Quantizer", "LogSqrt2Quantizer", "ScaledLogGrid", "log_round"]
